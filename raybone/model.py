@@ -1,0 +1,150 @@
+"""Model factory: torchvision VGG16 / GoogLeNet adapted to 1-channel radiographs (Chen, §4.1)."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+from torchvision.models import WeightsEnum
+
+from raybone.errors import WeightsError
+
+FINETUNE = ("full", "head")
+
+
+@dataclass(frozen=True)
+class _Arch:
+    build: Callable[[int], nn.Module]  # num_classes -> randomly initialised 3-channel model
+    imagenet: WeightsEnum
+    stem: str  # first conv, rebuilt for one grey input channel
+    classifier: str  # fully connected part: the only part trained with finetune="head"
+    head: str  # final Linear, whose 1000 ImageNet classes are replaced by num_classes
+    unused: tuple[str, ...] = ()  # checkpoint key prefixes of layers this model leaves out
+
+
+_ARCHS: dict[str, _Arch] = {
+    "vgg16": _Arch(
+        build=lambda n: models.vgg16(weights=None, num_classes=n),
+        imagenet=models.VGG16_Weights.IMAGENET1K_V1,
+        stem="features.0",
+        classifier="classifier",
+        head="classifier.6",
+    ),
+    "googlenet": _Arch(
+        build=lambda n: models.googlenet(
+            weights=None, num_classes=n, aux_logits=False, transform_input=False, init_weights=True
+        ),
+        imagenet=models.GoogLeNet_Weights.IMAGENET1K_V1,
+        stem="conv1.conv",
+        classifier="fc",
+        head="fc",
+        unused=("aux1.", "aux2."),
+    ),
+}
+MODELS: tuple[str, ...] = tuple(_ARCHS)
+
+
+def create_model(
+    name: str, num_classes: int = 20, weights: str = "none", finetune: str = "full"
+) -> nn.Module:
+    """Build `name` for 1-channel input; `weights` is "none", "imagenet" or a state-dict path."""
+    _check_choice("model", name, MODELS)
+    _check_choice("finetune", finetune, FINETUNE)
+    arch = _ARCHS[name]
+    # Fetch weights before the (slow) build so that a bad file or an offline machine fails at once.
+    pretrained = None if weights == "none" else _fetch_state(name, arch, weights)
+    model = arch.build(num_classes)
+    model.set_submodule(arch.stem, _grey_conv(model.get_submodule(arch.stem)))
+    if pretrained is not None:
+        _load_pretrained(model, name, arch, *pretrained)
+    if finetune == "head":
+        model.requires_grad_(False)
+        model.get_submodule(arch.classifier).requires_grad_(True)
+    return model
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer groups: `weight_decay` on fully connected weights only, as in the paper."""
+    fc_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in trainable if id(p) in fc_weights], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if id(p) not in fc_weights], "weight_decay": 0.0},
+    ]
+
+
+def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def _grey_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    grey = nn.Conv2d(
+        1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        bias=conv.bias is not None,
+    )
+    with torch.no_grad():
+        # Keep torchvision's own random init (kaiming fan-out / truncated normal): its scale does
+        # not depend on the number of input channels, so one channel of it is still correct.
+        grey.weight.copy_(conv.weight[:, :1])
+        if conv.bias is not None:
+            grey.bias.copy_(conv.bias)
+    return grey
+
+
+def _fetch_state(name: str, arch: _Arch, weights: str) -> tuple[dict, str]:
+    """(torchvision-format state dict, where it came from, for error messages)."""
+    if weights == "imagenet":
+        try:
+            state = arch.imagenet.get_state_dict(progress=False)
+        except OSError as e:  # urllib's URLError is an OSError
+            raise WeightsError(
+                f"could not download ImageNet weights for {name} ({_one_line(e)}); on an offline "
+                "machine download them elsewhere and pass weights: /path/to/state_dict.pth, "
+                "or use weights: none"
+            ) from e
+        return state, f"ImageNet weights {arch.imagenet.url}"
+    path = Path(weights)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, unreadable or not a weights-only pickle: all mean "bad file"
+        raise WeightsError(f"cannot read weights file {path}: {_one_line(e)}") from e
+    if not isinstance(state, dict):
+        raise WeightsError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+    return state, str(path)
+
+
+def _load_pretrained(model: nn.Module, name: str, arch: _Arch, state: dict, source: str) -> None:
+    head = f"{arch.head}."
+    adapted = {k: v for k, v in state.items() if not k.startswith((head, *arch.unused))}
+    stem = f"{arch.stem}.weight"
+    if stem in adapted:
+        # Paper §4.1: the grey filter is the average of the pretrained R, G and B filters.
+        adapted[stem] = adapted[stem].mean(dim=1, keepdim=True)
+    problems = _mismatches(model, adapted, skip=head)
+    if problems:
+        raise WeightsError(
+            f"weights from {source} do not fit {name}: {len(problems)} mismatches, "
+            f"e.g. {'; '.join(problems[:3])}"
+        )
+    model.load_state_dict(adapted, strict=False)  # strict apart from the new head, checked above
+
+
+def _mismatches(model: nn.Module, state: dict, skip: str) -> list[str]:
+    own = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(skip)}
+    problems = [f"missing {k}" for k in sorted(own.keys() - state.keys())]
+    problems += [f"unexpected {k}" for k in sorted(state.keys() - own.keys())]
+    problems += [
+        f"{k} has shape {tuple(state[k].shape)}, model has {tuple(own[k])}"
+        for k in sorted(own.keys() & state.keys())
+        if state[k].shape != own[k]
+    ]
+    return problems
+
+
+def _one_line(e: Exception) -> str:
+    # Errors from torch.load span many lines; the CLI prints WeightsError on one.
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

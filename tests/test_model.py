@@ -1,0 +1,122 @@
+import socket
+
+import pytest
+import torch
+import torchvision
+
+from raybone.errors import WeightsError
+from raybone.model import MODELS, create_model, parameter_groups
+
+# (first conv weight, final classifier layer prefix, fully connected part prefix) per model
+LAYOUT = {
+    "vgg16": ("features.0.weight", "classifier.6.", "classifier."),
+    "googlenet": ("conv1.conv.weight", "fc.", "fc."),
+}
+TORCHVISION_BUILDERS = {
+    "vgg16": lambda: torchvision.models.vgg16(weights=None),
+    "googlenet": lambda: torchvision.models.googlenet(
+        weights=None, aux_logits=True, init_weights=True
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_weights(tmp_path_factory):
+    """Fake torchvision checkpoints (3-channel, 1000 classes, as torchvision saves them)."""
+    folder = tmp_path_factory.mktemp("weights")
+    paths = {}
+    for name, build in TORCHVISION_BUILDERS.items():
+        paths[name] = folder / f"{name}.pth"
+        torch.save(build().state_dict(), paths[name])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def random_models():
+    return {name: create_model(name, num_classes=7) for name in MODELS}
+
+
+@pytest.fixture
+def short_socket_timeout():
+    # Offline, DNS fails at once; where a firewall drops packets instead, don't wait minutes.
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(5)
+    yield
+    socket.setdefaulttimeout(previous)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_local_weights_average_rgb_filters_and_replace_head(name, saved_weights):
+    stem, head, _ = LAYOUT[name]
+    saved = torch.load(saved_weights[name], weights_only=True)
+    loaded = create_model(name, num_classes=5, weights=str(saved_weights[name])).state_dict()
+
+    assert loaded[stem].shape[1] == 1
+    torch.testing.assert_close(loaded[stem], saved[stem].mean(dim=1, keepdim=True))
+    assert loaded[f"{head}weight"].shape[0] == 5 and loaded[f"{head}bias"].shape == (5,)
+    for key, value in loaded.items():
+        if key != stem and not key.startswith(head):
+            assert torch.equal(value, saved[key]), key
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_one_channel_64px(name, random_models):
+    model = random_models[name]
+    assert model.training  # GoogLeNet must return plain logits, not aux outputs, while training
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 64, 64)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_finetune_head_trains_only_fully_connected_layers(name):
+    _, _, classifier = LAYOUT[name]
+    model = create_model(name, num_classes=3, finetune="head")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(classifier) for n in trainable)
+    assert len(trainable) < len(list(model.parameters()))
+
+
+def test_parameter_groups_decay_only_linear_weights(random_models):
+    model = random_models["vgg16"]
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, rest = parameter_groups(model, weight_decay=0.01)
+
+    assert decay["weight_decay"] == 0.01 and rest["weight_decay"] == 0.0
+    assert {names[id(p)] for p in decay["params"]} == {
+        "classifier.0.weight", "classifier.3.weight", "classifier.6.weight"
+    }
+    assert len(decay["params"]) + len(rest["params"]) == len(names)
+
+
+def test_parameter_groups_skip_frozen_parameters():
+    model = create_model("googlenet", num_classes=3, finetune="head")
+    decay, rest = parameter_groups(model, weight_decay=0.1)
+    assert decay["params"] == [model.fc.weight] and rest["params"] == [model.fc.bias]
+
+
+def test_imagenet_offline_without_cache_explains_fix(tmp_path, monkeypatch, short_socket_timeout):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    fix = "could not download ImageNet weights for vgg16.*weights: none"
+    with pytest.raises(WeightsError, match=fix):
+        create_model("vgg16", weights="imagenet")
+
+
+def test_missing_or_unreadable_file_names_it(tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_text("not a checkpoint")
+    for path in (tmp_path / "missing.pth", garbage):
+        with pytest.raises(WeightsError, match=path.name):
+            create_model("googlenet", weights=str(path))
+
+
+def test_weights_of_another_model_are_rejected(saved_weights):
+    with pytest.raises(WeightsError, match="vgg16.pth.*do not fit googlenet"):
+        create_model("googlenet", weights=str(saved_weights["vgg16"]))
+
+
+def test_unknown_choices_list_valid_ones():
+    with pytest.raises(ValueError, match="vgg16, googlenet"):
+        create_model("resnet50")
+    with pytest.raises(ValueError, match="full, head"):
+        create_model("googlenet", finetune="last")
+
