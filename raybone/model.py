@@ -148,3 +148,13 @@ def _one_line(e: Exception) -> str:
     # Errors from torch.load span many lines; the CLI prints WeightsError on one.
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def train_mode(model: nn.Module) -> nn.Module:
+    """model.train(), except batch norms whose parameters are frozen (finetune: head) keep their statistics."""
+    model.train()
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
+            module.eval()
+    return model

@@ -120,3 +120,16 @@ def test_unknown_choices_list_valid_ones():
     with pytest.raises(ValueError, match="full, head"):
         create_model("googlenet", finetune="last")
 
+
+
+def test_train_mode_keeps_frozen_batch_norm_statistics():
+    from raybone.model import train_mode
+
+    model = create_model("googlenet", num_classes=5, finetune="head")
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = norms[0].running_mean.clone()
+    train_mode(model)(torch.rand(2, 1, 64, 64))
+    assert model.fc.training and not any(m.training for m in norms)
+    assert torch.equal(norms[0].running_mean, before)
+    full = train_mode(create_model("googlenet", num_classes=5, finetune="full"))
+    assert all(m.training for m in full.modules() if isinstance(m, torch.nn.BatchNorm2d))

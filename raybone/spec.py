@@ -1,0 +1,235 @@
+"""The experiment spec: one validated object from the YAML search space, through Tune, to the worker.
+
+A search-space file has a `train` block whose entries are either fixed values or distributions:
+
+    train:
+      model: googlenet                                   # fixed
+      lr: {distribution: loguniform, low: 1.0e-5, high: 1.0e-3}
+      finetune: {choices: [full, head]}
+
+Every trial resolves the distributions to one `TrainConfig`, which is what the Train workers see.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raybone.errors import SpecError
+from raybone.loss import LOSSES
+from raybone.model import MODELS
+
+METRICS = ("val_rmse", "val_mae", "val_top1", "val_top2", "val_rmse_expected", "val_mae_expected")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainConfig(_Strict):
+    """Everything one trial trains with; the hyperparameter names match YAML, Parquet and docs."""
+
+    model: str = "googlenet"
+    weights: str = "none"  # none | imagenet | path to a torchvision state dict
+    finetune: Literal["full", "head"] = "full"
+    loss: str = "l2ce"
+    lr: float = Field(1e-4, gt=0, le=1)
+    decay_steps: int = Field(500, ge=1)  # lr is halved every decay_steps iterations
+    l2_weight: float = Field(1.0, ge=0)  # weight of sum_j p_j (j - y)^2 in L2CE
+    weight_decay: float = Field(0.1, ge=0)  # the paper's regularization strength, on FC layers
+    batch_size: int = Field(32, ge=1)
+    iterations: int = Field(5000, ge=1)
+    eval_every: int = Field(500, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    input_size: int = Field(224, ge=32)  # side of the random / test-time crops
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if v not in MODELS:
+            raise ValueError(f"unknown model {v!r}; choose one of {', '.join(MODELS)}")
+        return v
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        if v not in LOSSES:
+            raise ValueError(f"unknown loss {v!r}; choose one of {', '.join(LOSSES)}")
+        return v
+
+
+class Range(_Strict):
+    distribution: Literal["uniform", "loguniform", "int", "logint"] = "uniform"
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.distribution.startswith("log") and self.low <= 0:
+            raise ValueError(f"a {self.distribution} range needs low > 0, got {self.low}")
+        return self
+
+
+class Choice(_Strict):
+    choices: list[Any] = Field(min_length=1)
+
+
+Param = Range | Choice | Any  # Any: a fixed value
+
+
+class DataSpec(_Strict):
+    source: str = "demo"  # "demo" (the built-in phantom atlas), a source folder/CSV, or a prepared folder
+    format: Literal["auto", "rsna", "dha", "manifest"] = "auto"
+    labels: str | None = None
+    image_size: int = Field(256, ge=32)  # images are warped to image_size x image_size once, at prepare time
+    num_classes: int = Field(20, ge=2)
+    val_fraction: float = Field(0.25, gt=0, lt=1)
+
+
+class Scheduler(_Strict):
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(500, ge=1)  # in training iterations
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class Resources(_Strict):
+    num_workers: int = Field(1, ge=1)  # Train workers per trial (DDP when > 1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)  # fractions share a GPU between small trials
+    max_failures: int = Field(1, ge=-1)  # worker-group restarts per trial, from its last checkpoint
+
+
+class Spec(_Strict):
+    seed: int = 0
+    metric: Literal[METRICS] = "val_rmse"  # type: ignore[valid-type]
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = Field(8, ge=1)
+    data: DataSpec = DataSpec()
+    train: dict[str, Any] = {}
+    scheduler: Scheduler = Scheduler()
+    resources: Resources = Resources()
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _train_params(cls, train: Any) -> dict[str, Param]:
+        if not isinstance(train, dict):
+            raise ValueError("expected a mapping of hyperparameters")
+        parsed = {name: _parse_param(name, value) for name, value in train.items()}
+        for corner in _corners(parsed):
+            _validated(TrainConfig, corner)  # every config the searcher can sample must be valid
+        return parsed
+
+    @model_validator(mode="after")
+    def _grace_fits_iterations(self) -> Spec:
+        fixed = self.fixed()
+        if "iterations" in fixed and self.scheduler.type == "asha":
+            if self.scheduler.grace_period > fixed["iterations"]:
+                raise ValueError(
+                    f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds train.iterations"
+                    f" ({fixed['iterations']})"
+                )
+        return self
+
+    def searched(self) -> dict[str, Range | Choice]:
+        return {k: v for k, v in self.train.items() if isinstance(v, (Range, Choice))}
+
+    def fixed(self) -> dict[str, Any]:
+        return {k: v for k, v in self.train.items() if not isinstance(v, (Range, Choice))}
+
+    def train_config(self, sampled: dict[str, Any]) -> TrainConfig:
+        """The config one trial trains with: fixed values, then the searcher's samples."""
+        return TrainConfig(**{**self.fixed(), **sampled})
+
+    @property
+    def iterations(self) -> int:
+        return self.train_config(_first_values(self.searched())).iterations
+
+
+def _parse_param(name: str, value: Any) -> Param:
+    if name not in TrainConfig.model_fields:
+        raise ValueError(f"unknown key {name!r}; known: {', '.join(TrainConfig.model_fields)}")
+    if isinstance(value, dict):
+        return _validated(Choice if "choices" in value else Range, value, prefix=name)
+    return value
+
+
+def _validated(model: type[BaseModel], values: dict, prefix: str = "") -> Any:
+    """Build `model`, turning its ValidationError into a ValueError that names the key."""
+    try:
+        return model(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join([prefix] * bool(prefix) + [str(p) for p in first["loc"]])
+        message = first["msg"].removeprefix("Value error, ")
+        raise ValueError(f"{where}: {message}" if where else message) from None
+
+
+def _first_values(searched: dict[str, Range | Choice]) -> dict[str, Any]:
+    return {k: (v.choices[0] if isinstance(v, Choice) else _cast(k, v.low)) for k, v in searched.items()}
+
+
+def _corners(train: dict[str, Param]) -> list[dict[str, Any]]:
+    """Fixed values with each searched parameter at each of its extremes or choices."""
+    base = {k: v for k, v in train.items() if not isinstance(v, (Range, Choice))}
+    searched = {k: v for k, v in train.items() if isinstance(v, (Range, Choice))}
+    base.update(_first_values(searched))
+    corners = [base]
+    for name, param in searched.items():
+        values = param.choices if isinstance(param, Choice) else [param.low, param.high]
+        corners += [{**base, name: _cast(name, value)} for value in values]
+    return corners
+
+
+def _cast(name: str, value: float) -> Any:
+    return int(value) if TrainConfig.model_fields[name].annotation is int else value
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:
+    """Read and validate a search-space YAML, applying `key.sub=value` overrides first."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such search-space file") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML ({_one_line(err)})") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item, path)
+    try:
+        return Spec(**raw)
+    except ValidationError as err:
+        raise SpecError(f"{path}: {_describe(err)}") from None
+
+
+def _apply_override(raw: dict, item: str, path: Path) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lr.high=1e-3")
+    keys = key.split(".")
+    if keys[0] not in Spec.model_fields and keys[0] in TrainConfig.model_fields:
+        keys.insert(0, "train")  # hyperparameters may be named bare: --set lr.high=1e-3
+    node = raw
+    for part in keys[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"--set {item!r}: {'.'.join(keys[:-1])} in {path} is a fixed value, not a mapping")
+    node[keys[-1]] = yaml.safe_load(text)
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("Range", "Choice", "function")))
+    message = first["msg"].removeprefix("Value error, ")
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {message}{more}" if where else f"{message}{more}"
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())

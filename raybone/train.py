@@ -1,0 +1,122 @@
+"""The Ray Train worker loop: fine-tune one CNN with L2CE, evaluate with six crops, report.
+
+Each Train worker receives `{"train": TrainConfig fields, "seed": int, "data": [ObjectRef]}`.
+The prepared arrays come from the object store (put there once per search), so no worker
+decodes an image.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from raybone.augment import test_crops, train_augment
+from raybone.loss import create_loss
+from raybone.metrics import classification_metrics
+from raybone.model import create_model, parameter_groups, train_mode
+from raybone.spec import TrainConfig
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = TrainConfig(**loop_config["train"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(loop_config["seed"] + rank)
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(loop_config["threads"])  # one thread per reserved CPU, not per machine core
+    arrays = ray.get(loop_config["data"][0])
+    train_x, train_y, val_x, val_y = _split_tensors(arrays)
+
+    model = ray.train.torch.prepare_model(create_model(cfg.model, arrays["num_classes"], cfg.weights, cfg.finetune))
+    optimizer = torch.optim.Adam(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.decay_steps, gamma=0.5)
+    iteration = _restore(model, optimizer, schedule)
+    loss_fn = create_loss(cfg.loss, cfg.l2_weight)
+    batches = torch.Generator().manual_seed(loop_config["seed"] * 1000 + rank * 100003 + iteration)
+    per_worker_batch = max(1, cfg.batch_size // world)
+
+    losses, started = [], time.perf_counter()
+    while iteration < cfg.iterations:
+        index = torch.randint(len(train_y), (per_worker_batch,), generator=batches)
+        losses.append(train_step(model, optimizer, loss_fn, train_x[index].to(device), train_y[index].to(device), cfg))
+        schedule.step()
+        iteration += 1
+        if iteration % cfg.eval_every == 0 or iteration == cfg.iterations:
+            metrics = {"iteration": iteration, "train_loss": float(np.mean(losses)), "lr": schedule.get_last_lr()[0]}
+            metrics["images_per_s"] = len(losses) * cfg.batch_size / (time.perf_counter() - started)
+            if rank == 0:
+                probs = predict_probs(_unwrap(model), val_x, cfg.input_size, cfg.eval_batch_size, device)
+                metrics |= {f"val_{k}": v for k, v in classification_metrics(probs, val_y.numpy()).items()}
+            _report(metrics, model, optimizer, schedule, cfg, rank)
+            losses, started = [], time.perf_counter()
+
+
+def train_step(model: nn.Module, optimizer, loss_fn, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig) -> float:
+    train_mode(model)
+    loss = loss_fn(model(train_augment(images, cfg.input_size)), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, images: torch.Tensor, input_size: int, batch_size: int, device) -> np.ndarray:
+    """Class probabilities averaged over the six test-time crops (paper section 4.2)."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        crops = test_crops(images[start : start + batch_size].to(device), input_size)
+        logits = model(crops.flatten(0, 1))
+        out.append(logits.softmax(-1).view(6, crops.shape[1], -1).mean(0).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def _split_tensors(arrays: dict) -> tuple[torch.Tensor, ...]:
+    images, labels = torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"])
+    is_train = torch.from_numpy(arrays["is_train"])
+    return images[is_train], labels[is_train], images[~is_train], labels[~is_train]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _restore(model: nn.Module, optimizer, schedule) -> int:
+    """Continue from the run's latest checkpoint (worker restart or resumed search); else start at 0."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    _unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    return state["iteration"]
+
+
+def _report(metrics: dict, model: nn.Module, optimizer, schedule, cfg: TrainConfig, rank: int) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:  # one copy of the weights is enough; DDP keeps replicas identical
+            state = {
+                "model": _unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "iteration": metrics["iteration"],
+                "config": cfg.model_dump(),
+            }
+            torch.save(state, Path(folder) / CHECKPOINT_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,0 +1,91 @@
+"""A real search on a real local Ray cluster: Tune + Optuna + ASHA driving Ray Train runs."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+
+from raybone.search import concurrent_trials, run_search, trial_seed
+from raybone.spec import load_spec
+from raybone.errors import SpecError
+
+QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
+TINY = ["data.image_size=40", "input_size=32", "batch_size=8", "iterations=4",
+        "eval_every=2", "scheduler.grace_period=2", "num_samples=2"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_search(local_ray, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    spec = load_spec(QUICK, TINY)
+    return spec, run_search(spec, name="tiny", results_dir=results)
+
+
+def test_search_writes_one_row_per_trial(tiny_search):
+    spec, outcome = tiny_search
+    trials = pd.read_parquet(outcome.path / "trials.parquet")
+    assert len(trials) == 2 and trials.trial_id.is_unique
+    assert sorted(trials.trial_index) == [0, 1]
+    for name in ("lr", "decay_steps", "l2_weight", "weight_decay"):
+        low, high = spec.train[name].low, spec.train[name].high
+        assert trials[name].between(low, high).all(), name
+    assert set(trials.status) <= {"completed", "stopped_early"}
+    assert (trials.training_iteration >= 2).all() and (trials.training_iteration <= 4).all()
+    assert trials.val_top1.between(0, 1).all() and (trials.val_top2 >= trials.val_top1).all()
+    assert (trials.val_rmse >= 0).all() and (trials.wall_time_s > 0).all()
+    for checkpoint in trials.checkpoint_path:
+        assert (Path(checkpoint) / "checkpoint.pt").is_file()
+
+
+def test_history_has_one_row_per_report(tiny_search):
+    _, outcome = tiny_search
+    trials = pd.read_parquet(outcome.path / "trials.parquet")
+    history = pd.read_parquet(outcome.path / "history.parquet")
+    assert set(history.trial_id) == set(trials.trial_id)
+    for trial_id, rows in history.groupby("trial_id"):
+        assert list(rows.iteration) == list(range(2, rows.iteration.max() + 1, 2))
+        final = trials.set_index("trial_id").loc[trial_id]
+        assert rows.val_rmse.iloc[-1] == pytest.approx(final.val_rmse)
+
+
+def test_search_saves_its_provenance(tiny_search):
+    spec, outcome = tiny_search
+    assert load_spec(outcome.path / "spec.yaml") == spec
+    environment = (outcome.path / "environment.json").read_text()
+    assert '"torch"' in environment and "data_fingerprint" in environment
+    assert outcome.best is not None and outcome.best.val_rmse == outcome.trials.val_rmse.min()
+
+
+@pytest.mark.parametrize("folder", ["rsna-full", "rsna-raw"])
+def test_search_trains_on_real_radiographs(local_ray, shared_data, tmp_path, monkeypatch, folder):
+    monkeypatch.setenv("RAYBONE_CACHE", str(tmp_path / "cache"))  # never beside the read-only source
+    spec = load_spec(QUICK, TINY + [f"data.source={shared_data / folder}", "num_samples=1", "scheduler.type=none"])
+    outcome = run_search(spec, name=folder, results_dir=tmp_path / "results")
+    (row,) = outcome.trials.itertuples()
+    assert row.status == "completed" and row.training_iteration == 4
+    assert 0 <= row.val_top1 <= row.val_top2 <= 1 and row.val_rmse > 0
+
+
+def test_concurrency_is_bounded_by_the_cluster():
+    spec = load_spec(QUICK, ["resources.cpus_per_worker=2"])
+    assert concurrent_trials(spec, {"CPU": 8}) == 4
+    assert concurrent_trials(spec, {"CPU": 3}) == 1
+    gpu = load_spec(QUICK, ["resources.gpus_per_worker=0.25", "resources.cpus_per_worker=1", "num_samples=100"])
+    assert concurrent_trials(gpu, {"CPU": 16, "GPU": 2}) == 8
+    with pytest.raises(SpecError, match="one trial needs 2 CPUs and 2 GPUs but the cluster has 2 CPUs and 1 GPUs"):
+        concurrent_trials(load_spec(QUICK, ["resources.gpus_per_worker=1", "resources.num_workers=2",
+                                            "resources.cpus_per_worker=1"]), {"CPU": 2, "GPU": 1})
+
+
+def test_trial_seeds_differ_by_index_and_follow_the_experiment_seed():
+    seeds = {trial_seed(0, i) for i in range(50)}
+    assert len(seeds) == 50
+    assert trial_seed(0, 3) == trial_seed(0, 3) != trial_seed(1, 3)
