@@ -19,13 +19,11 @@ import torch
 from torch import nn
 
 from raybone.augment import test_crops, train_augment
+from raybone.checkpoint import CHECKPOINT_FILE, read_checkpoint
 from raybone.loss import create_loss
 from raybone.metrics import classification_metrics
 from raybone.model import create_model, parameter_groups, train_mode
 from raybone.spec import TrainConfig
-
-CHECKPOINT_FILE = "checkpoint.pt"
-
 
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = TrainConfig(**loop_config["train"])
@@ -37,8 +35,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.set_num_threads(loop_config["threads"])  # one thread per reserved CPU, not per machine core
     arrays = ray.get(loop_config["data"][0])
     train_x, train_y, val_x, val_y = _split_tensors(arrays)
+    num_classes = arrays["num_classes"]
 
-    model = ray.train.torch.prepare_model(create_model(cfg.model, arrays["num_classes"], cfg.weights, cfg.finetune))
+    model = ray.train.torch.prepare_model(create_model(cfg.model, num_classes, cfg.weights, cfg.finetune))
     optimizer = torch.optim.Adam(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.decay_steps, gamma=0.5)
     iteration = _restore(model, optimizer, schedule)
@@ -58,7 +57,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 probs = predict_probs(_unwrap(model), val_x, cfg.input_size, cfg.eval_batch_size, device)
                 metrics |= {f"val_{k}": v for k, v in classification_metrics(probs, val_y.numpy()).items()}
-            _report(metrics, model, optimizer, schedule, cfg, rank)
+            _report(metrics, model, optimizer, schedule, cfg, num_classes, rank)
             losses, started = [], time.perf_counter()
 
 
@@ -99,14 +98,15 @@ def _restore(model: nn.Module, optimizer, schedule) -> int:
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        state = read_checkpoint(folder)
     _unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     return state["iteration"]
 
 
-def _report(metrics: dict, model: nn.Module, optimizer, schedule, cfg: TrainConfig, rank: int) -> None:
+def _report(metrics: dict, model: nn.Module, optimizer, schedule, cfg: TrainConfig, num_classes: int,
+            rank: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:  # one copy of the weights is enough; DDP keeps replicas identical
@@ -116,6 +116,7 @@ def _report(metrics: dict, model: nn.Module, optimizer, schedule, cfg: TrainConf
                 "schedule": schedule.state_dict(),
                 "iteration": metrics["iteration"],
                 "config": cfg.model_dump(),
+                "num_classes": num_classes,
             }
             torch.save(state, Path(folder) / CHECKPOINT_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
