@@ -55,7 +55,10 @@ def search(
 
     overrides = list(set_) + [f"data.source={data}"] * bool(data) + [f"num_samples={num_samples}"] * bool(num_samples)
     name = resume or name or f"{config.stem}-{datetime.now():%Y%m%d-%H%M%S}"
-    spec = load_spec(results_dir / name / "spec.yaml" if resume else config, overrides)
+    saved = results_dir / name / "spec.yaml"
+    if resume and not saved.exists():
+        raise RayboneError(f"cannot resume {name!r}: no raybone experiment at {results_dir / name}")
+    spec = load_spec(saved if resume else config, overrides)
     outcome = run_search(spec, name=name, results_dir=results_dir, address=address, resume=bool(resume),
                          console=console)
     _print_best(outcome.best, spec.metric)

@@ -44,8 +44,14 @@ def run_search(spec: Spec, *, name: str, results_dir: Path, address: str | None 
                resume: bool = False, console: Console | None = None) -> SearchOutcome:
     console = console or Console()
     path = (Path(results_dir) / name).resolve()
-    if resume and not ray.tune.Tuner.can_restore(str(path)):
-        raise RayboneError(f"cannot resume {name!r}: no Tune experiment in {path}")
+    if resume:
+        finished = _check_resumable(path, spec)
+        if finished is not None:
+            console.print(f"experiment {name!r} already finished ({len(finished)} trials); nothing to resume")
+            return SearchOutcome(path, finished, best_row(finished, spec.metric, spec.mode))
+    elif (path / "spec.yaml").exists():
+        raise RayboneError(f"experiment {name!r} already exists in {path.parent}; "
+                           f"continue it with --resume {name} or choose another --name")
     data = prepare(spec.data.source, format=spec.data.format, labels=spec.data.labels,
                    image_size=spec.data.image_size, num_classes=spec.data.num_classes,
                    seed=spec.seed, val_fraction=spec.data.val_fraction)
@@ -71,6 +77,17 @@ def run_search(spec: Spec, *, name: str, results_dir: Path, address: str | None 
     write_parquet(trials, path / "trials.parquet")
     write_parquet(history_table(grid), path / "history.parquet")
     return SearchOutcome(path, trials, best_row(trials, spec.metric, spec.mode))
+
+
+def _check_resumable(path: Path, spec: Spec) -> pd.DataFrame | None:
+    """Refuse folders raybone did not create (Tune's restore unpickles them); the trials if already done."""
+    if not (path / "environment.json").exists() or not ray.tune.Tuner.can_restore(str(path)):
+        raise RayboneError(f"cannot resume {path.name!r}: {path} is not a raybone experiment")
+    if (path / "trials.parquet").exists():
+        trials = pd.read_parquet(path / "trials.parquet")
+        if len(trials) >= spec.num_samples and not (trials.status == "error").any():
+            return trials
+    return None
 
 
 def concurrent_trials(spec: Spec, cluster: dict) -> int:
@@ -121,12 +138,16 @@ def _run_trial(config: dict, *, spec_json: str, data_ref: list, train_storage: s
     trainer.fit()
 
 
-def _new_tuner(trainable, spec: Spec, path: Path, max_concurrent: int) -> ray.tune.Tuner:
-    searcher = _IndexedOptunaSearch(
+def searcher(spec: Spec, path: Path) -> OptunaSearch:
+    """Seeded TPE whose study lives in the experiment folder, so optuna-dashboard can watch it."""
+    return _IndexedOptunaSearch(
         sampler=optuna.samplers.TPESampler(seed=spec.seed),
         study_name=path.name,
         storage=optuna.storages.RDBStorage(f"sqlite:///{path / 'optuna.db'}"),
     )
+
+
+def _new_tuner(trainable, spec: Spec, path: Path, max_concurrent: int) -> ray.tune.Tuner:
     scheduler = None
     if spec.scheduler.type == "asha":
         scheduler = ASHAScheduler(time_attr="iteration", max_t=spec.iterations,
@@ -135,7 +156,7 @@ def _new_tuner(trainable, spec: Spec, path: Path, max_concurrent: int) -> ray.tu
     return ray.tune.Tuner(
         trainable,
         param_space=_tune_space(spec),
-        tune_config=ray.tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,
+        tune_config=ray.tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher(spec, path), scheduler=scheduler,
                                         num_samples=spec.num_samples, max_concurrent_trials=max_concurrent),
         run_config=ray.tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=0,
                                       callbacks=[_TrialProgress(spec)]),

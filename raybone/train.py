@@ -40,7 +40,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = ray.train.torch.prepare_model(create_model(cfg.model, num_classes, cfg.weights, cfg.finetune))
     optimizer = torch.optim.Adam(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.decay_steps, gamma=0.5)
-    iteration = _restore(model, optimizer, schedule)
+    iteration, last_metrics = _restore(model, optimizer, schedule)
+    if iteration >= cfg.iterations and last_metrics:
+        ray.train.report(last_metrics)  # the run finished before a driver crash: tell Tune its result again
     loss_fn = create_loss(cfg.loss, cfg.l2_weight)
     batches = torch.Generator().manual_seed(loop_config["seed"] * 1000 + rank * 100003 + iteration)
     per_worker_batch = max(1, cfg.batch_size // world)
@@ -92,17 +94,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _restore(model: nn.Module, optimizer, schedule) -> int:
+def _restore(model: nn.Module, optimizer, schedule) -> tuple[int, dict]:
     """Continue from the run's latest checkpoint (worker restart or resumed search); else start at 0."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return 0, {}
     with checkpoint.as_directory() as folder:
         state = read_checkpoint(folder)
     _unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
-    return state["iteration"]
+    return state["iteration"], state["metrics"]
 
 
 def _report(metrics: dict, model: nn.Module, optimizer, schedule, cfg: TrainConfig, num_classes: int,
@@ -117,6 +119,7 @@ def _report(metrics: dict, model: nn.Module, optimizer, schedule, cfg: TrainConf
                 "iteration": metrics["iteration"],
                 "config": cfg.model_dump(),
                 "num_classes": num_classes,
+                "metrics": metrics,
             }
             torch.save(state, Path(folder) / CHECKPOINT_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(folder)

@@ -89,3 +89,34 @@ def test_trial_seeds_differ_by_index_and_follow_the_experiment_seed():
     seeds = {trial_seed(0, i) for i in range(50)}
     assert len(seeds) == 50
     assert trial_seed(0, 3) == trial_seed(0, 3) != trial_seed(1, 3)
+
+
+def _sampled(spec, folder, count):
+    from raybone.search import _tune_space, searcher
+
+    folder.mkdir()
+    search = searcher(spec, folder)
+    search.set_search_properties(spec.metric, spec.mode, _tune_space(spec))
+    return [search.suggest(f"t{i}") for i in range(count)]
+
+
+def test_one_seed_gives_one_sequence_of_sampled_configs(tmp_path):
+    spec = load_spec(QUICK)
+    first, again = _sampled(spec, tmp_path / "a", 5), _sampled(spec, tmp_path / "b", 5)
+    other = _sampled(load_spec(QUICK, ["seed=1"]), tmp_path / "c", 5)
+    assert first == again
+    assert [c["trial_index"] for c in first] == [0, 1, 2, 3, 4]
+    assert [c["lr"] for c in first] != [c["lr"] for c in other]
+
+
+def test_asha_stops_weak_trials_early(local_ray, tmp_path):
+    spec = load_spec(QUICK, TINY + ["num_samples=4", "iterations=8", "scheduler.reduction_factor=3",
+                                     "lr={distribution: loguniform, low: 1.0e-6, high: 0.3}"])
+    outcome = run_search(spec, name="asha", results_dir=tmp_path)
+    history = pd.read_parquet(outcome.path / "history.parquet")
+    reports = history.groupby("trial_id").iteration.max()
+    stopped = outcome.trials[outcome.trials.status == "stopped_early"]
+    assert len(stopped) >= 1 and (outcome.trials.status == "completed").any()
+    for row in stopped.itertuples():
+        assert reports[row.trial_id] == row.training_iteration < 8
+    assert reports.max() == 8

@@ -1,0 +1,3 @@
+from raybone.cli import main
+
+main()
