@@ -56,7 +56,7 @@ def trials_table(result_grid, spec, total_iterations: int) -> pd.DataFrame:
             **{name: metrics.get(name) for name in METRIC_COLUMNS},
             "training_iteration": iteration,
             "wall_time_s": metrics.get("time_total_s"),
-            "node": metrics.get("node_ip"),
+            "node": metrics.get("node"),
             "checkpoint_path": metrics.get("checkpoint_path"),
             "error": _one_line(result.error) if result.error else None,
             "trial_path": result.path,
@@ -74,7 +74,8 @@ def history_table(result_grid) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=_HISTORY_COLUMNS)
 
 
-_HISTORY_COLUMNS = ["trial_id", "iteration", "train_loss", "lr", "images_per_s", *METRIC_COLUMNS, "time_total_s"]
+_HISTORY_COLUMNS = ["trial_id", "iteration", "train_loss", "lr", "images_per_s", *METRIC_COLUMNS, "time_total_s",
+                    "resumed_from", "node"]
 
 
 def _status(result, iteration: int, total_iterations: int) -> str:

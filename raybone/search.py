@@ -159,6 +159,8 @@ def _new_tuner(trainable, spec: Spec, path: Path, max_concurrent: int) -> ray.tu
         tune_config=ray.tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher(spec, path), scheduler=scheduler,
                                         num_samples=spec.num_samples, max_concurrent_trials=max_concurrent),
         run_config=ray.tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=0,
+                                      # a trial whose driver's node died is retried; its Train run resumes
+                                      failure_config=ray.tune.FailureConfig(max_failures=spec.resources.max_failures),
                                       callbacks=[_TrialProgress(spec)]),
     )
 

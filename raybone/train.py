@@ -43,6 +43,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     iteration, last_metrics = _restore(model, optimizer, schedule)
     if iteration >= cfg.iterations and last_metrics:
         ray.train.report(last_metrics)  # the run finished before a driver crash: tell Tune its result again
+    # Where the run started and trains: visible in history.parquet after a restart or a lost node.
+    placement = {"resumed_from": iteration, "node": ray.get_runtime_context().get_node_id()}
     loss_fn = create_loss(cfg.loss, cfg.l2_weight)
     batches = torch.Generator().manual_seed(loop_config["seed"] * 1000 + rank * 100003 + iteration)
     per_worker_batch = max(1, cfg.batch_size // world)
@@ -54,7 +56,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         schedule.step()
         iteration += 1
         if iteration % cfg.eval_every == 0 or iteration == cfg.iterations:
-            metrics = {"iteration": iteration, "train_loss": float(np.mean(losses)), "lr": schedule.get_last_lr()[0]}
+            metrics = {"iteration": iteration, "train_loss": float(np.mean(losses)), "lr": schedule.get_last_lr()[0],
+                       **placement}
             metrics["images_per_s"] = len(losses) * cfg.batch_size / (time.perf_counter() - started)
             if rank == 0:
                 probs = predict_probs(_unwrap(model), val_x, cfg.input_size, cfg.eval_batch_size, device)

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import ray
 
 from raybone.search import concurrent_trials, run_search, trial_seed
 from raybone.spec import load_spec
@@ -13,13 +12,6 @@ from raybone.errors import SpecError
 QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
 TINY = ["data.image_size=40", "input_size=32", "batch_size=8", "iterations=4",
         "eval_every=2", "scheduler.grace_period=2", "num_samples=2"]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

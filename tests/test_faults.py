@@ -1,0 +1,60 @@
+"""Faults injected for real: a Train worker process is killed mid-trial and the trial still finishes."""
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from ray.util.state import list_actors
+
+from raybone.search import run_search
+from raybone.spec import load_spec
+
+pytestmark = pytest.mark.slow
+
+QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
+LONG_TRIAL = ["data.image_size=40", "input_size=32", "batch_size=8", "iterations=400", "eval_every=20",
+              "scheduler.type=none", "num_samples=1", "resources.max_failures=2"]
+
+
+def _checkpointed_iteration(experiment: Path) -> int:
+    best = 0
+    for path in experiment.glob("train/trial-*/checkpoint_*/checkpoint.pt"):
+        try:
+            best = max(best, torch.load(path, weights_only=True)["iteration"])
+        except Exception:  # being written right now
+            continue
+    return best
+
+
+def _train_worker_pids() -> list[int]:
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [actor.pid for actor in actors]
+
+
+def test_killed_train_worker_resumes_from_its_checkpoint(local_ray, tmp_path):
+    spec = load_spec(QUICK, LONG_TRIAL)
+    outcome = {}
+    search = threading.Thread(target=lambda: outcome.update(run=run_search(spec, name="kill", results_dir=tmp_path)))
+    search.start()
+    deadline = time.time() + 240
+    while _checkpointed_iteration(tmp_path / "kill") < 40:  # well past the first reported checkpoint
+        assert search.is_alive() and time.time() < deadline, "no checkpoint before the deadline"
+        time.sleep(0.2)
+    (pid,) = _train_worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    search.join(timeout=600)
+
+    (row,) = outcome["run"].trials.itertuples()
+    assert row.status == "completed" and row.training_iteration == 400 and row.val_rmse > 0
+    history = pd.read_parquet(outcome["run"].path / "history.parquet")
+    assert history.iteration.is_unique and history.iteration.is_monotonic_increasing
+    first_run, restarted = history[history.resumed_from == 0], history[history.resumed_from > 0]
+    assert len(restarted), "the worker group was never restarted"
+    # The new worker group continued from the last checkpoint the first one reported, not from zero.
+    assert restarted.resumed_from.iloc[0] == first_run.iteration.max() >= 20
+    assert history.iteration.max() == 400
