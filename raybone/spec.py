@@ -45,6 +45,9 @@ class TrainConfig(_Strict):
     eval_every: int = Field(500, ge=1)
     eval_batch_size: int = Field(64, ge=1)
     input_size: int = Field(224, ge=32)  # side of the random / test-time crops
+    amp: bool = True  # bf16 autocast on GPUs that support it
+    channels_last: bool = True  # NHWC on GPU: faster convolutions on tensor cores
+    compile: bool = False  # torch.compile the model (minutes of compile time per trial)
 
     @field_validator("model")
     @classmethod

@@ -30,14 +30,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(loop_config["seed"] + rank)
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(loop_config["threads"])  # one thread per reserved CPU, not per machine core
+    device = _device(loop_config["threads"])
     arrays = ray.get(loop_config["data"][0])
-    train_x, train_y, val_x, val_y = _split_tensors(arrays)
+    # The uint8 images live on the training device: batches are indexed there, never copied per step.
+    train_x, train_y, val_x, val_y = (t.to(device) for t in _split_tensors(arrays))
     num_classes = arrays["num_classes"]
 
-    model = ray.train.torch.prepare_model(create_model(cfg.model, num_classes, cfg.weights, cfg.finetune))
+    model = _prepare_model(create_model(cfg.model, num_classes, cfg.weights, cfg.finetune), cfg, device)
     optimizer = torch.optim.Adam(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.decay_steps, gamma=0.5)
     iteration, last_metrics = _restore(model, optimizer, schedule)
@@ -46,45 +45,76 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Where the run started and trains: visible in history.parquet after a restart or a lost node.
     placement = {"resumed_from": iteration, "node": ray.get_runtime_context().get_node_id()}
     loss_fn = create_loss(cfg.loss, cfg.l2_weight)
-    batches = torch.Generator().manual_seed(loop_config["seed"] * 1000 + rank * 100003 + iteration)
+    batches = torch.Generator(device).manual_seed(loop_config["seed"] * 1000 + rank * 100003 + iteration)
     per_worker_batch = max(1, cfg.batch_size // world)
 
     losses, started = [], time.perf_counter()
     while iteration < cfg.iterations:
-        index = torch.randint(len(train_y), (per_worker_batch,), generator=batches)
-        losses.append(train_step(model, optimizer, loss_fn, train_x[index].to(device), train_y[index].to(device), cfg))
+        index = torch.randint(len(train_y), (per_worker_batch,), generator=batches, device=device)
+        losses.append(train_step(model, optimizer, loss_fn, train_x[index], train_y[index], cfg))
         schedule.step()
         iteration += 1
         if iteration % cfg.eval_every == 0 or iteration == cfg.iterations:
-            metrics = {"iteration": iteration, "train_loss": float(np.mean(losses)), "lr": schedule.get_last_lr()[0],
-                       **placement}
+            metrics = {"iteration": iteration, "train_loss": torch.stack(losses).mean().item(),
+                       "lr": schedule.get_last_lr()[0], **placement}
             metrics["images_per_s"] = len(losses) * cfg.batch_size / (time.perf_counter() - started)
             if rank == 0:
-                probs = predict_probs(_unwrap(model), val_x, cfg.input_size, cfg.eval_batch_size, device)
-                metrics |= {f"val_{k}": v for k, v in classification_metrics(probs, val_y.numpy()).items()}
+                probs = predict_probs(_unwrap(model), val_x, cfg.input_size, cfg.eval_batch_size, device,
+                                      amp=cfg.amp, channels_last=cfg.channels_last)
+                metrics |= {f"val_{k}": v for k, v in classification_metrics(probs, val_y.cpu().numpy()).items()}
             _report(metrics, model, optimizer, schedule, cfg, num_classes, rank)
             losses, started = [], time.perf_counter()
 
 
-def train_step(model: nn.Module, optimizer, loss_fn, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig) -> float:
+def train_step(model: nn.Module, optimizer, loss_fn, images: torch.Tensor, labels: torch.Tensor,
+               cfg: TrainConfig) -> torch.Tensor:
+    """One optimizer step; returns the loss as a device tensor so the GPU never waits for the host."""
     train_mode(model)
-    loss = loss_fn(model(train_augment(images, cfg.input_size)), labels)
+    with _autocast(cfg.amp, images.device):
+        loss = loss_fn(model(_layout(train_augment(images, cfg.input_size), cfg.channels_last)).float(), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.item()
+    return loss.detach()
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, images: torch.Tensor, input_size: int, batch_size: int, device) -> np.ndarray:
+def predict_probs(model: nn.Module, images: torch.Tensor, input_size: int, batch_size: int, device, *,
+                  amp: bool = False, channels_last: bool = False) -> np.ndarray:
     """Class probabilities averaged over the six test-time crops (paper section 4.2)."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         crops = test_crops(images[start : start + batch_size].to(device), input_size)
-        logits = model(crops.flatten(0, 1))
-        out.append(logits.softmax(-1).view(6, crops.shape[1], -1).mean(0).float().cpu())
+        with _autocast(amp, crops.device):
+            logits = model(_layout(crops.flatten(0, 1), channels_last)).float()
+        out.append(logits.softmax(-1).view(6, crops.shape[1], -1).mean(0).cpu())
     return torch.cat(out).numpy()
+
+
+def _device(threads: int) -> torch.device:
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(threads)  # one thread per reserved CPU, not one per machine core
+    return device
+
+
+def _prepare_model(model: nn.Module, cfg: TrainConfig, device) -> nn.Module:
+    if device.type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)  # moves to the device; DDP when there are several workers
+    return torch.compile(model) if cfg.compile else model
+
+
+def _autocast(amp: bool, device: torch.device):
+    bf16 = amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _layout(batch: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    if batch.device.type == "cuda" and channels_last:
+        return batch.contiguous(memory_format=torch.channels_last)
+    return batch
 
 
 def _split_tensors(arrays: dict) -> tuple[torch.Tensor, ...]:
