@@ -11,19 +11,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
 import torch
 from torch import nn
 
-from raybone.augment import test_crops, train_augment
 from raybone.checkpoint import CHECKPOINT_FILE, read_checkpoint
+from raybone.engine import predict_probs, train_step
 from raybone.loss import create_loss
 from raybone.metrics import classification_metrics
-from raybone.model import create_model, parameter_groups, train_mode
+from raybone.model import create_model, parameter_groups
 from raybone.spec import TrainConfig
+
 
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = TrainConfig(**loop_config["train"])
@@ -66,32 +66,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             losses, started = [], time.perf_counter()
 
 
-def train_step(model: nn.Module, optimizer, loss_fn, images: torch.Tensor, labels: torch.Tensor,
-               cfg: TrainConfig) -> torch.Tensor:
-    """One optimizer step; returns the loss as a device tensor so the GPU never waits for the host."""
-    train_mode(model)
-    with _autocast(cfg.amp, images.device):
-        loss = loss_fn(model(_layout(train_augment(images, cfg.input_size), cfg.channels_last)).float(), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
-@torch.no_grad()
-def predict_probs(model: nn.Module, images: torch.Tensor, input_size: int, batch_size: int, device, *,
-                  amp: bool = False, channels_last: bool = False) -> np.ndarray:
-    """Class probabilities averaged over the six test-time crops (paper section 4.2)."""
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        crops = test_crops(images[start : start + batch_size].to(device), input_size)
-        with _autocast(amp, crops.device):
-            logits = model(_layout(crops.flatten(0, 1), channels_last)).float()
-        out.append(logits.softmax(-1).view(6, crops.shape[1], -1).mean(0).cpu())
-    return torch.cat(out).numpy()
-
-
 def _device(threads: int) -> torch.device:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
@@ -104,17 +78,6 @@ def _prepare_model(model: nn.Module, cfg: TrainConfig, device) -> nn.Module:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # moves to the device; DDP when there are several workers
     return torch.compile(model) if cfg.compile else model
-
-
-def _autocast(amp: bool, device: torch.device):
-    bf16 = amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
-def _layout(batch: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    if batch.device.type == "cuda" and channels_last:
-        return batch.contiguous(memory_format=torch.channels_last)
-    return batch
 
 
 def _split_tensors(arrays: dict) -> tuple[torch.Tensor, ...]:
