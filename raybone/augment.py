@@ -29,9 +29,10 @@ def subtract_mean(x: Tensor) -> Tensor:
     return x - x.mean(dim=(-2, -1), keepdim=True)
 
 
-def train_augment(images: Tensor, input_size: int) -> Tensor:
-    """Random rotation in ±20°, random crop, random horizontal flip, then mean subtraction."""
-    return subtract_mean(_train_pipeline(input_size)(to_float(images)))
+def train_augment(images: Tensor, input_size: int, contrast: float = 0.0) -> Tensor:
+    """Random rotation in ±20°, random crop, random horizontal flip, optionally random brightness,
+    contrast and gamma within ±`contrast`, then mean subtraction."""
+    return subtract_mean(_train_pipeline(input_size, contrast)(to_float(images)))
 
 
 def test_crops(images: Tensor, input_size: int) -> Tensor:
@@ -52,11 +53,15 @@ test_crops.__test__ = False
 
 
 @lru_cache(maxsize=None)
-def _train_pipeline(input_size: int) -> nn.Sequential:
+def _train_pipeline(input_size: int, contrast: float) -> nn.Sequential:
     # Rotating the whole warped image before cropping keeps most of the black corners that the
     # rotation brings in outside the crop.
-    return nn.Sequential(
+    geometry = [
         K.RandomRotation(degrees=MAX_ROTATION_DEG, p=1.0),
         K.RandomCrop((input_size, input_size)),
         K.RandomHorizontalFlip(p=0.5),
-    )
+    ]
+    # The paper's worst errors were low-contrast films: exposure jitter teaches contrast invariance.
+    span = (1 - contrast, 1 + contrast)
+    exposure = [K.RandomBrightness(span, p=1.0), K.RandomContrast(span, p=1.0), K.RandomGamma(span, p=1.0)]
+    return nn.Sequential(*geometry, *(exposure if contrast > 0 else []))

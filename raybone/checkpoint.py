@@ -29,6 +29,7 @@ def load_trained_model(folder: str | Path) -> tuple[nn.Module, TrainConfig, int]
     """The trained network (eval mode, CPU), its TrainConfig and number of classes."""
     state = read_checkpoint(folder)
     cfg = TrainConfig(**state["config"])
-    model = create_model(cfg.model, state["num_classes"], weights="none", finetune=cfg.finetune)
+    model = create_model(cfg.model, state["num_classes"], weights="none", finetune=cfg.finetune,
+                         sex_input=cfg.sex_input)
     model.load_state_dict(state["model"])
     return model.eval(), cfg, state["num_classes"]

@@ -5,12 +5,15 @@ from __future__ import annotations
 import functools
 import sys
 from datetime import datetime
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from raybone.errors import RayboneError
 
@@ -47,22 +50,31 @@ def search(
     address: Annotated[Optional[str], typer.Option(help="existing Ray cluster, e.g. auto")] = None,
     resume: Annotated[Optional[str], typer.Option(help="continue the experiment NAME")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="override, e.g. --set lr.high=1e-3")] = [],
-    results_dir: Annotated[Path, typer.Option(help="where experiments are written")] = RESULTS,
+    storage: Annotated[str, typer.Option("--storage", "--results-dir", help=(
+        "where experiments are written: a folder, or s3://bucket/prefix, gs://..., file:///abs/path "
+        "(a URI keeps optuna.db in ./results/<name>/)"))] = str(RESULTS),
+    shared_storage: Annotated[bool, typer.Option(
+        "--shared-storage", help="the --storage folder is shared by every node (NFS): allow it on a multi-node cluster")] = False,
 ):
     """Run a hyperparameter search (default: the demo atlas with search_spaces/quick.yaml)."""
+    from raybone import results
     from raybone.search import run_search
     from raybone.spec import load_spec
 
     overrides = list(set_) + [f"data.source={data}"] * bool(data) + [f"num_samples={num_samples}"] * bool(num_samples)
     name = resume or name or f"{config.stem}-{datetime.now():%Y%m%d-%H%M%S}"
-    saved = results_dir / name / "spec.yaml"
-    if resume and not saved.exists():
-        raise RayboneError(f"cannot resume {name!r}: no raybone experiment at {results_dir / name}")
+    saved = results.join(storage, name, "spec.yaml")
+    if resume and not results.exists(saved):
+        raise RayboneError(f"cannot resume {name!r}: no raybone experiment at {results.join(storage, name)}")
+    if resume and results.is_uri(storage):  # load_spec reads local files: keep a copy beside the local optuna.db
+        results.copy_file(saved, results.study_dir(storage, name) / "spec.yaml")
+        saved = results.study_dir(storage, name) / "spec.yaml"
     spec = load_spec(saved if resume else config, overrides)
-    outcome = run_search(spec, name=name, results_dir=results_dir, address=address, resume=bool(resume),
-                         console=console)
+    outcome = run_search(spec, name=name, results_dir=storage, address=address, resume=bool(resume),
+                         shared_storage=shared_storage, console=console)
     _print_best(outcome.best, spec.metric)
-    console.print(f"trials:  {outcome.path / 'trials.parquet'}\nhistory: {outcome.path / 'history.parquet'}")
+    console.print(f"trials:  {results.join(outcome.path, results.TRIALS)}\n"
+                  f"history: {results.join(outcome.path, results.HISTORY)}", highlight=False, soft_wrap=True)
 
 
 @data_app.command("prepare")
@@ -84,6 +96,79 @@ def data_prepare(
     console.print(f"prepared: {prepared.path}")
 
 
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.command()
+@_user_errors
+def best(
+    name: Annotated[Optional[str], typer.Argument(help="experiment (default: the most recent)")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="rank by this metric (default: the search's)")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="min | max (default: the metric's own)")] = None,
+    export: Annotated[Optional[Path], typer.Option(help="write the model folder here (replaced atomically)")] = None,
+    results_dir: Annotated[Path, typer.Option(help="where experiments are written")] = RESULTS,
+):
+    """Show an experiment's best trial; with --export, write it as a self-contained model folder."""
+    from raybone.export import export_model, find_best
+
+    trial = find_best(results_dir, name, metric, mode)
+    _print_best(trial.summary(), f"{trial.metric} ({trial.mode}) in {trial.experiment}")
+    if export is not None:
+        console.print(f"exported: {export_model(trial, export)}")
+
+
+@app.command()
+@_user_errors
+def predict(
+    model_dir: Annotated[Path, typer.Argument(help="model folder from `raybone best --export`")],
+    inputs: Annotated[list[Path], typer.Argument(help="radiographs (PNG, JPEG, DICOM) or folders of them")],
+    format: Annotated[OutputFormat, typer.Option(help="table | json | csv")] = OutputFormat.table,
+    device: Annotated[Device, typer.Option(help="cpu | cuda")] = Device.cpu,
+    batch_size: Annotated[int, typer.Option(help="images per batch")] = 32,
+):
+    """Predict bone-age classes; unusable files are reported on stderr and skipped (exit 1)."""
+    from raybone.predict import predict_inputs, predictions_csv, predictions_json
+
+    predictions, failures, predictor = predict_inputs(model_dir, inputs, device.value, batch_size, Console(stderr=True))
+    if format is OutputFormat.json:
+        typer.echo(predictions_json(predictions))
+    elif format is OutputFormat.csv:
+        typer.echo(predictions_csv(predictions, predictor.num_classes), nl=False)
+    else:
+        _print_predictions(predictions)
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_user_errors
+def evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="model folder from `raybone best --export`")],
+    data: Annotated[str, typer.Option(help="prepared dataset, labelled source folder/CSV, or 'demo'")],
+    split: Annotated[Optional[str], typer.Option(help="val | train | all (default: val on the training data, else all)")] = None,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="also write the results here")] = None,
+    device: Annotated[Device, typer.Option(help="cpu | cuda")] = Device.cpu,
+):
+    """Top-1/2, RMSE, MAE and the confusion matrix of an exported model on labelled radiographs."""
+    import json
+
+    from raybone.predict import evaluate as run_evaluation
+
+    result = run_evaluation(model_dir, data, split, device.value)
+    _print_evaluation(result)
+    if json_file is not None:
+        json_file.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"written: {json_file}")
+
+
 def _print_best(best, metric: str) -> None:
     if best is None:
         console.print("[yellow]no trial reported a result[/]")
@@ -94,6 +179,120 @@ def _print_best(best, metric: str) -> None:
     for key, value in best.items():
         if value is not None and key not in ("trial_path", "error"):
             table.add_row(str(key), f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+def _print_predictions(predictions) -> None:
+    table = Table("file", "class (years)", "top-2 (p)", "expected age")
+    for p in predictions:
+        r = p.record()
+        top2 = ", ".join(f"{c} ({r['probabilities'][c]:.3f})" for c in (r["predicted_years"], r["second_years"]))
+        table.add_row(Text(r["file"]), str(r["predicted_years"]), top2,
+                      f"{r['expected_age_years']:.2f} y ({r['expected_age_months']:.0f} mo)")
+    console.print(table)
+
+
+def _print_evaluation(result: dict) -> None:
+    m = result["metrics"]
+    console.print(f"model {result['model']} (trial {result['trial_id']}) on the {result['split']} split of "
+                  f"{result['data']}: {result['images']} images", markup=False, highlight=False, soft_wrap=True)
+    table = Table("metric", "years", "months")
+    table.add_row("top-1", f"{m['top1']:.4f}", "")
+    table.add_row("top-2", f"{m['top2']:.4f}", "")
+    for key, label in (("rmse_argmax", "RMSE, class"), ("mae_argmax", "MAE, class"),
+                       ("rmse_expected", "RMSE, expected age"), ("mae_expected", "MAE, expected age")):
+        table.add_row(label, f"{m[key]:.4f}", f"{m[key + '_months']:.2f}")
+    console.print(table)
+    console.print(f"(the trial's val_rmse / val_mae score the {result['readout']} readout)", highlight=False)
+    matrix = result["confusion_matrix"]
+    used = [c for c in result["classes"] if sum(matrix[c]) or sum(row[c] for row in matrix)]
+    confusion = Table(title="confusion matrix: rows true, columns predicted class (years)", title_justify="left",
+                      box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)
+    for header in ["true", *map(str, used)]:
+        confusion.add_column(header, justify="right", no_wrap=True)
+    for c in used:
+        confusion.add_row(str(c), *(str(matrix[c][p]) for p in used))
+    wide = Console(file=console.file, width=10_000)  # a squeezed matrix is unreadable: let the terminal scroll
+    (console if wide.measure(confusion).maximum <= console.width else wide).print(confusion)
+
+
+class ImportanceEvaluator(str, Enum):
+    fanova = "fanova"
+    mdi = "mdi"
+    ped = "ped"
+
+
+@app.command()
+@_user_errors
+def results(
+    name: Annotated[Optional[str], typer.Argument(help="experiment (default: the most recent)")] = None,
+    top: Annotated[Optional[int], typer.Option(min=1, help="only the N best trials")] = None,
+    format: Annotated[OutputFormat, typer.Option(help="table | json | csv (json/csv: trials only, on stdout)")] = OutputFormat.table,
+    list_: Annotated[bool, typer.Option("--list", help="list the experiments instead")] = False,
+    importance_evaluator: Annotated[ImportanceEvaluator, typer.Option(help="fanova | mdi | ped")] = ImportanceEvaluator.fanova,
+    results_dir: Annotated[Path, typer.Option(help="where experiments are written")] = RESULTS,
+):
+    """An experiment's trials ranked by its metric, then its hyperparameter importances; --list: all experiments."""
+    from raybone import analysis
+
+    if list_:
+        table = analysis.experiments_summary(results_dir)
+        if not table["error"].notna().any():
+            table = table.drop(columns="error")
+        return _print_frame(table, format, title=f"experiments in {results_dir}")
+    path = analysis.resolve(results_dir, name)
+    spec = analysis.experiment_spec(path)
+    ranked = analysis.ranked_trials(path)
+    trials = ranked.head(top) if top else ranked
+    if format is not OutputFormat.table:
+        return _print_frame(trials, format)
+    from raybone.results import METRIC_COLUMNS
+
+    metrics = list(dict.fromkeys([spec.metric, "val_top1", "val_top2", "val_rmse", "val_mae"]))
+    columns = ["rank", "trial_id", "status", *spec.searched(), *metrics, "training_iteration", "wall_time_s"]
+    shown = trials[[c for c in columns if c in trials.columns]].rename(
+        columns={"training_iteration": "iterations", "wall_time_s": "wall (s)"})
+    _print_frame(shown, format, title=f"{path.name}: {f'best {len(trials)} of ' if len(trials) < len(ranked) else ''}"
+                                          f"{len(ranked)} trials by {spec.metric} ({spec.mode})")
+    hidden = [c for c in METRIC_COLUMNS if c not in metrics]
+    console.print(f"more metrics ({', '.join(hidden)}): --format csv or json", highlight=False)
+    _print_importances(analysis.importances(path, importance_evaluator.value))
+    console.print(f"live view: optuna-dashboard sqlite:///{path / analysis.STUDY}", highlight=False, soft_wrap=True)
+
+
+def _print_frame(df, format: OutputFormat, title: str | None = None) -> None:
+    """json / csv on stdout and nothing else; a table through rich."""
+    import json
+
+    from raybone.analysis import records
+
+    if format is OutputFormat.json:
+        typer.echo(json.dumps(records(df), indent=2, default=str))
+    elif format is OutputFormat.csv:
+        typer.echo(df.to_csv(index=False), nl=False)
+    else:
+        if title:
+            console.print(title, highlight=False, soft_wrap=True)
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in df.columns:
+            table.add_column(str(column), justify="right" if df[column].dtype.kind in "iuf" else "left", no_wrap=True)
+        for row in records(df):
+            table.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+        wide = Console(file=console.file, width=10_000)  # squeezed columns are unreadable: let the terminal scroll
+        (console if wide.measure(table).maximum <= console.width else wide).print(table)
+
+
+def _print_importances(result) -> None:
+    title = f"hyperparameter importances ({result.evaluator}, {result.trials} finished trials from {result.source})"
+    if result.note:
+        console.print(f"{title}: {result.note}", highlight=False, soft_wrap=True)
+        return
+    console.print(title, highlight=False, soft_wrap=True)
+    table = Table("hyperparameter", "importance", "", box=box.SIMPLE_HEAD, pad_edge=False)
+    for param, value in result.values.items():
+        table.add_row(param, f"{value:.3f}", "#" * round(value * 30))
+    for param in result.constant:
+        table.add_row(param, "never varied", "")
     console.print(table)
 
 

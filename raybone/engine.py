@@ -16,11 +16,12 @@ if TYPE_CHECKING:
 
 
 def train_step(model: nn.Module, optimizer, loss_fn, images: torch.Tensor, labels: torch.Tensor,
-               cfg: TrainConfig) -> torch.Tensor:
+               cfg: TrainConfig, sex: torch.Tensor | None = None) -> torch.Tensor:
     """One optimizer step; returns the loss as a device tensor so the GPU never waits for the host."""
     train_mode(model)
+    x = _layout(train_augment(images, cfg.input_size, cfg.contrast), cfg.channels_last)
     with _autocast(cfg.amp, images.device):
-        loss = loss_fn(model(_layout(train_augment(images, cfg.input_size), cfg.channels_last)).float(), labels)
+        loss = loss_fn(_forward(model, x, sex).float(), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -29,16 +30,30 @@ def train_step(model: nn.Module, optimizer, loss_fn, images: torch.Tensor, label
 
 @torch.no_grad()
 def predict_probs(model: nn.Module, images: torch.Tensor, input_size: int, batch_size: int, device, *,
-                  amp: bool = False, channels_last: bool = False) -> np.ndarray:
+                  sex: torch.Tensor | None = None, amp: bool = False, channels_last: bool = False) -> np.ndarray:
     """Class probabilities averaged over the six test-time crops (paper section 4.2)."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         crops = test_crops(images[start : start + batch_size].to(device), input_size)
+        crop_sex = None if sex is None else sex[start : start + batch_size].to(device).repeat(6)
         with _autocast(amp, crops.device):
-            logits = model(_layout(crops.flatten(0, 1), channels_last)).float()
+            logits = _forward(model, _layout(crops.flatten(0, 1), channels_last), crop_sex).float()
         out.append(logits.softmax(-1).view(6, crops.shape[1], -1).mean(0).cpu())
     return torch.cat(out).numpy()
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Re-warp a uint8 batch [N,S,S] to size x size (once per trial, when input_size is searched)."""
+    if images.shape[-1] == size:
+        return images
+    x = torch.nn.functional.interpolate(images.unsqueeze(1).float(), size=(size, size), mode="bilinear",
+                                        antialias=True)
+    return x.squeeze(1).round().clamp(0, 255).to(torch.uint8)
+
+
+def _forward(model: nn.Module, x: torch.Tensor, sex: torch.Tensor | None) -> torch.Tensor:
+    return model(x) if sex is None else model(x, sex)
 
 
 def _autocast(amp: bool, device: torch.device):

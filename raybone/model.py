@@ -47,9 +47,13 @@ MODELS: tuple[str, ...] = tuple(_ARCHS)
 
 
 def create_model(
-    name: str, num_classes: int = 20, weights: str = "none", finetune: str = "full"
+    name: str, num_classes: int = 20, weights: str = "none", finetune: str = "full", sex_input: bool = False
 ) -> nn.Module:
-    """Build `name` for 1-channel input; `weights` is "none", "imagenet" or a state-dict path."""
+    """Build `name` for 1-channel input; `weights` is "none", "imagenet" or a state-dict path.
+
+    With `sex_input` the model is called as model(images, sex) and the patient's sex joins the
+    features the final layer sees (as BoneXpert and the RSNA 2017 winners use it).
+    """
     _check_choice("model", name, MODELS)
     _check_choice("finetune", finetune, FINETUNE)
     arch = _ARCHS[name]
@@ -62,7 +66,32 @@ def create_model(
     if finetune == "head":
         model.requires_grad_(False)
         model.get_submodule(arch.classifier).requires_grad_(True)
-    return model
+    return SexConditioned(model, arch.head) if sex_input else model
+
+
+class SexConditioned(nn.Module):
+    """A backbone whose final layer also sees the patient's sex: +1 male, -1 female, 0 unknown."""
+
+    def __init__(self, backbone: nn.Module, head: str):
+        super().__init__()
+        final = backbone.get_submodule(head)
+        backbone.set_submodule(head, nn.Identity())
+        self.backbone = backbone
+        self.head = nn.Linear(final.in_features + 1, final.out_features)
+        with torch.no_grad():  # start as the plain model: the sex column begins at zero
+            self.head.weight[:, :-1].copy_(final.weight)
+            self.head.weight[:, -1].zero_()
+            self.head.bias.copy_(final.bias)
+
+    def forward(self, images: torch.Tensor, sex: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(images)
+        return self.head(torch.cat([features, sex.to(features.dtype).unsqueeze(1)], dim=1))
+
+
+def sex_feature(sex_code) -> torch.Tensor:
+    """Prepared sex codes (1 male, 0 female, -1 unknown) as the model's input: +1, -1, 0."""
+    code = torch.as_tensor(sex_code)
+    return torch.where(code == 1, 1.0, torch.where(code == 0, -1.0, 0.0))
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

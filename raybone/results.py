@@ -1,48 +1,173 @@
-"""The experiment folder `results/<name>/` and its Parquet tables.
+"""The experiment folder `<storage>/<name>/` and its Parquet tables.
 
     spec.yaml          the resolved spec the search ran with
     environment.json   package versions, data fingerprint, command
     trials.parquet     one row per trial (final metrics, hyperparameters, checkpoint)
     history.parquet    one row per report of every trial (learning curves)
     train/             the Ray Train runs, one per trial, with their checkpoints
+    optuna.db          the Optuna study (SQLite; a copy, when the storage is a URI: see study_dir)
     ...                Ray Tune's own experiment state (used by --resume)
+
+The storage is a local folder (default `results/`) or a URI: `s3://bucket/prefix`, `gs://bucket/prefix`,
+`file:///abs/path`. Every read and write here goes through `storage()`, i.e. `pyarrow.fs`, the same
+filesystems Ray Tune and Ray Train write the experiment and the checkpoints with. A local folder is
+returned as a `Path`, a URI location as a `str`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import os
-import tempfile
-from pathlib import Path
+import posixpath
+import re
+import uuid
+from pathlib import Path, PurePath
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from raybone.errors import RayboneError
 
 TRIALS = "trials.parquet"
 HISTORY = "history.parquet"
-METRIC_COLUMNS = ["val_top1", "val_top2", "val_rmse", "val_mae", "val_rmse_expected", "val_mae_expected"]
+STUDY = "optuna.db"
+LOCAL_RESULTS = Path("results")  # the default storage; also where a URI storage's optuna.db stays
+METRIC_COLUMNS = ["val_top1", "val_top2", "val_rmse", "val_mae", "val_mae_months", "val_rmse_argmax",
+                  "val_mae_argmax", "val_rmse_expected", "val_mae_expected"]
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")  # two letters at least: C:/ is a Windows drive
 
 
-def write_parquet(df: pd.DataFrame, path: Path) -> None:
-    """Write atomically: a crash mid-write leaves the previous table, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def location_text(location: str | PurePath) -> str:
+    """A location as text. A Path that pathlib collapsed from a URI (`s3:/bucket`) gets its `//` back."""
+    text = str(location)
+    match = _SCHEME.match(text)
+    if match and isinstance(location, PurePath) and not text.startswith(f"{match.group(1)}://"):
+        if match.group(1).lower() != "file":  # file:/abs/path is a valid file URI already
+            text = f"{match.group(1)}://{text[match.end():]}"
+    return text
+
+
+def is_uri(location: str | PurePath) -> bool:
+    return bool(_SCHEME.match(location_text(location)))
+
+
+def is_local(location: str | PurePath) -> bool:
+    """A folder of this machine's filesystem: a plain path or a file:// URI."""
+    match = _SCHEME.match(location_text(location))
+    return match is None or match.group(1).lower() == "file"
+
+
+def storage(location: str | PurePath) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path in it) of a local folder or a URI; every read and write of results goes through it."""
+    text = location_text(location)
+    if not is_uri(text):
+        return pafs.LocalFileSystem(), Path(text).absolute().as_posix()
+    return _from_uri(text)
+
+
+@functools.lru_cache(maxsize=16)
+def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowException, ValueError) as err:  # unknown scheme, no credentials, no such bucket
+        raise RayboneError(f"cannot open storage {uri}: {' '.join(str(err).split())}") from None
+
+
+def join(location: str | PurePath, *parts: str) -> str | Path:
+    """`location/part/...`: a Path for a local folder, a URI (query string kept last) for a URI."""
+    text = location_text(location)
+    if not is_uri(text):
+        return Path(text).joinpath(*parts)
+    base, sep, query = text.partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + sep + query
+
+
+def as_location(fs_path: str | None, storage_location: str | PurePath) -> str | None:
+    """A path inside `storage_location`'s filesystem (as Ray reports checkpoints) as a location: the same
+    path for a local folder, a URI of the storage's scheme for a URI."""
+    text = location_text(storage_location)
+    if fs_path is None or not is_uri(text):
+        return fs_path
+    _, root = storage(text)
+    fs_path = str(fs_path)
+    if fs_path != root and not fs_path.startswith(root.rstrip("/") + "/"):
+        return fs_path
+    base, sep, query = text.partition("?")
+    return base.rstrip("/") + fs_path[len(root.rstrip("/")):] + sep + query
+
+
+def exists(location: str | PurePath) -> bool:
+    fs, path = storage(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def write_parquet(df: pd.DataFrame, location: str | PurePath) -> None:
+    """Write atomically: a crash mid-write leaves the previous table, never half of one.
+
+    The table goes to a hidden name in the same folder, then moves over the target (a rename on local disks
+    and NFS; a server-side copy on object stores, whose readers see the old or the new object, never half).
+    """
+    fs, path = storage(location)
+    folder, name = posixpath.split(path)
+    fs.create_dir(folder, recursive=True)
+    tmp = posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp, filesystem=fs)
+        fs.move(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
 
 
-def write_json(data: dict, path: Path) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+def read_parquet(location: str | PurePath) -> pd.DataFrame:
+    fs, path = storage(location)
+    return pq.read_table(path, filesystem=fs).to_pandas()
 
 
-def trials_table(result_grid, spec, total_iterations: int) -> pd.DataFrame:
-    """One row per trial from a Tune ResultGrid, columns named as in the search-space YAML."""
+def write_text(text: str, location: str | PurePath) -> None:
+    fs, path = storage(location)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(text.encode())
+
+
+def read_text(location: str | PurePath) -> str:
+    fs, path = storage(location)
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def write_json(data: dict, location: str | PurePath) -> None:
+    write_text(json.dumps(data, indent=2, default=str) + "\n", location)
+
+
+def copy_file(source: str | PurePath, target: str | PurePath) -> None:
+    """Copy one file between any two locations (e.g. the local optuna.db into a URI storage)."""
+    source_fs, source_path = storage(source)
+    target_fs, target_path = storage(target)
+    target_fs.create_dir(posixpath.dirname(target_path), recursive=True)
+    pafs.copy_files(source_path, target_path, source_filesystem=source_fs, destination_filesystem=target_fs)
+
+
+def study_dir(results_dir: str | PurePath, name: str) -> Path:
+    """The local folder of an experiment's Optuna study (SQLite cannot live on an object store): the
+    experiment folder itself for a local storage, `results/<name>/` (from the working directory) for a URI."""
+    if is_uri(results_dir):
+        return (LOCAL_RESULTS / name).absolute()
+    return Path(location_text(results_dir)) / name
+
+
+def trials_table(result_grid, spec, total_iterations: int, storage_location: str | PurePath | None = None) -> pd.DataFrame:
+    """One row per trial from a Tune ResultGrid, columns named as in the search-space YAML.
+
+    With `storage_location` a URI, checkpoint and trial paths are URIs too (Ray reports them without scheme).
+    """
+    def located(fs_path):
+        return fs_path if storage_location is None else as_location(fs_path, storage_location)
+
     rows = []
     for result in result_grid:
         metrics = result.metrics or {}
@@ -57,9 +182,9 @@ def trials_table(result_grid, spec, total_iterations: int) -> pd.DataFrame:
             "training_iteration": iteration,
             "wall_time_s": metrics.get("time_total_s"),
             "node": metrics.get("node"),
-            "checkpoint_path": metrics.get("checkpoint_path"),
+            "checkpoint_path": located(metrics.get("checkpoint_path")),
             "error": _one_line(result.error) if result.error else None,
-            "trial_path": result.path,
+            "trial_path": located(result.path),
         }
         rows.append(row)
     return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True)
@@ -89,21 +214,28 @@ def _one_line(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def experiment_dir(results_dir: Path, name: str, must_exist: bool = True) -> Path:
-    path = Path(results_dir) / name
-    if must_exist and not (path / TRIALS).exists():
+def experiment_dir(results_dir: str | PurePath, name: str, must_exist: bool = True) -> str | Path:
+    """Experiment `name` in a local folder (a Path) or a URI storage (a URI str)."""
+    path = join(results_dir, name)
+    if must_exist and not exists(join(path, TRIALS)):
         known = ", ".join(list_experiments(results_dir)) or "none yet"
-        raise RayboneError(f"no experiment named {name!r} in {results_dir} (known: {known})")
+        raise RayboneError(f"no experiment named {name!r} in {location_text(results_dir)} (known: {known})")
     return path
 
 
-def list_experiments(results_dir: Path) -> list[str]:
-    results_dir = Path(results_dir)
-    if not results_dir.is_dir():
+def list_experiments(results_dir: str | PurePath) -> list[str]:
+    """Names of the experiments with a trials table, oldest table first."""
+    fs, path = storage(results_dir)
+    try:
+        folders = [info for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                   if info.type == pafs.FileType.Directory]
+    except (NotADirectoryError, FileNotFoundError):
         return []
-    found = [p for p in results_dir.iterdir() if (p / TRIALS).exists()]
-    return [p.name for p in sorted(found, key=lambda p: (p / TRIALS).stat().st_mtime)]
+    tables = fs.get_file_info([posixpath.join(info.path, TRIALS) for info in folders])
+    found = [(table.mtime, posixpath.basename(folder.path)) for folder, table in zip(folders, tables)
+             if table.type == pafs.FileType.File]
+    return [name for _, name in sorted(found, key=lambda item: (item[0] is not None, item[0] or 0, item[1]))]
 
 
-def load_trials(results_dir: Path, name: str) -> pd.DataFrame:
-    return pd.read_parquet(experiment_dir(results_dir, name) / TRIALS)
+def load_trials(results_dir: str | PurePath, name: str) -> pd.DataFrame:
+    return read_parquet(join(experiment_dir(results_dir, name), TRIALS))

@@ -23,83 +23,160 @@ from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from raybone import results
 from raybone.data import PreparedData, prepare
 from raybone.errors import RayboneError, SpecError
-from raybone.results import history_table, trials_table, write_json, write_parquet
+from raybone.results import HISTORY, STUDY, TRIALS, history_table, trials_table, write_json, write_parquet
 from raybone.spec import Choice, Range, Spec
 from raybone.train import train_loop_per_worker
 
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # the trial function only waits on its Train run
+NODE_START_TIMEOUT_S = 30 * 60  # how long a trial waits for the autoscaler's node (image pull, setup) per try
+# Filesystems every node of a cluster can mount: a results folder on one of them is shared.
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "glusterfs", "fuse.glusterfs",
+                       "beegfs", "fuse.gcsfuse", "fuse.juicefs"}
 PACKAGES = ("raybone", "ray", "torch", "torchvision", "kornia", "optuna", "pydicom", "numpy", "pandas", "pyarrow")
 
 
 @dataclass
 class SearchOutcome:
-    path: Path
+    path: Path | str  # the experiment: a local folder, or a URI (str) when the storage is one
     trials: pd.DataFrame
     best: pd.Series | None
 
 
-def run_search(spec: Spec, *, name: str, results_dir: Path, address: str | None = None,
-               resume: bool = False, console: Console | None = None) -> SearchOutcome:
+def run_search(spec: Spec, *, name: str, results_dir: str | Path, address: str | None = None,
+               resume: bool = False, shared_storage: bool = False, console: Console | None = None) -> SearchOutcome:
+    """Search into `results_dir/name`; `results_dir` is a local folder or a URI (s3://, gs://, file://).
+
+    `shared_storage` asserts that a local folder is shared by every node (NFS): without it, a local folder
+    on a multi-node (or autoscaling) cluster is refused. The Optuna study stays local (results.study_dir).
+    """
     console = console or Console()
-    path = (Path(results_dir) / name).resolve()
+    remote = results.is_uri(results_dir)
+    root = results.location_text(results_dir) if remote else Path(results_dir).resolve()
+    path = results.join(root, name)
+    study = results.study_dir(root, name)
     if resume:
         finished = _check_resumable(path, spec)
         if finished is not None:
             console.print(f"experiment {name!r} already finished ({len(finished)} trials); nothing to resume")
             return SearchOutcome(path, finished, best_row(finished, spec.metric, spec.mode))
-    elif (path / "spec.yaml").exists():
-        raise RayboneError(f"experiment {name!r} already exists in {path.parent}; "
+    elif results.exists(results.join(path, "spec.yaml")):
+        raise RayboneError(f"experiment {name!r} already exists in {root}; "
                            f"continue it with --resume {name} or choose another --name")
+    elif remote and (study / STUDY).exists():
+        raise RayboneError(f"experiment {name!r} has an Optuna study at {study / STUDY} already; "
+                           "choose another --name or remove that folder")
     data = prepare(spec.data.source, format=spec.data.format, labels=spec.data.labels,
                    image_size=spec.data.image_size, num_classes=spec.data.num_classes,
                    seed=spec.seed, val_fraction=spec.data.val_fraction)
     _check_input_size(spec, data)
     _start_ray(address, console)
-    max_concurrent = concurrent_trials(spec, ray.cluster_resources())
-    path.mkdir(parents=True, exist_ok=True)
-    _save_provenance(spec, data, path)
+    cluster = ray.cluster_resources()
+    max_concurrent = concurrent_trials(spec, cluster)
+    check_storage_reaches_nodes(root, shared=shared_storage, nodes=_resource_nodes(),
+                                trial_fits_now=trials_that_fit(spec, cluster) >= 1)
+    study.mkdir(parents=True, exist_ok=True)
+    _save_provenance(spec, data, path, study)
 
+    # The images go into the object store once per search; each node pulls them once (see the README).
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(_run_trial, spec_json=spec.model_dump_json(), data_ref=[ray.put(_arrays(data))],
-                                 train_storage=str(path / "train")),
+                                 train_storage=str(results.join(path, "train"))),
         {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY},
     )
     if resume:
         tuner = ray.tune.Tuner.restore(str(path), trainable, resume_errored=True)
     else:
-        tuner = _new_tuner(trainable, spec, path, max_concurrent)
+        tuner = _new_tuner(trainable, spec, str(root), name, study, max_concurrent)
     console.print(f"[bold]search[/] {name}: {spec.num_samples} trials, up to {max_concurrent} at a time, "
                   f"{spec.iterations} iterations each, data {data.path}")
     grid = tuner.fit()
-    trials = trials_table(grid, spec, spec.iterations)
-    write_parquet(trials, path / "trials.parquet")
-    write_parquet(history_table(grid), path / "history.parquet")
+    trials = trials_table(grid, spec, spec.iterations, storage_location=root if remote else None)
+    write_parquet(trials, results.join(path, TRIALS))
+    write_parquet(history_table(grid), results.join(path, HISTORY))
+    if remote and (study / STUDY).is_file():  # a copy beside the tables, so the storage holds the whole experiment
+        results.copy_file(study / STUDY, results.join(path, STUDY))
     return SearchOutcome(path, trials, best_row(trials, spec.metric, spec.mode))
 
 
-def _check_resumable(path: Path, spec: Spec) -> pd.DataFrame | None:
+def _check_resumable(path: Path | str, spec: Spec) -> pd.DataFrame | None:
     """Refuse folders raybone did not create (Tune's restore unpickles them); the trials if already done."""
-    if not (path / "environment.json").exists() or not ray.tune.Tuner.can_restore(str(path)):
-        raise RayboneError(f"cannot resume {path.name!r}: {path} is not a raybone experiment")
-    if (path / "trials.parquet").exists():
-        trials = pd.read_parquet(path / "trials.parquet")
+    if not results.exists(results.join(path, "environment.json")) or not ray.tune.Tuner.can_restore(str(path)):
+        name = Path(results.location_text(path).partition("?")[0]).name
+        raise RayboneError(f"cannot resume {name!r}: {path} is not a raybone experiment")
+    if results.exists(results.join(path, TRIALS)):
+        trials = results.read_parquet(results.join(path, TRIALS))
         if len(trials) >= spec.num_samples and not (trials.status == "error").any():
             return trials
     return None
 
 
-def concurrent_trials(spec: Spec, cluster: dict) -> int:
-    """How many trials the cluster can train at once: more trial drivers than that would deadlock."""
+def trials_that_fit(spec: Spec, cluster: dict) -> int:
+    """How many trials the cluster's present CPUs and GPUs can train at once."""
     r = spec.resources
     need = {"CPU": r.num_workers * r.cpus_per_worker, "GPU": r.num_workers * r.gpus_per_worker}
-    fits = [math.floor(cluster.get(k, 0) / v + 1e-9) for k, v in need.items() if v > 0]
-    if min(fits) < 1:
-        raise SpecError(f"one trial needs {need['CPU']:g} CPUs and {need['GPU']:g} GPUs "
-                        f"but the cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs; "
-                        "lower resources.num_workers / cpus_per_worker / gpus_per_worker")
-    return min(min(fits), spec.num_samples)
+    return min(math.floor(cluster.get(k, 0) / v + 1e-9) for k, v in need.items() if v > 0)
+
+
+def concurrent_trials(spec: Spec, cluster: dict) -> int:
+    """How many trials train at once: resources.max_concurrent_trials where set (an autoscaling cluster: trials
+    wait for the nodes it adds), else as many as the present cluster fits (more drivers would only wait)."""
+    r = spec.resources
+    if r.max_concurrent_trials is not None:
+        return min(r.max_concurrent_trials, spec.num_samples)
+    fits = trials_that_fit(spec, cluster)
+    if fits < 1:
+        raise SpecError(f"one trial needs {r.num_workers * r.cpus_per_worker:g} CPUs and "
+                        f"{r.num_workers * r.gpus_per_worker:g} GPUs but the cluster has {cluster.get('CPU', 0):g} CPUs "
+                        f"and {cluster.get('GPU', 0):g} GPUs; lower resources.num_workers / cpus_per_worker / "
+                        "gpus_per_worker, or on an autoscaling cluster set resources.max_concurrent_trials "
+                        "so that trials wait for the nodes it adds")
+    return min(fits, spec.num_samples)
+
+
+def check_storage_reaches_nodes(location: str | Path, *, shared: bool, nodes: int, trial_fits_now: bool) -> None:
+    """Refuse a results folder on this machine's disk when Train workers on other nodes would write to it.
+
+    A URI other than file:// (s3://, gs://) is reachable from every node; a local folder is when the caller
+    says so (--shared-storage) or when it lies on a network filesystem (NFS, Lustre, ...).
+    """
+    if shared or not results.is_local(location):
+        return
+    folder = results.storage(location)[1]
+    if _filesystem_type(folder) in NETWORK_FILESYSTEMS:
+        return
+    hint = "pass --storage s3://... or an NFS path with --shared-storage"
+    if nodes > 1:
+        raise RayboneError(f"this cluster has {nodes} nodes but results go to the local folder {folder}, "
+                           f"which the other nodes cannot reach; {hint}")
+    if not trial_fits_now:
+        raise RayboneError(f"trials will train on nodes the autoscaler adds (no node has room for one now) but "
+                           f"results go to the local folder {folder}, which those nodes cannot reach; {hint}")
+
+
+def _resource_nodes() -> int:
+    """Alive nodes that offer resources (a dead or draining node's entry stays in ray.nodes())."""
+    return sum(1 for node in ray.nodes() if node.get("Alive") and any(v > 0 for v in node.get("Resources", {}).values()))
+
+
+def _filesystem_type(folder: str) -> str | None:
+    """The type of the filesystem (from /proc/self/mountinfo) that holds `folder`, if known."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    real, best, kind = os.path.realpath(folder), "", None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5 or not right:
+            continue
+        point = fields[4].encode().decode("unicode_escape")  # spaces come as \040
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, right.split()[0]
+    return kind
 
 
 def trial_seed(experiment_seed: int, trial_index: int) -> int:
@@ -120,6 +197,8 @@ def _run_trial(config: dict, *, spec_json: str, data_ref: list, train_storage: s
     trial_id = ray.tune.get_context().get_trial_id()
     sampled = {k: v for k, v in config.items() if k != "trial_index"}
     r = spec.resources
+    if r.max_concurrent_trials is not None:  # an autoscaling cluster: wait for a new node, not Train's 60 s
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(NODE_START_TIMEOUT_S))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": spec.train_config(sampled).model_dump(), "data": data_ref,
@@ -139,7 +218,8 @@ def _run_trial(config: dict, *, spec_json: str, data_ref: list, train_storage: s
 
 
 def searcher(spec: Spec, path: Path) -> OptunaSearch:
-    """Seeded TPE whose study lives in the experiment folder, so optuna-dashboard can watch it."""
+    """Seeded TPE whose study (named after the folder) lives in the local folder `path`, so optuna-dashboard
+    can watch it: the experiment folder, or results/<name>/ when the storage is a URI."""
     return _IndexedOptunaSearch(
         sampler=optuna.samplers.TPESampler(seed=spec.seed),
         study_name=path.name,
@@ -147,7 +227,7 @@ def searcher(spec: Spec, path: Path) -> OptunaSearch:
     )
 
 
-def _new_tuner(trainable, spec: Spec, path: Path, max_concurrent: int) -> ray.tune.Tuner:
+def _new_tuner(trainable, spec: Spec, storage: str, name: str, study: Path, max_concurrent: int) -> ray.tune.Tuner:
     scheduler = None
     if spec.scheduler.type == "asha":
         scheduler = ASHAScheduler(time_attr="iteration", max_t=spec.iterations,
@@ -156,9 +236,9 @@ def _new_tuner(trainable, spec: Spec, path: Path, max_concurrent: int) -> ray.tu
     return ray.tune.Tuner(
         trainable,
         param_space=_tune_space(spec),
-        tune_config=ray.tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher(spec, path), scheduler=scheduler,
+        tune_config=ray.tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher(spec, study), scheduler=scheduler,
                                         num_samples=spec.num_samples, max_concurrent_trials=max_concurrent),
-        run_config=ray.tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=0,
+        run_config=ray.tune.RunConfig(name=name, storage_path=storage, verbose=0,
                                       # a trial whose driver's node died is retried; its Train run resumes
                                       failure_config=ray.tune.FailureConfig(max_failures=spec.resources.max_failures),
                                       callbacks=[_TrialProgress(spec)]),
@@ -194,7 +274,7 @@ _RANGES = {
 
 
 def _arrays(data: PreparedData) -> dict:
-    return {"images": data.images, "labels": data.labels, "is_train": data.is_train,
+    return {"images": data.images, "labels": data.labels, "is_train": data.is_train, "sex_code": data.sex_code,
             "num_classes": int(data.meta["num_classes"])}
 
 
@@ -209,16 +289,18 @@ def _check_input_size(spec: Spec, data: PreparedData) -> None:
 def _start_ray(address: str | None, console: Console) -> None:
     if ray.is_initialized():
         return
-    context = ray.init(address=address, dashboard_host="127.0.0.1", include_dashboard=True,
+    # Without --address, a fresh in-process cluster ("local"), even if `ray start` left one running here.
+    context = ray.init(address="local", dashboard_host="127.0.0.1", include_dashboard=True,
                        log_to_driver=False, configure_logging=False) if address is None else ray.init(address=address)
     if context.dashboard_url:
         console.print(f"Ray dashboard: http://{context.dashboard_url}")
 
 
-def _save_provenance(spec: Spec, data: PreparedData, path: Path) -> None:
-    (path / "spec.yaml").write_text(yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False))
+def _save_provenance(spec: Spec, data: PreparedData, path: Path | str, study: Path) -> None:
+    results.write_text(yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False), results.join(path, "spec.yaml"))
     write_json({"packages": {p: version(p) for p in PACKAGES}, "data_fingerprint": data.fingerprint,
-                "data_path": str(data.path), "data_meta": data.meta, "cwd": os.getcwd()}, path / "environment.json")
+                "data_path": str(data.path), "data_meta": data.meta, "cwd": os.getcwd(),
+                "experiment": str(path), "optuna_db": str(study / STUDY)}, results.join(path, "environment.json"))
 
 
 class _TrialProgress(ray.tune.Callback):

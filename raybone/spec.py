@@ -22,7 +22,8 @@ from raybone.errors import SpecError
 from raybone.loss import LOSSES
 from raybone.model import MODELS
 
-METRICS = ("val_rmse", "val_mae", "val_top1", "val_top2", "val_rmse_expected", "val_mae_expected")
+METRICS = ("val_rmse", "val_mae", "val_mae_months", "val_top1", "val_top2", "val_rmse_argmax", "val_mae_argmax",
+           "val_rmse_expected", "val_mae_expected")
 
 
 class _Strict(BaseModel):
@@ -45,22 +46,26 @@ class TrainConfig(_Strict):
     eval_every: int = Field(500, ge=1)
     eval_batch_size: int = Field(64, ge=1)
     input_size: int = Field(224, ge=32)  # side of the random / test-time crops
+    crop_fraction: float = Field(0.875, gt=0.5, le=1)  # crop side / image side: 224 of 256 in the paper
+    sex_input: bool = False  # the patient's sex joins the final layer's features
+    contrast: float = Field(0.0, ge=0, lt=1)  # random brightness, contrast and gamma within +-contrast
+    class_balance: Literal["none", "sampling", "loss"] = "none"  # rare years drawn or weighted more
+    readout: Literal["argmax", "expected"] = "argmax"  # which age val_rmse / val_mae score
     amp: bool = True  # bf16 autocast on GPUs that support it
     channels_last: bool = True  # NHWC on GPU: faster convolutions on tensor cores
     compile: bool = False  # torch.compile the model (minutes of compile time per trial)
 
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, v: str) -> str:
-        if v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; choose one of {', '.join(MODELS)}")
-        return v
+    @property
+    def image_size(self) -> int:
+        """The side images are warped to before cropping: input_size / crop_fraction."""
+        return round(self.input_size / self.crop_fraction)
 
-    @field_validator("loss")
+    @field_validator("model", "loss")
     @classmethod
-    def _known_loss(cls, v: str) -> str:
-        if v not in LOSSES:
-            raise ValueError(f"unknown loss {v!r}; choose one of {', '.join(LOSSES)}")
+    def _known(cls, v: str, info) -> str:
+        known = {"model": MODELS, "loss": LOSSES}[info.field_name]
+        if v not in known:
+            raise ValueError(f"unknown {info.field_name} {v!r}; choose one of {', '.join(known)}")
         return v
 
 
@@ -105,6 +110,9 @@ class Resources(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)  # fractions share a GPU between small trials
     max_failures: int = Field(1, ge=-1)  # worker-group restarts per trial, from its last checkpoint
+    # Trials training at once. Unset: as many as the cluster's present CPUs/GPUs fit. Set it on an
+    # autoscaling cluster: trials then wait for the nodes the autoscaler adds.
+    max_concurrent_trials: int | None = Field(None, ge=1)
 
 
 class Spec(_Strict):

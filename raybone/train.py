@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 import ray
 import ray.train
@@ -18,10 +21,10 @@ import torch
 from torch import nn
 
 from raybone.checkpoint import CHECKPOINT_FILE, read_checkpoint
-from raybone.engine import predict_probs, train_step
-from raybone.loss import create_loss
+from raybone.engine import predict_probs, resize, train_step
+from raybone.loss import balanced_class_weights, create_loss
 from raybone.metrics import classification_metrics
-from raybone.model import create_model, parameter_groups
+from raybone.model import create_model, parameter_groups, sex_feature
 from raybone.spec import TrainConfig
 
 
@@ -32,11 +35,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(loop_config["seed"] + rank)
     device = _device(loop_config["threads"])
     arrays = ray.get(loop_config["data"][0])
-    # The uint8 images live on the training device: batches are indexed there, never copied per step.
-    train_x, train_y, val_x, val_y = (t.to(device) for t in _split_tensors(arrays))
+    train, val = (_Split.of(arrays, part, cfg, device) for part in (arrays["is_train"], ~arrays["is_train"]))
     num_classes = arrays["num_classes"]
 
-    model = _prepare_model(create_model(cfg.model, num_classes, cfg.weights, cfg.finetune), cfg, device)
+    model = _prepare_model(create_model(cfg.model, num_classes, cfg.weights, cfg.finetune, cfg.sex_input), cfg, device)
     optimizer = torch.optim.Adam(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.decay_steps, gamma=0.5)
     iteration, last_metrics = _restore(model, optimizer, schedule)
@@ -44,14 +46,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ray.train.report(last_metrics)  # the run finished before a driver crash: tell Tune its result again
     # Where the run started and trains: visible in history.parquet after a restart or a lost node.
     placement = {"resumed_from": iteration, "node": ray.get_runtime_context().get_node_id()}
-    loss_fn = create_loss(cfg.loss, cfg.l2_weight)
-    batches = torch.Generator(device).manual_seed(loop_config["seed"] * 1000 + rank * 100003 + iteration)
-    per_worker_batch = max(1, cfg.batch_size // world)
+    weights = balanced_class_weights(train.labels, num_classes)
+    loss_fn = create_loss(cfg.loss, cfg.l2_weight, weights if cfg.class_balance == "loss" else None)
+    draw = _sampler(train.labels, weights if cfg.class_balance == "sampling" else None, max(1, cfg.batch_size // world),
+                    loop_config["seed"] * 1000 + rank * 100003 + iteration)
 
     losses, started = [], time.perf_counter()
     while iteration < cfg.iterations:
-        index = torch.randint(len(train_y), (per_worker_batch,), generator=batches, device=device)
-        losses.append(train_step(model, optimizer, loss_fn, train_x[index], train_y[index], cfg))
+        images, labels, sex = train.batch(draw())
+        losses.append(train_step(model, optimizer, loss_fn, images, labels, cfg, sex))
         schedule.step()
         iteration += 1
         if iteration % cfg.eval_every == 0 or iteration == cfg.iterations:
@@ -59,11 +62,50 @@ def train_loop_per_worker(loop_config: dict) -> None:
                        "lr": schedule.get_last_lr()[0], **placement}
             metrics["images_per_s"] = len(losses) * cfg.batch_size / (time.perf_counter() - started)
             if rank == 0:
-                probs = predict_probs(_unwrap(model), val_x, cfg.input_size, cfg.eval_batch_size, device,
-                                      amp=cfg.amp, channels_last=cfg.channels_last)
-                metrics |= {f"val_{k}": v for k, v in classification_metrics(probs, val_y.cpu().numpy()).items()}
+                metrics |= validate(_unwrap(model), val, cfg, device)
             _report(metrics, model, optimizer, schedule, cfg, num_classes, rank)
             losses, started = [], time.perf_counter()
+
+
+def validate(model: nn.Module, val: _Split, cfg: TrainConfig, device) -> dict[str, float]:
+    """Six-crop validation metrics; val_rmse / val_mae score the readout the spec names."""
+    probs = predict_probs(model, val.images, cfg.input_size, cfg.eval_batch_size, device, sex=val.sex,
+                          amp=cfg.amp, channels_last=cfg.channels_last)
+    metrics = {f"val_{k}": v for k, v in classification_metrics(probs, val.labels.cpu().numpy()).items()}
+    metrics["val_rmse_argmax"], metrics["val_mae_argmax"] = metrics["val_rmse"], metrics["val_mae"]
+    if cfg.readout == "expected":
+        metrics["val_rmse"], metrics["val_mae"] = metrics["val_rmse_expected"], metrics["val_mae_expected"]
+    metrics["val_mae_months"] = 12 * metrics["val_mae"]
+    return metrics
+
+
+@dataclass
+class _Split:
+    """One split on the training device: uint8 images at the trial's size, labels, sex input (or None)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    sex: torch.Tensor | None
+
+    @classmethod
+    def of(cls, arrays: dict, part: np.ndarray, cfg: TrainConfig, device) -> _Split:
+        # The images live on the training device: batches are indexed there, never copied per step.
+        images = resize(torch.from_numpy(arrays["images"][part]).to(device), cfg.image_size)
+        sex = sex_feature(arrays["sex_code"][part]).to(device) if cfg.sex_input else None
+        return cls(images, torch.from_numpy(arrays["labels"][part]).to(device), sex)
+
+    def batch(self, index: torch.Tensor) -> tuple:
+        """(images, labels, sex) for train_step; sex is None for models without sex input."""
+        return self.images[index], self.labels[index], None if self.sex is None else self.sex[index]
+
+
+def _sampler(labels: torch.Tensor, class_weights: torch.Tensor | None, batch: int, seed: int):
+    """Batches of indices: uniform, or with rare years drawn as often as common ones."""
+    generator = torch.Generator(labels.device).manual_seed(seed)
+    if class_weights is None:
+        return lambda: torch.randint(len(labels), (batch,), generator=generator, device=labels.device)
+    per_image = class_weights[labels]
+    return lambda: torch.multinomial(per_image, batch, replacement=True, generator=generator)
 
 
 def _device(threads: int) -> torch.device:
@@ -78,12 +120,6 @@ def _prepare_model(model: nn.Module, cfg: TrainConfig, device) -> nn.Module:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # moves to the device; DDP when there are several workers
     return torch.compile(model) if cfg.compile else model
-
-
-def _split_tensors(arrays: dict) -> tuple[torch.Tensor, ...]:
-    images, labels = torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"])
-    is_train = torch.from_numpy(arrays["is_train"])
-    return images[is_train], labels[is_train], images[~is_train], labels[~is_train]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -17,6 +17,6 @@ def shared_data():
 @pytest.fixture(scope="module")
 def local_ray():
     """A real local Ray cluster with the dashboard (Train-in-Tune needs it to release placement groups)."""
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
     yield
     ray.shutdown()

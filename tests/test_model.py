@@ -133,3 +133,30 @@ def test_train_mode_keeps_frozen_batch_norm_statistics():
     assert torch.equal(norms[0].running_mean, before)
     full = train_mode(create_model("googlenet", num_classes=5, finetune="full"))
     assert all(m.training for m in full.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_sex_input_reaches_the_final_layer(name):
+    from raybone.model import sex_feature
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=5, sex_input=True).eval()
+    images = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        model.head.weight[:, -1] = torch.arange(5.0)
+        male, female = model(images, sex_feature([1, 1])), model(images, sex_feature([0, 0]))
+    # Only the sex column differs: logits shift by twice its weights, class by class.
+    assert torch.allclose(male - female, 2 * torch.arange(5.0).expand(2, 5), atol=1e-5)
+    assert sex_feature([1, 0, -1]).tolist() == [1.0, -1.0, 0.0]
+    with pytest.raises(TypeError):
+        model(images)
+
+
+def test_sex_conditioned_model_starts_as_the_plain_one():
+    torch.manual_seed(0)
+    plain = create_model("googlenet", num_classes=5).eval()
+    torch.manual_seed(0)
+    conditioned = create_model("googlenet", num_classes=5, sex_input=True).eval()
+    images = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(plain(images), conditioned(images, torch.tensor([1.0, -1.0])), atol=1e-5)

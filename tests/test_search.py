@@ -72,9 +72,22 @@ def test_concurrency_is_bounded_by_the_cluster():
     assert concurrent_trials(spec, {"CPU": 3}) == 1
     gpu = load_spec(QUICK, ["resources.gpus_per_worker=0.25", "resources.cpus_per_worker=1", "num_samples=100"])
     assert concurrent_trials(gpu, {"CPU": 16, "GPU": 2}) == 8
-    with pytest.raises(SpecError, match="one trial needs 2 CPUs and 2 GPUs but the cluster has 2 CPUs and 1 GPUs"):
+    with pytest.raises(SpecError, match="one trial needs 2 CPUs and 2 GPUs but the cluster has 2 CPUs and 1 GPUs"
+                                        ".*on an autoscaling cluster set resources.max_concurrent_trials"):
         concurrent_trials(load_spec(QUICK, ["resources.gpus_per_worker=1", "resources.num_workers=2",
                                             "resources.cpus_per_worker=1"]), {"CPU": 2, "GPU": 1})
+
+
+def test_autoscaling_clusters_set_the_concurrency_and_trials_wait_for_nodes():
+    # A fresh autoscaling cluster: a 0-CPU head, no GPU worker yet. The cap is used as given, up to num_samples.
+    gpu = ["resources.gpus_per_worker=1", "resources.cpus_per_worker=3", "num_samples=16"]
+    assert concurrent_trials(load_spec(QUICK, gpu + ["resources.max_concurrent_trials=4"]), {"CPU": 0}) == 4
+    assert concurrent_trials(load_spec(QUICK, gpu + ["resources.max_concurrent_trials=4"]), {"CPU": 64, "GPU": 8}) == 4
+    assert concurrent_trials(load_spec(QUICK, gpu + ["resources.max_concurrent_trials=40"]), {}) == 16
+    with pytest.raises(SpecError, match="resources.max_concurrent_trials"):
+        concurrent_trials(load_spec(QUICK, gpu), {"CPU": 0})
+    with pytest.raises(SpecError, match="max_concurrent_trials: Input should be greater than or equal to 1"):
+        load_spec(QUICK, ["resources.max_concurrent_trials=0"])
 
 
 def test_trial_seeds_differ_by_index_and_follow_the_experiment_seed():

@@ -1,0 +1,226 @@
+"""Analyse a finished (or running) experiment: trials ranked by its metric, hyperparameter importances.
+
+Importances come from the experiment's Optuna study (`results/<name>/optuna.db`, study name = experiment
+name), the one optuna-dashboard shows. Ray's OptunaSearch tells the study each trial's last reported metric
+when the trial ends, an ASHA-stopped trial included (at the iteration it was stopped); a trial that ended
+without a metric is recorded as PRUNED or FAIL and carries no value. Where the study is missing or holds
+fewer finished trials with values than `trials.parquet` (an older experiment, a study written elsewhere),
+the importances are computed from `trials.parquet` instead, in an in-memory study built with the
+distributions of the saved `spec.yaml`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from raybone.errors import RayboneError
+from raybone.results import TRIALS, experiment_dir, list_experiments
+from raybone.spec import Choice, Range, Spec, load_spec
+
+STUDY = "optuna.db"
+FINISHED = ("completed", "stopped_early")  # statuses whose final metric is meaningful
+EVALUATORS = ("fanova", "mdi", "ped")
+
+
+def resolve(results_dir: Path, name: str | None) -> Path:
+    """The folder of experiment `name`, default the most recent; a one-line error naming the known ones."""
+    if name is None:
+        known = list_experiments(results_dir)
+        if not known:
+            raise RayboneError(f"no experiments in {results_dir}; run `raybone search` first")
+        name = known[-1]
+    return experiment_dir(results_dir, name)
+
+
+def experiment_spec(path: Path) -> Spec:
+    if not (Path(path) / "spec.yaml").is_file():
+        raise RayboneError(f"{path}: spec.yaml missing; was this folder written by `raybone search`?")
+    return load_spec(Path(path) / "spec.yaml")
+
+
+def ranked_trials(path: Path, top: int | None = None) -> pd.DataFrame:
+    """trials.parquet sorted best-first by the experiment's metric and mode, trials without it last."""
+    path = Path(path)
+    spec = experiment_spec(path)
+    trials = pd.read_parquet(path / TRIALS)
+    if spec.metric not in trials.columns:
+        trials[spec.metric] = float("nan")
+    order = ["trial_index", "trial_id"] if "trial_index" in trials.columns else ["trial_id"]
+    ranked = trials.sort_values([spec.metric, *order], ascending=[spec.mode == "min", *[True] * len(order)],
+                                na_position="last", kind="stable", ignore_index=True)
+    ranked.insert(0, "rank", range(1, len(ranked) + 1))
+    return ranked.head(top) if top is not None else ranked
+
+
+@dataclass
+class Importances:
+    """Normalised importances (summing to 1, most important first), or a note saying why there are none."""
+
+    evaluator: str
+    source: str  # "optuna.db" or "trials.parquet"
+    trials: int  # finished trials with a metric value that the evaluator saw
+    values: dict[str, float] = field(default_factory=dict)
+    constant: list[str] = field(default_factory=list)  # searched parameters that never varied
+    note: str | None = None
+
+
+def importances(path: Path, evaluator: str = "fanova") -> Importances:
+    """Hyperparameter importances of experiment `path` by Optuna's `evaluator` (fanova | mdi | ped)."""
+    import optuna
+
+    if evaluator not in EVALUATORS:
+        raise RayboneError(f"unknown importance evaluator {evaluator!r}; choose one of {', '.join(EVALUATORS)}")
+    path = Path(path)
+    spec = experiment_spec(path)
+    names = list(spec.searched())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from_study, study_note = _study_trials(path, names)
+    from_table = _table_trials(path, spec)
+    source, frozen = ("optuna.db", from_study) if len(from_study) >= len(from_table) else ("trials.parquet", from_table)
+    result = Importances(evaluator, source, len(frozen))
+    if source == "trials.parquet" and study_note:
+        result.source = f"trials.parquet ({study_note})"
+    if not names:
+        result.note = "the search space has no searched hyperparameters"
+        return result
+    if len(frozen) < 2:
+        result.note = f"importances need at least 2 finished trials with {spec.metric}; this experiment has {len(frozen)}"
+        return result
+    varied = [n for n in names if len({_key(t.params[n]) for t in frozen}) > 1]
+    result.constant = [n for n in names if n not in varied]
+    if not varied:
+        result.note = f"the searched hyperparameters never varied across the {len(frozen)} finished trials"
+        return result
+    if len({t.value for t in frozen}) < 2:
+        result.note = f"every finished trial has the same {spec.metric}; nothing to attribute"
+        return result
+    study = optuna.create_study(direction="minimize" if spec.mode == "min" else "maximize")
+    study.add_trials(frozen)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            values = optuna.importance.get_param_importances(study, evaluator=_evaluator(evaluator), params=varied)
+    except ImportError:  # fANOVA and MDI fit scikit-learn random forests; the ranked trials still stand
+        result.note = (f"the {evaluator} evaluator needs scikit-learn: python -m pip install scikit-learn, "
+                       "or use --importance-evaluator ped")
+        return result
+    except RuntimeError as err:  # e.g. fANOVA: "Encountered zero total variance in all trees."
+        result.note = f"{evaluator} could not attribute the variance of {spec.metric}: {err}"
+        return result
+    result.values = {k: float(v) for k, v in values.items()}
+    return result
+
+
+def _evaluator(name: str):
+    from optuna.importance import (FanovaImportanceEvaluator, MeanDecreaseImpurityImportanceEvaluator,
+                                   PedAnovaImportanceEvaluator)
+
+    if name == "fanova":
+        return FanovaImportanceEvaluator(seed=0)
+    if name == "mdi":
+        return MeanDecreaseImpurityImportanceEvaluator(seed=0)
+    return PedAnovaImportanceEvaluator()
+
+
+def _study_trials(path: Path, names: list[str]) -> tuple[list, str | None]:
+    """The study's COMPLETE trials that carry a finite value and every searched parameter."""
+    import optuna
+
+    if not (path / STUDY).is_file():
+        return [], f"no {STUDY}"
+    try:
+        study = optuna.load_study(study_name=path.name, storage=f"sqlite:///{path / STUDY}")
+        trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    except Exception as err:  # a study of another name, a corrupt or foreign database
+        return [], f"{STUDY} unreadable: {' '.join(str(err).split())}"
+    usable = [t for t in trials if t.value is not None and math.isfinite(t.value) and all(n in t.params for n in names)]
+    return usable, None if usable else f"{STUDY} has no completed trials with values"
+
+
+def _table_trials(path: Path, spec: Spec) -> list:
+    """trials.parquet's finished trials as Optuna trials, with the distributions of spec.yaml."""
+    import optuna
+
+    trials = pd.read_parquet(path / TRIALS)
+    names = list(spec.searched())
+    if spec.metric not in trials.columns or any(n not in trials.columns for n in names):
+        return []
+    finished = trials[trials.status.isin(FINISHED) & trials[spec.metric].notna()].dropna(subset=names)
+    distributions = {n: _distribution(p) for n, p in spec.searched().items()}
+    frozen = []
+    for _, row in finished.iterrows():
+        value = float(row[spec.metric])
+        if not math.isfinite(value):
+            continue
+        params = {n: _native(row[n], distributions[n]) for n in names}
+        frozen.append(optuna.trial.create_trial(params=params, distributions=distributions, value=value))
+    return frozen
+
+
+def _distribution(param: Range | Choice):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if isinstance(param, Choice):
+        return CategoricalDistribution(param.choices)
+    log = param.distribution.startswith("log")
+    if param.distribution in ("int", "logint"):
+        return IntDistribution(int(param.low), int(param.high), log=log)
+    return FloatDistribution(param.low, param.high, log=log)
+
+
+def _native(value, distribution):
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    if isinstance(distribution, IntDistribution):
+        return int(value)
+    if isinstance(distribution, CategoricalDistribution):
+        value = value.item() if hasattr(value, "item") else value
+        return next((c for c in distribution.choices if c == value), value)
+    return float(value)
+
+
+def _key(value):
+    return repr(value)
+
+
+def experiments_summary(results_dir: Path) -> pd.DataFrame:
+    """One row per experiment, oldest first: name, trials, best metric value, metric, mode, finished."""
+    rows = []
+    for name in list_experiments(results_dir):
+        path = Path(results_dir) / name
+        row = {"name": name, "trials": None, "metric": None, "mode": None, "best": None,
+               "finished": datetime.fromtimestamp((path / TRIALS).stat().st_mtime).isoformat(timespec="seconds")}
+        try:
+            ranked = ranked_trials(path)
+            spec = experiment_spec(path)
+            best = ranked[spec.metric].iloc[0] if len(ranked) else None
+            row.update(trials=len(ranked), metric=spec.metric, mode=spec.mode,
+                       best=None if best is None or pd.isna(best) else float(best))
+        except Exception as err:  # list the folder anyway, with what is wrong with it
+            row["error"] = " ".join(str(err).split())
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["name", "trials", "metric", "mode", "best", "finished", "error"])
+
+
+def records(df: pd.DataFrame) -> list[dict]:
+    """JSON-ready rows: NaN -> None, numpy scalars -> Python."""
+    out = []
+    for row in df.to_dict("records"):
+        out.append({k: _plain(v) for k, v in row.items()})
+    return out
+
+
+def _plain(value):
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is pd.NA or value is pd.NaT:
+        return None
+    return value

@@ -1,0 +1,435 @@
+"""Pick an experiment's best trial and export it as a self-contained model folder.
+
+    weights.safetensors   the network's state dict (safetensors: nothing to unpickle)
+    model.ts              TorchScript: preprocessed crops float [B,1,c,c] -> logits [B,C]
+    model.onnx            the same network in ONNX (input "crops", output "logits", dynamic batch axis)
+    model.json            classes, sizes, preprocessing, TrainConfig, hyperparameters, metrics, provenance
+    README.md             the model card
+
+The folder is built beside the target and renamed into place when complete, so a reader never sees half
+of one. `raybone.predict` reads it back from weights.safetensors and model.json alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from raybone.augment import test_crops
+from raybone.checkpoint import load_trained_model
+from raybone.errors import RayboneError
+from raybone.results import METRIC_COLUMNS, experiment_dir, list_experiments, load_trials
+from raybone.search import best_row
+from raybone.spec import METRICS, Spec, TrainConfig, load_spec
+
+MODEL_FORMAT = "raybone-model"
+FORMAT_VERSION = 1
+WEIGHTS, TORCHSCRIPT, ONNX, MODEL_JSON, CARD = "weights.safetensors", "model.ts", "model.onnx", "model.json", "README.md"
+ONNX_INPUT, ONNX_SEX, ONNX_OUTPUT = "crops", "sex", "logits"
+TOLERANCE = 1e-4  # max |difference| of class probabilities between PyTorch and TorchScript / ONNX
+CROPS = ["top-left", "top-right", "bottom-left", "bottom-right", "centre", "centre, flipped horizontally"]
+EXPORT_PACKAGES = ("torch", "safetensors", "onnx", "onnxruntime", "onnxscript")
+# Chen, Automated Bone Age Classification with Deep Neural Networks: top-1, top-2, RMSE (years).
+PAPER = {"VGG16 (paper)": (0.46, 0.70, 1.11), "GoogLeNet (paper)": (0.36, 0.65, 1.25),
+         "radiologists (paper)": (0.66, 0.97, 0.65)}
+
+
+@dataclass
+class BestTrial:
+    experiment: str
+    path: Path  # the experiment folder
+    row: pd.Series  # its trials.parquet row
+    spec: Spec
+    environment: dict
+    metric: str
+    mode: str
+
+    @property
+    def trial_id(self) -> str:
+        return str(self.row["trial_id"])
+
+    def hyperparameters(self) -> dict:
+        return {name: _plain(self.row.get(name)) for name in self.spec.searched()}
+
+    def metrics(self) -> dict:
+        return {name: _plain(self.row.get(name)) for name in METRIC_COLUMNS}
+
+    def train_config(self) -> TrainConfig:
+        return self.spec.train_config(self.hyperparameters())
+
+    def checkpoint_dir(self) -> Path:
+        location = _plain(self.row.get("checkpoint_path"))
+        if not location:
+            raise RayboneError(f"trial {self.trial_id} of {self.experiment} saved no checkpoint")
+        return resolve_location(location, self.path)
+
+    def summary(self) -> dict:
+        """What `raybone best` prints: who, the full config, the validation metrics, the checkpoint."""
+        return {"experiment": self.experiment, "trial_id": self.trial_id, "status": _plain(self.row.get("status")),
+                "training_iteration": _plain(self.row.get("training_iteration")),
+                **self.train_config().model_dump(), **self.metrics(),
+                "checkpoint_path": _plain(self.row.get("checkpoint_path"))}
+
+
+def resolve_location(location, experiment: Path | None = None) -> Path:
+    """The one place a location of an experiment (its folder, a checkpoint) becomes a local path.
+
+    Export reads local folders and file:// URIs; remote storage (s3://, gs://) is not read yet. A folder
+    that was moved or copied since the search still works: a stored path that no longer exists is looked up
+    again inside `experiment`.
+    """
+    text = str(location)
+    if text.startswith(("s3:/", "gs:/")) and not text.startswith(("s3://", "gs://")):
+        text = text.replace(":/", "://", 1)  # pathlib collapses s3://bucket to s3:/bucket
+    parsed = urlparse(text)
+    if parsed.scheme == "file":
+        text = parsed.path
+    elif len(parsed.scheme) > 1:  # one letter is a Windows drive
+        raise RayboneError(f"{text}: {parsed.scheme}:// locations are not supported by export yet; "
+                           "copy the experiment to a local folder")
+    path = Path(text)
+    if experiment is not None and not path.exists() and experiment.name in path.parts:
+        below = path.parts[len(path.parts) - 1 - path.parts[::-1].index(experiment.name) + 1:]
+        if (experiment.joinpath(*below)).exists():
+            return experiment.joinpath(*below)
+    return path
+
+
+def find_best(results_dir, name: str | None = None, metric: str | None = None,
+              mode: str | None = None) -> BestTrial:
+    """The best trial of experiment `name` (default: the most recent) by `metric` (default: the search's)."""
+    if name is None:
+        known = list_experiments(results_dir)
+        if not known:
+            raise RayboneError(f"no experiments in {results_dir}; run `raybone search` first")
+        name = known[-1]
+    path = resolve_location(experiment_dir(results_dir, name))
+    trials = load_trials(results_dir, name)
+    spec = _read_spec(path)
+    metric = metric or spec.metric
+    if metric not in METRICS:
+        raise RayboneError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if mode is None:
+        mode = spec.mode if metric == spec.metric else ("max" if metric in ("val_top1", "val_top2") else "min")
+    if mode not in ("min", "max"):
+        raise RayboneError(f"unknown mode {mode!r}; choose min or max")
+    row = best_row(trials, metric, mode) if metric in trials.columns else None
+    if row is None:
+        raise RayboneError(f"no trial of {name!r} reported {metric} ({len(trials)} trials)")
+    return BestTrial(name, path, row, spec, _read_json(path / "environment.json"), metric, mode)
+
+
+def export_model(best: BestTrial, out) -> Path:
+    """Write the model folder `out` for `best`; an existing model folder there is replaced when the new one is complete."""
+    target = Path(out).resolve()
+    _check_target(target)
+    model, cfg, num_classes = load_trained_model(best.checkpoint_dir())
+    image_size = _image_size(best)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        _save_weights(model, staging / WEIGHTS, cfg, num_classes)
+        inputs = _sample_inputs(cfg)
+        _save_torchscript(model, inputs, staging / TORCHSCRIPT)
+        _save_onnx(model, inputs, staging / ONNX)
+        meta = model_meta(best, cfg, num_classes, image_size)
+        (staging / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+        (staging / CARD).write_text(model_card(meta))
+        _publish(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------- reading the experiment
+
+
+def _read_spec(path: Path) -> Spec:
+    if not (path / "spec.yaml").is_file():
+        raise RayboneError(f"{path}: spec.yaml missing; was this folder written by `raybone search`?")
+    return load_spec(path / "spec.yaml")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise RayboneError(f"{path}: unreadable ({err})") from None
+
+
+def _data_meta(best: BestTrial) -> dict:
+    """The prepared data's prepared.json, as recorded by the search (or read from the data folder)."""
+    meta = best.environment.get("data_meta") or {}
+    if not meta and best.environment.get("data_path"):
+        meta = _read_json(Path(best.environment["data_path"]) / "prepared.json")
+    return meta
+
+
+def _image_size(best: BestTrial) -> int:
+    size = _data_meta(best).get("image_size")
+    if size is None:
+        raise RayboneError(f"{best.path}: environment.json does not say which image size the model was trained on, "
+                           "and the prepared data folder is gone")
+    return int(size)
+
+
+def _plain(value):
+    """A JSON-ready Python value from a pandas/numpy one; NaN becomes None."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+# ---------------------------------------------------------------- the files
+
+
+def _save_weights(model: nn.Module, path: Path, cfg: TrainConfig, num_classes: int) -> None:
+    from safetensors.torch import save
+
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    # save() + write_bytes rather than save_file, which creates the file readable by its owner only.
+    path.write_bytes(save(state, metadata={"format": MODEL_FORMAT, "model": cfg.model, "num_classes": str(num_classes)}))
+
+
+def _sample_inputs(cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
+    """The network's inputs for four seeded noise images: their 24 test-time crops [24,1,c,c], preprocessed as
+    in training, and with sex_input their sex feature [24] (+1 male, -1 female, 0 unknown)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=generator)
+    crops = test_crops(images, cfg.input_size).flatten(0, 1)
+    return (crops, torch.tensor([1.0, -1.0, 0.0, 1.0]).repeat(6)) if cfg.sex_input else (crops,)
+
+
+def _save_torchscript(model: nn.Module, inputs: tuple, path: Path) -> None:
+    # Traced on one image's six crops, checked on all 24: the batch axis stays free.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream; ONNX is the durable format
+        traced = torch.jit.trace(model, tuple(x[:6] for x in inputs), check_trace=False)
+        torch.jit.save(traced, str(path))
+        _check_agreement("TorchScript", _softmax(model(*inputs)), _softmax(torch.jit.load(str(path))(*inputs)))
+
+
+def _save_onnx(model: nn.Module, inputs: tuple, path: Path) -> None:
+    import onnxruntime
+
+    names = _onnx_inputs(len(inputs))
+    batch = torch.export.Dim("batch")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, tuple(x[:6] for x in inputs), str(path), input_names=names,
+                              output_names=[ONNX_OUTPUT], dynamic_shapes=tuple({0: batch} for _ in inputs),
+                              dynamo=True, external_data=False, verbose=False)
+        except Exception as err:
+            raise RayboneError(f"ONNX export failed: {type(err).__name__}: {_one_line(err)}") from err
+        expected = _softmax(model(*inputs))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run([ONNX_OUTPUT], {name: x.numpy() for name, x in zip(names, inputs)})
+    _check_agreement("ONNX", expected, _softmax(torch.from_numpy(logits)))
+
+
+def _onnx_inputs(count: int) -> list[str]:
+    return [ONNX_INPUT, ONNX_SEX][:count]
+
+
+def _softmax(logits: torch.Tensor) -> np.ndarray:
+    return logits.float().softmax(-1).numpy()
+
+
+def _check_agreement(what: str, expected: np.ndarray, got: np.ndarray) -> None:
+    diff = float(np.abs(expected - got).max()) if expected.shape == got.shape else math.inf
+    if not diff < TOLERANCE:
+        raise RayboneError(f"{what} export disagrees with PyTorch: class probabilities differ by up to {diff:.3g} "
+                           f"(allowed {TOLERANCE:g}); nothing was written")
+
+
+def model_meta(best: BestTrial, cfg: TrainConfig, num_classes: int, image_size: int) -> dict:
+    data = _data_meta(best)
+    row = best.row
+    return {
+        "format": MODEL_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": cfg.model,
+        "classes": list(range(num_classes)),
+        "class_unit": "years (class j = bone age in [j, j+1) years)",
+        "num_classes": num_classes,
+        "input_size": cfg.input_size,
+        "image_size": image_size,
+        "resize_to": cfg.image_size,
+        "sex_input": cfg.sex_input,
+        "files": {"weights": WEIGHTS, "torchscript": TORCHSCRIPT, "onnx": ONNX},
+        "preprocessing": {
+            "decode": "PNG/JPEG to 8-bit grey (ITU-R 601 luminance); DICOM: modality LUT, VOI LUT/window, "
+                      "scaled to 0..255, MONOCHROME1 inverted",
+            "warp": {"size": [image_size, image_size], "resample": "bilinear (Pillow)", "keep_aspect_ratio": False},
+            "resize": None if cfg.image_size == image_size else {
+                "size": [cfg.image_size, cfg.image_size], "resample": "bilinear, antialiased (torch interpolate), "
+                                                                    "rounded back to uint8"},
+            "scale": "uint8 / 255 -> [0, 1]",
+            "crops": {"size": cfg.input_size, "order": CROPS,
+                      "centre_offset": "floor((image_size - input_size) / 2) from the top and the left"},
+            "mean_subtraction": "each crop minus its own mean",
+            "aggregation": "softmax of each crop's logits, averaged over the six crops",
+            "network_input": {"name": ONNX_INPUT, "shape": ["batch", 1, cfg.input_size, cfg.input_size],
+                              "dtype": "float32"},
+            **({"network_sex_input": {"name": ONNX_SEX, "shape": ["batch"], "dtype": "float32",
+                                      "values": "+1 male, -1 female, 0 unknown (one per crop)"}}
+               if cfg.sex_input else {}),
+            "network_output": {"name": ONNX_OUTPUT, "shape": ["batch", num_classes], "dtype": "float32"},
+        },
+        "train_config": cfg.model_dump(),
+        "hyperparameters": best.hyperparameters(),
+        "metrics": {"split": "val", **best.metrics()},
+        "selected_by": {"metric": best.metric, "mode": best.mode},
+        "data": {
+            "fingerprint": data.get("fingerprint") or best.environment.get("data_fingerprint"),
+            "path": best.environment.get("data_path"),
+            **{key: data.get(key) for key in ("source", "format", "labels_csv", "num_classes", "seed",
+                                               "val_fraction", "counts")},
+        },
+        "experiment": best.experiment,
+        "trial_id": best.trial_id,
+        "training_iteration": _plain(row.get("training_iteration")),
+        "packages": best.environment.get("packages", {}),
+        "export_packages": {name: _version(name) for name in EXPORT_PACKAGES},
+        "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def model_card(meta: dict) -> str:
+    metrics, data, counts = meta["metrics"], meta["data"], meta["data"].get("counts") or {}
+    synthetic = "demo-atlas" in str(data.get("source") or "")
+
+    def fmt(value, digits=2):
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    # Of the arg-max class, like the paper's (val_rmse scores the expected age with readout: expected).
+    rmse, mae = (next((v for v in (metrics.get(f"{name}_argmax"), metrics.get(name)) if v is not None), None)
+                 for name in ("val_rmse", "val_mae"))
+    rows = [f"| this model ({meta['model']}, validation) | {fmt(metrics.get('val_top1'))} | {fmt(metrics.get('val_top2'))} "
+            f"| {fmt(rmse)} | {fmt(mae)} | {fmt(metrics.get('val_rmse_expected'))} |"]
+    rows += [f"| {who} | {top1:.2f} | {top2:.2f} | {rmse:.2f} | | |" for who, (top1, top2, rmse) in PAPER.items()]
+    warning = ("\n**This model was trained on the synthetic phantom demo atlas. It has never seen a real radiograph "
+               "and its predictions on real images are meaningless.**\n" if synthetic else "")
+    size = meta["resize_to"]
+    resize = f"\nthen resize to {size}x{size} px (torch bilinear, antialiased, rounded to uint8)," \
+        if size != meta["image_size"] else ""
+    sex_in = f"and `{ONNX_SEX}` float32 [B], one per crop, " if meta["sex_input"] else ""
+    sex_limit = ("The patient's sex is an input (+1 male, -1 female, 0 unknown); `raybone predict` passes unknown."
+                 if meta["sex_input"] else "Sex is not an input.")
+    hyper = "\n".join(f"- `{k}`: {v:.4g}" if isinstance(v, float) else f"- `{k}`: {v}"
+                      for k, v in meta["hyperparameters"].items()) or "- (none searched)"
+    return f"""# Bone-age classifier: {meta['model']}, trial {meta['trial_id']} of {meta['experiment']}
+{warning}
+A {meta['model']} network trained by raybone to classify a pediatric left-hand radiograph into
+{meta['num_classes']} whole-year bone-age classes (0 .. {meta['num_classes'] - 1} years).
+
+## Intended use
+
+Research and decision support only: a second opinion for a reader who makes the call.
+It is **not a medical device**, has not been clinically validated, and must not be used to diagnose or treat anyone.
+
+## Data
+
+- source: `{data.get('source')}` (format {data.get('format')}), prepared data fingerprint `{data.get('fingerprint')}`
+- {counts.get('train', '?')} training and {counts.get('val', '?')} validation radiographs (seeded stratified split,
+  validation fraction {data.get('val_fraction')}); class = floor(bone age in months / 12)
+
+## Metrics
+
+Validation split of the data above, six-crop averaging; RMSE and MAE in years, of the arg-max class. The paper's numbers come from its
+own data set and split, so they show the scale, not a head-to-head comparison.
+
+| | top-1 | top-2 | RMSE | MAE | RMSE of expected age |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+## Use it
+
+```bash
+raybone predict <this folder> radiograph.png --format json
+raybone evaluate <this folder> --data /path/to/labelled/radiographs
+```
+
+Preprocessing (done by `raybone predict`; repeat it exactly when calling `model.onnx` or `model.ts` directly):
+decode to 8-bit grey, warp to {meta['image_size']}x{meta['image_size']} px (bilinear, aspect ratio not kept),{resize}
+scale to [0, 1], take six {meta['input_size']}x{meta['input_size']} crops (four corners, centre, flipped centre),
+subtract each crop's mean, run the network on the crops (`{ONNX_INPUT}` float32 [B,1,{meta['input_size']},{meta['input_size']}]
+{sex_in}-> `{ONNX_OUTPUT}` [B,{meta['num_classes']}]) and average the six softmax outputs. `model.json` records all of it.
+
+## Training
+
+Hyperparameters found by the search:
+
+{hyper}
+
+Full configuration in `model.json` (`train_config`).
+
+## Limits
+
+- Classes are whole years: class j means a bone age in [j, j+1) years. The "expected age" sum_j p_j j
+  is finer than the class but estimates the whole years of age, about half a year below the age itself.
+- Trained on {counts.get('train', '?')} images from one source; performance on other scanners, populations,
+  age ranges or image qualities is unknown. {sex_limit}
+- Images are warped to a square without keeping the aspect ratio, exactly as in training; other preprocessing
+  changes the predictions.
+- Validation metrics are from the split used to choose this trial among others, so they are optimistic.
+"""
+
+
+def _version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+# ---------------------------------------------------------------- publishing
+
+
+def _check_target(target: Path) -> None:
+    """Replace only an earlier model folder or an empty folder, never someone's other files."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise RayboneError(f"{target}: exists and is not a folder; choose another --export")
+    if any(target.iterdir()) and _read_json(target / MODEL_JSON).get("format") != MODEL_FORMAT:
+        raise RayboneError(f"{target}: exists and is not a raybone model folder; choose another --export")
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move the finished folder into place; an older one is moved aside first and deleted after."""
+    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    if target.exists():
+        os.replace(target, retired)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        if retired.exists():
+            os.replace(retired, target)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)

@@ -1,0 +1,313 @@
+"""Use an exported model folder: predict radiographs, or evaluate on a labelled data set.
+
+A model folder (written by `raybone best --export`) is read from model.json and weights.safetensors only:
+nothing is unpickled. Images go through exactly the trial's pipeline: decode to grey, warp to the prepared
+data's image_size, resize to the trial's own image size (when its crop_fraction asks for another), six
+test-time crops, softmax averaged over the crops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from raybone.data import decode_image, prepare, warp_image
+from raybone.errors import DataError, RayboneError
+from raybone.export import FORMAT_VERSION, MODEL_FORMAT, MODEL_JSON, WEIGHTS
+from raybone.metrics import classification_metrics, confusion_matrix
+from raybone.model import create_model, sex_feature
+from raybone.engine import predict_probs, resize
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+SPLITS = ("val", "train", "all")
+
+
+@dataclass
+class Prediction:
+    file: str
+    probs: np.ndarray  # [num_classes], averaged over the six crops
+
+    @property
+    def ranked(self) -> np.ndarray:
+        return np.argsort(-self.probs, kind="stable")  # ties go to the lower class, as with argmax
+
+    @property
+    def expected_age_years(self) -> float:
+        return float(self.probs.astype(np.float64) @ np.arange(len(self.probs)))
+
+    def record(self) -> dict:
+        """One output row: classes are whole years; the expected age is sum_j p_j j."""
+        first, second = (int(c) for c in self.ranked[:2])
+        return {"file": self.file, "predicted_years": first, "second_years": second,
+                "expected_age_years": self.expected_age_years, "expected_age_months": self.expected_age_years * 12,
+                "probabilities": [float(p) for p in self.probs]}
+
+
+class Predictor:
+    """An exported model on `device`, with the preprocessing it was trained with."""
+
+    def __init__(self, model_dir, device: str = "cpu"):
+        self.path = Path(model_dir)
+        self.meta = read_model_meta(self.path)
+        self.image_size = int(self.meta["image_size"])  # the prepared data's warp size
+        self.resize_to = int(self.meta.get("resize_to") or self.image_size)  # the trial's image size
+        self.input_size = int(self.meta["input_size"])
+        self.num_classes = int(self.meta["num_classes"])
+        self.config = self.meta.get("train_config", {})
+        self.eval_batch_size = int(self.config.get("eval_batch_size", 64))
+        self.sex_input = bool(self.config.get("sex_input", False))
+        self.device = _device(device)
+        self.model = _load_network(self.path, self.meta).to(self.device)
+
+    def preprocess(self, path) -> np.ndarray:
+        """uint8 [image_size, image_size], as prepare() stores it; DataError '<path>: <reason>' if unusable."""
+        return warp_image(decode_image(path), self.image_size)
+
+    def predict_arrays(self, images: np.ndarray, sex_code: np.ndarray | None = None,
+                       batch_size: int | None = None) -> np.ndarray:
+        """Class probabilities [N, C] for warped uint8 images [N, S, S], as the trial's validation computed them.
+
+        sex_code (1 male, 0 female, -1 unknown) is used by models trained with sex_input; unknown by default.
+        """
+        if images.ndim != 3 or images.shape[1:] != (self.image_size, self.image_size):
+            raise RayboneError(f"expected images [N, {self.image_size}, {self.image_size}], got {list(images.shape)}")
+        batch_size = batch_size or self.eval_batch_size
+        if sex_code is None:
+            sex_code = np.full(len(images), -1)
+        out = []
+        for start in range(0, len(images), 16 * batch_size):  # resize a chunk at a time: floats are 4x the bytes
+            chunk = torch.from_numpy(np.array(images[start : start + 16 * batch_size], dtype=np.uint8))
+            sex = sex_feature(sex_code[start : start + len(chunk)]) if self.sex_input else None
+            out.append(predict_probs(self.model, resize(chunk.to(self.device), self.resize_to), self.input_size,
+                                     batch_size, self.device, sex=sex, amp=bool(self.config.get("amp", False)),
+                                     channels_last=bool(self.config.get("channels_last", False))))
+        return np.concatenate(out) if out else np.zeros((0, self.num_classes), dtype=np.float32)
+
+    def predict_files(self, paths: Sequence[Path], batch_size: int = 32,
+                      on_error: Callable[[str], None] | None = None,
+                      advance: Callable[[int], None] | None = None) -> Iterator[Prediction]:
+        """Predict file by file in batches; an unusable file goes to on_error('<path>: <reason>') and is skipped."""
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            for start in range(0, len(paths), batch_size):
+                batch = paths[start : start + batch_size]
+                loaded = list(pool.map(self._load, batch))
+                good = [(path, pixels) for path, (pixels, _) in zip(batch, loaded) if pixels is not None]
+                for _, problem in loaded:
+                    if problem and on_error:
+                        on_error(problem)
+                if good:
+                    probs = self.predict_arrays(np.stack([pixels for _, pixels in good]), batch_size=batch_size)
+                    yield from (Prediction(str(path), p) for (path, _), p in zip(good, probs))
+                if advance:
+                    advance(len(batch))
+
+    def _load(self, path: Path) -> tuple[np.ndarray | None, str]:
+        try:
+            return self.preprocess(path), ""
+        except DataError as err:
+            return None, str(err)
+        except Exception as err:  # a decoder bug on one odd file must not stop the others
+            return None, f"{path}: cannot decode ({type(err).__name__}: {' '.join(str(err).split())})"
+
+
+def read_model_meta(model_dir: Path) -> dict:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise RayboneError(f"{model_dir}: no such model folder; create one with `raybone best --export {model_dir}`")
+    try:
+        meta = json.loads((model_dir / MODEL_JSON).read_text())
+    except FileNotFoundError:
+        raise RayboneError(f"{model_dir}: not a raybone model folder ({MODEL_JSON} missing); "
+                           "create one with `raybone best --export DIR`") from None
+    except (OSError, ValueError) as err:
+        raise RayboneError(f"{model_dir / MODEL_JSON}: unreadable ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise RayboneError(f"{model_dir / MODEL_JSON}: not a raybone model description")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise RayboneError(f"{model_dir}: model format {meta['format_version']} is newer than this raybone "
+                           f"understands ({FORMAT_VERSION}); upgrade raybone")
+    return meta
+
+
+def _load_network(model_dir: Path, meta: dict) -> torch.nn.Module:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(model_dir / WEIGHTS, device="cpu")
+    except (FileNotFoundError, SafetensorError, OSError) as err:
+        raise RayboneError(f"{model_dir / WEIGHTS}: cannot read weights ({' '.join(str(err).split())})") from None
+    config = meta.get("train_config", {})
+    model = create_model(meta["model"], meta["num_classes"], weights="none", finetune=config.get("finetune", "full"),
+                         sex_input=bool(config.get("sex_input", False)))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise RayboneError(f"{model_dir / WEIGHTS}: does not fit a {meta['model']} with {meta['num_classes']} "
+                           f"classes ({str(err).splitlines()[0]})") from None
+    return model.eval()
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RayboneError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise RayboneError(f"unknown device {name!r}; choose cpu or cuda")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def find_images(inputs: Sequence) -> tuple[list[Path], list[str]]:
+    """Files named on the command line as they are; folders searched recursively for radiographs.
+
+    Returns (files, problems): a missing input is a problem '<path>: <reason>', not a reason to stop.
+    In folders, .png .jpg .jpeg .dcm .dicom files count, and extension-less files with a DICOM marker.
+    """
+    files, problems = [], []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.is_file() and _is_radiograph(p))
+        elif item.exists():
+            files.append(item)
+        else:
+            problems.append(f"{item}: no such file or folder")
+    return files, problems
+
+
+def _is_radiograph(path: Path) -> bool:
+    if path.name.startswith("."):
+        return False
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    if path.suffix:
+        return False
+    try:
+        with path.open("rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def evaluate(model_dir, data: str, split: str | None = None, device: str = "cpu",
+             batch_size: int | None = None) -> dict:
+    """Metrics and confusion matrix of the model on a prepared data set or a labelled source.
+
+    A source is prepared with the model's image size, classes, seed and validation fraction, so the data the
+    model was trained on gets the same fingerprint and split back; then the default split is its validation
+    split. On other data the default is all of it.
+    """
+    if split is not None and split not in SPLITS:
+        raise RayboneError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    predictor = Predictor(model_dir, device)
+    trained_on = predictor.meta.get("data", {})
+    prepared = prepare(data, image_size=predictor.image_size, num_classes=predictor.num_classes,
+                       seed=trained_on.get("seed") or 0, val_fraction=trained_on.get("val_fraction") or 0.25)
+    if prepared.images.shape[1] != predictor.image_size:
+        raise DataError(f"{prepared.path}: prepared at {prepared.images.shape[1]} px but the model needs "
+                        f"{predictor.image_size} px; pass the source folder instead")
+    same_data = prepared.fingerprint == trained_on.get("fingerprint")
+    split = split or ("val" if same_data else "all")
+    chosen = np.ones(len(prepared.labels), dtype=bool) if split == "all" else (prepared.is_train == (split == "train"))
+    labels = prepared.labels[chosen]
+    if not len(labels):
+        raise DataError(f"{prepared.path}: the {split} split is empty")
+    if labels.max() >= predictor.num_classes:
+        raise DataError(f"{prepared.path}: labels reach {labels.max()} years but the model has "
+                        f"{predictor.num_classes} classes")
+    probs = predictor.predict_arrays(prepared.images[chosen], prepared.sex_code[chosen], batch_size)
+    metrics = readout_metrics(probs, labels, predictor.config.get("readout", "argmax"))
+    return {
+        "model": str(predictor.path),
+        "experiment": predictor.meta.get("experiment"),
+        "trial_id": predictor.meta.get("trial_id"),
+        "data": str(prepared.path),
+        "fingerprint": prepared.fingerprint,
+        "same_data_as_training": same_data,
+        "split": split,
+        "images": int(len(labels)),
+        "readout": predictor.config.get("readout", "argmax"),
+        "metrics": metrics,
+        "classes": list(range(predictor.num_classes)),
+        "confusion_matrix": confusion_matrix(probs.argmax(1), labels, predictor.num_classes).tolist(),
+    }
+
+
+def readout_metrics(probs: np.ndarray, labels: np.ndarray, readout: str) -> dict[str, float]:
+    """The metrics trials.parquet records (as raybone.train.validate computes them), plus months.
+
+    rmse / mae score the trial's readout (the arg-max class or the expected age); *_argmax and *_expected
+    are both readouts.
+    """
+    metrics = classification_metrics(probs, labels)
+    metrics["rmse_argmax"], metrics["mae_argmax"] = metrics["rmse"], metrics["mae"]
+    if readout == "expected":
+        metrics["rmse"], metrics["mae"] = metrics["rmse_expected"], metrics["mae_expected"]
+    for name in ("rmse", "mae", "rmse_argmax", "mae_argmax", "rmse_expected", "mae_expected"):
+        metrics[f"{name}_months"] = 12 * metrics[name]
+    return metrics
+
+
+# ---------------------------------------------------------------- predict, for the command line
+
+
+def predict_inputs(model_dir, inputs: Sequence, device: str = "cpu", batch_size: int = 32,
+                   console: Console | None = None) -> tuple[list[Prediction], int, Predictor]:
+    """Predict every radiograph in `inputs` (files or folders), with a progress bar on `console`.
+
+    Each unusable input is one line 'error: <file>: <reason>' on `console`; the rest still run.
+    Returns (predictions, number of failed inputs, the predictor).
+    """
+    console = console or Console(stderr=True)
+    if batch_size < 1:
+        raise RayboneError(f"--batch-size must be at least 1, got {batch_size}")
+    predictor = Predictor(model_dir, device)
+    files, problems = find_images(inputs)
+    if not files and not problems:
+        raise RayboneError(f"no radiographs ({', '.join(IMAGE_SUFFIXES)} or DICOM) found in "
+                           f"{', '.join(map(str, inputs))}")
+    failures = len(problems)
+
+    def report(problem: str) -> None:
+        nonlocal failures
+        failures += 1
+        console.print(f"error: {problem}", markup=False, highlight=False, soft_wrap=True)
+
+    for problem in problems:
+        console.print(f"error: {problem}", markup=False, highlight=False, soft_wrap=True)
+    bar = Progress(TextColumn("Predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=console, transient=True, disable=not console.is_terminal)
+    with bar:
+        task = bar.add_task("predict", total=len(files))
+        predictions = list(predictor.predict_files(files, batch_size, on_error=report,
+                                                   advance=lambda n: bar.advance(task, n)))
+    return predictions, failures, predictor
+
+
+def predictions_json(predictions: Sequence[Prediction]) -> str:
+    return json.dumps([p.record() for p in predictions], indent=2)
+
+
+def predictions_csv(predictions: Sequence[Prediction], num_classes: int) -> str:
+    """One row per image: file, predicted/second class, expected age, then p_0 .. p_{C-1}."""
+    columns = ["file", "predicted_years", "second_years", "expected_age_years", "expected_age_months"]
+    rows = []
+    for prediction in predictions:
+        record = prediction.record()
+        probs = record.pop("probabilities")
+        rows.append({**record, **{f"p_{j}": p for j, p in enumerate(probs)}})
+    return pd.DataFrame(rows, columns=columns + [f"p_{j}" for j in range(num_classes)]).to_csv(index=False)

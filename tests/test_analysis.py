@@ -1,0 +1,158 @@
+"""`raybone results` on a real search: ranked trials, the Optuna study, hyperparameter importances."""
+
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from raybone.analysis import importances, ranked_trials
+from raybone.cli import app
+from raybone.search import run_search
+from raybone.spec import load_spec
+
+QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
+TINY = ["data.image_size=40", "input_size=32", "batch_size=8", "iterations=4",
+        "eval_every=2", "scheduler.grace_period=2", "num_samples=4"]
+SEARCHED = ("lr", "decay_steps", "l2_weight", "weight_decay")
+NAME = "ana"
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def experiment(local_ray, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    spec = load_spec(QUICK, TINY)
+    outcome = run_search(spec, name=NAME, results_dir=results)
+    return results, outcome.path
+
+
+def _results(results_dir, *args):
+    return runner.invoke(app, ["results", *args, "--results-dir", str(results_dir)])
+
+
+def test_the_optuna_study_holds_every_trial_with_its_final_metric(experiment):
+    _, path = experiment
+    study = optuna.load_study(study_name=NAME, storage=f"sqlite:///{path / 'optuna.db'}")
+    assert len(study.trials) == 4
+    trials = pd.read_parquet(path / "trials.parquet").set_index("trial_index")
+    for t in study.trials:  # early-stopped trials included: Ray tells the study their last metric
+        assert t.state == optuna.trial.TrialState.COMPLETE
+        assert set(SEARCHED) <= set(t.params)
+        assert t.value == pytest.approx(trials.loc[t.number, "val_rmse"])
+        assert t.params["lr"] == pytest.approx(trials.loc[t.number, "lr"])
+
+
+def test_json_lists_every_trial_once_best_first(experiment):
+    results, path = experiment
+    result = _results(results, NAME, "--format", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    ids = [r["trial_id"] for r in rows]
+    assert sorted(ids) == sorted(pd.read_parquet(path / "trials.parquet").trial_id) and len(set(ids)) == 4
+    rmse = [r["val_rmse"] for r in rows]
+    assert rmse == sorted(rmse) and [r["rank"] for r in rows] == [1, 2, 3, 4]
+    assert all(set(SEARCHED) <= set(r) for r in rows)
+
+    top = json.loads(_results(results, NAME, "--format", "json", "--top", "2").stdout)
+    assert [r["trial_id"] for r in top] == ids[:2]
+
+
+def test_csv_parses_and_the_name_defaults_to_the_latest(experiment):
+    results, _ = experiment
+    result = _results(results, "--format", "csv")  # no NAME: the most recent experiment
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(io.StringIO(result.stdout))
+    assert len(table) == 4 and table.val_rmse.is_monotonic_increasing
+    assert {"trial_id", "status", *SEARCHED, "training_iteration", "wall_time_s"} <= set(table.columns)
+    assert table.equals(pd.read_csv(io.StringIO(ranked_trials(experiment[1]).to_csv(index=False))))
+
+
+def test_table_shows_trials_and_importances_of_the_four_hyperparameters(experiment):
+    results, path = experiment
+    result = _results(results, NAME)
+    assert result.exit_code == 0, result.output
+    assert "hyperparameter importances (fanova, 4 finished trials from optuna.db)" in result.output
+    section = result.output[result.output.index("hyperparameter importances"):]
+    shown = {name: float(re.search(rf"\b{name}\b\W+([01]\.\d{{3}})", section).group(1)) for name in SEARCHED}
+    assert sum(shown.values()) == pytest.approx(1, abs=0.01)
+    computed = importances(path)
+    assert computed.source == "optuna.db" and set(computed.values) == set(SEARCHED)
+    assert math.isclose(sum(computed.values.values()), 1) and all(v >= 0 for v in computed.values.values())
+    for trial_id in pd.read_parquet(path / "trials.parquet").trial_id:
+        assert trial_id in result.output
+
+
+def test_importances_from_trials_parquet_when_the_study_is_gone(experiment, tmp_path):
+    import shutil
+
+    results, path = experiment
+    copy = tmp_path / NAME
+    copy.mkdir()
+    for name in ("trials.parquet", "spec.yaml"):
+        shutil.copy(path / name, copy / name)
+    fallback = importances(copy, "ped")
+    assert fallback.source.startswith("trials.parquet") and fallback.trials == 4
+    assert set(fallback.values) == set(SEARCHED) and math.isclose(sum(fallback.values.values()), 1)
+    assert set(importances(copy, "mdi").values) == set(SEARCHED)
+
+
+def test_list_shows_the_experiment(experiment):
+    results, _ = experiment
+    result = _results(results, "--list")
+    assert result.exit_code == 0, result.output
+    assert NAME in result.output and "val_rmse" in result.output
+    (row,) = json.loads(_results(results, "--list", "--format", "json").stdout)
+    best = pd.read_parquet(experiment[1] / "trials.parquet").val_rmse.min()
+    assert row["name"] == NAME and row["trials"] == 4 and row["best"] == pytest.approx(best)
+
+
+def test_unknown_experiment_is_one_line_and_exit_2(experiment):
+    results, _ = experiment
+    result = _results(results, "nope")
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "'nope'" in lines[0] and NAME in lines[0] and "Traceback" not in result.output
+
+
+def _fake_experiment(folder, rows):
+    """An experiment folder with the quick spec and hand-written trials (no Ray)."""
+    import yaml
+
+    folder.mkdir(parents=True)
+    spec = load_spec(QUICK)
+    (folder / "spec.yaml").write_text(yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False))
+    base = {"status": "completed", "lr": 1e-3, "decay_steps": 60, "l2_weight": 0.1, "weight_decay": 0.01,
+            "training_iteration": 120, "wall_time_s": 1.0}
+    frame = pd.DataFrame([{**base, "trial_id": f"t{i}", "trial_index": i, **row} for i, row in enumerate(rows)])
+    frame.to_parquet(folder / "trials.parquet", index=False)
+    return folder
+
+
+def test_importances_explain_why_they_are_missing(tmp_path):
+    one = importances(_fake_experiment(tmp_path / "one", [{"val_rmse": 2.0}, {"val_rmse": None, "status": "error"}]))
+    assert one.values == {} and "at least 2 finished trials" in one.note and "has 1" in one.note
+    same = importances(_fake_experiment(tmp_path / "same", [{"val_rmse": 2.0}, {"val_rmse": 3.0}]))
+    assert same.values == {} and "never varied" in same.note
+    partly = importances(_fake_experiment(tmp_path / "partly", [{"val_rmse": v, "lr": lr} for v, lr in
+                                                                ((2.0, 1e-3), (3.0, 2e-3), (2.5, 5e-4))]), "ped")
+    assert set(partly.values) == {"lr"} and partly.constant == ["decay_steps", "l2_weight", "weight_decay"]
+    result = _results(tmp_path, "partly")
+    assert result.exit_code == 0 and "never varied" in result.output and "trials.parquet (no optuna.db)" in result.output
+
+
+def test_ranking_follows_the_mode_and_puts_failed_trials_last(tmp_path):
+    folder = _fake_experiment(tmp_path / "max", [{"val_rmse": 2.0}, {"val_rmse": None, "status": "error"},
+                                                 {"val_rmse": 3.0}])
+    assert list(ranked_trials(folder).trial_id) == ["t0", "t2", "t1"]
+    spec = (folder / "spec.yaml").read_text().replace("metric: val_rmse", "metric: val_top1").replace("mode: min", "mode: max")
+    (folder / "spec.yaml").write_text(spec)
+    trials = pd.read_parquet(folder / "trials.parquet").assign(val_top1=[0.2, None, 0.5])
+    trials.to_parquet(folder / "trials.parquet", index=False)
+    assert list(ranked_trials(folder).trial_id) == ["t2", "t0", "t1"]

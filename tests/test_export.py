@@ -1,0 +1,241 @@
+"""`raybone best` and its model folder, from a real (tiny) search on a real local Ray cluster."""
+
+import json
+import shutil
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pandas as pd
+import pytest
+import ray
+import torch
+import yaml
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+import raybone.export
+from raybone.augment import test_crops
+from raybone.checkpoint import load_trained_model
+from raybone.cli import app
+from raybone.data import load_prepared
+from raybone.errors import RayboneError
+from raybone.model import create_model
+from raybone.export import export_model, find_best, resolve_location
+from raybone.search import run_search
+from raybone.spec import load_spec
+
+QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
+TINY = ["data.image_size=40", "input_size=32", "batch_size=8", "iterations=4",
+        "eval_every=2", "scheduler.grace_period=2", "num_samples=2"]
+FILES = {"weights.safetensors", "model.ts", "model.onnx", "model.json", "README.md"}
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    # address="local": our own cluster, even while another test's `ray start` cluster runs on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
+    try:
+        results = tmp_path_factory.mktemp("results")
+        outcome = run_search(load_spec(QUICK, TINY), name="tiny", results_dir=results)
+    finally:
+        ray.shutdown()
+    assert outcome.best is not None, outcome.trials[["trial_id", "status", "error"]].to_string()
+    return results, outcome
+
+
+@pytest.fixture(scope="module")
+def exported(experiment, tmp_path_factory):
+    """Export through the command line, over an earlier model folder that holds a stale file."""
+    results, _ = experiment
+    model = tmp_path_factory.mktemp("export") / "model"
+    model.mkdir()
+    (model / "model.json").write_text(json.dumps({"format": "raybone-model"}))
+    (model / "stale.txt").write_text("from an older export")
+    result = runner.invoke(app, ["best", "tiny", "--results-dir", str(results), "--export", str(model)])
+    assert result.exit_code == 0, result.output
+    return model, result.output
+
+
+@pytest.fixture(scope="module")
+def checkpoint_model(experiment):
+    _, outcome = experiment
+    row = outcome.trials.loc[outcome.trials.val_rmse.idxmin()]
+    return row, *load_trained_model(row.checkpoint_path)
+
+
+def _val_images(outcome) -> torch.Tensor:
+    environment = json.loads((outcome.path / "environment.json").read_text())
+    data = load_prepared(environment["data_path"])
+    return torch.from_numpy(data.images[~data.is_train][:5])
+
+
+def test_export_writes_the_whole_folder_and_replaces_the_old_one(exported):
+    model, output = exported
+    assert {p.name for p in model.iterdir()} == FILES  # stale.txt went with the old folder
+    assert not [p.name for p in model.parent.iterdir() if p.name.startswith(".")]  # no staging leftovers
+    assert f"exported: {model}" in output
+    card = (model / "README.md").read_text()
+    assert "not a medical device" in card and "0.46" in card and "0.65" in card and "synthetic phantom" in card
+
+
+def test_best_prints_the_trial_with_its_config_and_metrics(experiment, exported):
+    results, outcome = experiment
+    _, output = exported
+    best = outcome.trials.loc[outcome.trials.val_rmse.idxmin()]
+    assert f"best trial {best.trial_id} by val_rmse (min) in tiny" in output
+    for field in ("googlenet", "input_size", "decay_steps", "val_top1", "val_rmse_expected"):
+        assert field in output
+
+
+def test_model_json_describes_model_preprocessing_and_provenance(experiment, exported, checkpoint_model):
+    results, outcome = experiment
+    model, _ = exported
+    row, _, cfg, num_classes = checkpoint_model
+    meta = json.loads((model / "model.json").read_text())
+    environment = json.loads((outcome.path / "environment.json").read_text())
+    assert meta["format"] == "raybone-model" and meta["model"] == "googlenet"
+    assert meta["classes"] == list(range(20)) and meta["num_classes"] == num_classes == 20
+    assert meta["input_size"] == 32 and meta["image_size"] == 40 and meta["resize_to"] == cfg.image_size
+    assert meta["train_config"] == cfg.model_dump()
+    assert meta["hyperparameters"] == {name: pytest.approx(row[name]) for name in ("lr", "decay_steps", "l2_weight",
+                                                                                   "weight_decay")}
+    for name in ("val_top1", "val_top2", "val_rmse", "val_mae", "val_rmse_expected", "val_mae_expected"):
+        assert meta["metrics"][name] == pytest.approx(row[name], abs=1e-12)
+    assert meta["data"]["fingerprint"] == environment["data_fingerprint"]
+    assert meta["data"]["seed"] == 0 and meta["data"]["val_fraction"] == 0.25
+    assert meta["packages"] == environment["packages"] and meta["export_packages"]["onnxruntime"]
+    assert meta["experiment"] == "tiny" and meta["trial_id"] == row.trial_id
+    assert len(meta["preprocessing"]["crops"]["order"]) == 6
+    assert meta["preprocessing"]["network_input"]["shape"] == ["batch", 1, 32, 32]
+
+
+def test_torchscript_and_onnx_give_the_checkpoint_models_probabilities(experiment, exported, checkpoint_model):
+    _, outcome = experiment
+    model, _ = exported
+    _, network, cfg, _ = checkpoint_model
+    crops = test_crops(_val_images(outcome), cfg.input_size).flatten(0, 1)  # 30 crops: not the traced batch of 6
+    with torch.no_grad():
+        expected = network(crops).softmax(-1).numpy()
+        traced = torch.jit.load(str(model / "model.ts"))(crops).softmax(-1).numpy()
+    session = onnxruntime.InferenceSession(str(model / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"crops": crops.numpy()})
+    onnx = torch.from_numpy(logits).softmax(-1).numpy()
+    assert expected.shape == traced.shape == onnx.shape == (30, 20)
+    np.testing.assert_allclose(traced, expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(onnx, expected, atol=1e-4, rtol=0)
+
+
+def test_weights_are_plain_safetensors_equal_to_the_checkpoint(exported, checkpoint_model):
+    model, _ = exported
+    _, network, _, _ = checkpoint_model
+    path = model / "weights.safetensors"
+    raw = path.read_bytes()
+    assert not zipfile.is_zipfile(path)  # torch.save writes a zip of pickles; this must not be one
+    (header_size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + header_size])
+    assert header["__metadata__"]["format"] == "raybone-model"
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    assert max(v["data_offsets"][1] for v in tensors.values()) == len(raw) - 8 - header_size  # nothing else inside
+    state = network.state_dict()
+    with safe_open(path, framework="pt") as f:
+        assert set(f.keys()) == set(state)
+        for name in state:
+            assert torch.equal(f.get_tensor(name), state[name]), name
+
+
+def test_failed_export_leaves_the_previous_folder_untouched(experiment, exported, tmp_path, monkeypatch):
+    results, _ = experiment
+    model, _ = exported
+    target = tmp_path / "model"
+    shutil.copytree(model, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    monkeypatch.setattr(raybone.export, "TOLERANCE", 0.0)  # no export can agree that closely
+    with pytest.raises(RayboneError, match="TorchScript export disagrees with PyTorch: class probabilities differ"):
+        export_model(find_best(results, "tiny"), target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_export_refuses_to_replace_a_folder_that_is_not_a_model(experiment, tmp_path):
+    results, _ = experiment
+    (tmp_path / "notes.txt").write_text("mine")
+    result = runner.invoke(app, ["best", "--results-dir", str(results), "--export", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "is not a raybone model folder" in result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_best_by_another_metric_and_the_most_recent_experiment(experiment):
+    results, outcome = experiment
+    by_top1 = find_best(results, metric="val_top1")
+    assert by_top1.mode == "max" and by_top1.row.val_top1 == outcome.trials.val_top1.max()
+    worst = find_best(results, "tiny", metric="val_rmse", mode="max")
+    assert worst.row.val_rmse == outcome.trials.val_rmse.max()
+    later = results / "later"
+    later.mkdir()
+    shutil.copy(outcome.path / "spec.yaml", later)
+    pd.read_parquet(outcome.path / "trials.parquet").to_parquet(later / "trials.parquet")
+    try:
+        assert find_best(results).experiment == "later"
+    finally:
+        shutil.rmtree(later)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nope"], "no experiment named 'nope'"),
+    (["tiny", "--metric", "accuracy"], "unknown metric 'accuracy'"),
+    (["tiny", "--mode", "up"], "unknown mode 'up'"),
+])
+def test_best_usage_errors_are_one_line(experiment, args, message):
+    results, _ = experiment
+    result = runner.invoke(app, ["best", *args, "--results-dir", str(results)])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_best_without_experiments_says_so(tmp_path):
+    result = runner.invoke(app, ["best", "--results-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "no experiments in" in result.output
+
+
+def test_locations_resolve_locally_and_follow_a_moved_experiment(tmp_path):
+    experiment = tmp_path / "tiny"
+    (experiment / "train" / "trial-1" / "checkpoint_0").mkdir(parents=True)
+    moved = resolve_location("/elsewhere/results/tiny/train/trial-1/checkpoint_0", experiment)
+    assert moved == experiment / "train" / "trial-1" / "checkpoint_0"
+    assert resolve_location(f"file://{moved}", experiment) == moved
+    with pytest.raises(RayboneError, match="s3:// locations are not supported by export yet"):
+        resolve_location("s3://bucket/results/tiny/train/trial-1", experiment)
+
+
+def test_a_model_with_sex_input_exports_with_a_sex_input(tmp_path):
+    """A checkpoint of a sex-conditioned model, written as a trial writes it (no search needed)."""
+    spec = load_spec(QUICK, ["data.image_size=40", "input_size=32", "sex_input=true"])
+    experiment, checkpoint = tmp_path / "results" / "sexed", tmp_path / "results" / "sexed" / "train" / "t" / "c"
+    checkpoint.mkdir(parents=True)
+    (experiment / "spec.yaml").write_text(yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False))
+    (experiment / "environment.json").write_text(json.dumps({"data_meta": {"image_size": 40}}))
+    searched = {"lr": 1e-3, "decay_steps": 50, "l2_weight": 0.1, "weight_decay": 0.01}
+    cfg = spec.train_config(searched)
+    network = create_model(cfg.model, 20, sex_input=True)
+    with torch.no_grad():
+        network.head.weight[:, -1].normal_()  # trained models use the sex column; a fresh one ignores it
+    torch.save({"model": network.state_dict(), "config": cfg.model_dump(), "num_classes": 20, "iteration": 1},
+               checkpoint / "checkpoint.pt")
+    pd.DataFrame([{"trial_id": "t", "status": "completed", **searched, "val_rmse": 1.0,
+                   "checkpoint_path": str(checkpoint)}]).to_parquet(experiment / "trials.parquet")
+
+    model = export_model(find_best(tmp_path / "results"), tmp_path / "model")  # checks TorchScript and ONNX itself
+    meta = json.loads((model / "model.json").read_text())
+    assert meta["sex_input"] and meta["preprocessing"]["network_sex_input"]["name"] == "sex"
+    session = onnxruntime.InferenceSession(str(model / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["crops", "sex"]
+    crops = test_crops(torch.randint(0, 256, (2, 37, 37), dtype=torch.uint8), 32).flatten(0, 1)
+    male, female = (session.run(["logits"], {"crops": crops.numpy(), "sex": np.full(12, s, np.float32)})[0]
+                    for s in (1.0, -1.0))
+    assert np.abs(male - female).max() > 1e-3
