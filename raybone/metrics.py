@@ -45,3 +45,15 @@ def confusion_matrix(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> 
 
 def _rmse_mae(errors: np.ndarray) -> tuple[float, float]:
     return float(np.sqrt(np.mean(errors**2))), float(np.mean(np.abs(errors)))
+
+
+def readout_metrics(probs: np.ndarray, labels: np.ndarray, readout: str) -> dict[str, float]:
+    """Metrics with rmse / mae scoring the chosen readout (the arg-max class or the expected age);
+    the *_argmax and *_expected values report both side by side, each also in months."""
+    metrics = classification_metrics(probs, labels)
+    metrics["rmse_argmax"], metrics["mae_argmax"] = metrics["rmse"], metrics["mae"]
+    if readout == "expected":
+        metrics["rmse"], metrics["mae"] = metrics["rmse_expected"], metrics["mae_expected"]
+    for name in ("rmse", "mae", "rmse_argmax", "mae_argmax", "rmse_expected", "mae_expected"):
+        metrics[f"{name}_months"] = 12 * metrics[name]
+    return metrics

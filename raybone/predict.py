@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from raybone.data import decode_image, prepare, warp_image
 from raybone.errors import DataError, RayboneError
 from raybone.export import FORMAT_VERSION, MODEL_FORMAT, MODEL_JSON, WEIGHTS
-from raybone.metrics import classification_metrics, confusion_matrix
+from raybone.metrics import confusion_matrix, readout_metrics
 from raybone.model import create_model, sex_feature
 from raybone.engine import predict_probs, resize
 
@@ -245,21 +245,6 @@ def evaluate(model_dir, data: str, split: str | None = None, device: str = "cpu"
         "classes": list(range(predictor.num_classes)),
         "confusion_matrix": confusion_matrix(probs.argmax(1), labels, predictor.num_classes).tolist(),
     }
-
-
-def readout_metrics(probs: np.ndarray, labels: np.ndarray, readout: str) -> dict[str, float]:
-    """The metrics trials.parquet records (as raybone.train.validate computes them), plus months.
-
-    rmse / mae score the trial's readout (the arg-max class or the expected age); *_argmax and *_expected
-    are both readouts.
-    """
-    metrics = classification_metrics(probs, labels)
-    metrics["rmse_argmax"], metrics["mae_argmax"] = metrics["rmse"], metrics["mae"]
-    if readout == "expected":
-        metrics["rmse"], metrics["mae"] = metrics["rmse_expected"], metrics["mae_expected"]
-    for name in ("rmse", "mae", "rmse_argmax", "mae_argmax", "rmse_expected", "mae_expected"):
-        metrics[f"{name}_months"] = 12 * metrics[name]
-    return metrics
 
 
 # ---------------------------------------------------------------- predict, for the command line

@@ -23,7 +23,7 @@ from torch import nn
 from raybone.checkpoint import CHECKPOINT_FILE, read_checkpoint
 from raybone.engine import predict_probs, resize, train_step
 from raybone.loss import balanced_class_weights, create_loss
-from raybone.metrics import classification_metrics
+from raybone.metrics import readout_metrics
 from raybone.model import create_model, parameter_groups, sex_feature
 from raybone.spec import TrainConfig
 
@@ -71,12 +71,7 @@ def validate(model: nn.Module, val: _Split, cfg: TrainConfig, device) -> dict[st
     """Six-crop validation metrics; val_rmse / val_mae score the readout the spec names."""
     probs = predict_probs(model, val.images, cfg.input_size, cfg.eval_batch_size, device, sex=val.sex,
                           amp=cfg.amp, channels_last=cfg.channels_last)
-    metrics = {f"val_{k}": v for k, v in classification_metrics(probs, val.labels.cpu().numpy()).items()}
-    metrics["val_rmse_argmax"], metrics["val_mae_argmax"] = metrics["val_rmse"], metrics["val_mae"]
-    if cfg.readout == "expected":
-        metrics["val_rmse"], metrics["val_mae"] = metrics["val_rmse_expected"], metrics["val_mae_expected"]
-    metrics["val_mae_months"] = 12 * metrics["val_mae"]
-    return metrics
+    return {f"val_{k}": v for k, v in readout_metrics(probs, val.labels.cpu().numpy(), cfg.readout).items()}
 
 
 @dataclass
