@@ -133,11 +133,14 @@ def predict(
     format: Annotated[OutputFormat, typer.Option(help="table | json | csv")] = OutputFormat.table,
     device: Annotated[Device, typer.Option(help="cpu | cuda")] = Device.cpu,
     batch_size: Annotated[int, typer.Option(help="images per batch")] = 32,
+    sex: Annotated[Optional[str], typer.Option(help="the patients' sex, male|female, for models with sex input")] = None,
+    sex_csv: Annotated[Optional[Path], typer.Option(help="sidecar CSV: file, sex (M/F) per image")] = None,
 ):
     """Predict bone-age classes; unusable files are reported on stderr and skipped (exit 1)."""
     from raybone.predict import predict_inputs, predictions_csv, predictions_json
 
-    predictions, failures, predictor = predict_inputs(model_dir, inputs, device.value, batch_size, Console(stderr=True))
+    predictions, failures, predictor = predict_inputs(model_dir, inputs, device.value, batch_size, Console(stderr=True),
+                                                      sex, sex_csv)
     if format is OutputFormat.json:
         typer.echo(predictions_json(predictions))
     elif format is OutputFormat.csv:

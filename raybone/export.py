@@ -334,7 +334,7 @@ def model_card(meta: dict) -> str:
     resize = f"\nthen resize to {size}x{size} px (torch bilinear, antialiased, rounded to uint8)," \
         if size != meta["image_size"] else ""
     sex_in = f"and `{ONNX_SEX}` float32 [B], one per crop, " if meta["sex_input"] else ""
-    sex_limit = ("The patient's sex is an input (+1 male, -1 female, 0 unknown); `raybone predict` passes unknown."
+    sex_limit = ("The patient's sex is an input (+1 male, -1 female, 0 unknown); `raybone predict` takes it with --sex or --sex-csv."
                  if meta["sex_input"] else "Sex is not an input.")
     hyper = "\n".join(f"- `{k}`: {v:.4g}" if isinstance(v, float) else f"- `{k}`: {v}"
                       for k, v in meta["hyperparameters"].items()) or "- (none searched)"

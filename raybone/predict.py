@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from raybone.data import decode_image, prepare, warp_image
+from raybone.data.sources import parse_sex
 from raybone.errors import DataError, RayboneError
 from raybone.export import FORMAT_VERSION, MODEL_FORMAT, MODEL_JSON, WEIGHTS
 from raybone.metrics import confusion_matrix, readout_metrics
@@ -95,8 +96,12 @@ class Predictor:
 
     def predict_files(self, paths: Sequence[Path], batch_size: int = 32,
                       on_error: Callable[[str], None] | None = None,
-                      advance: Callable[[int], None] | None = None) -> Iterator[Prediction]:
-        """Predict file by file in batches; an unusable file goes to on_error('<path>: <reason>') and is skipped."""
+                      advance: Callable[[int], None] | None = None,
+                      sex_codes: dict[Path, int] | None = None) -> Iterator[Prediction]:
+        """Predict file by file in batches; an unusable file goes to on_error('<path>: <reason>') and is skipped.
+
+        sex_codes maps each file to 1 (male), 0 (female) or -1 (unknown), for models trained with sex_input.
+        """
         with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
             for start in range(0, len(paths), batch_size):
                 batch = paths[start : start + batch_size]
@@ -106,7 +111,8 @@ class Predictor:
                     if problem and on_error:
                         on_error(problem)
                 if good:
-                    probs = self.predict_arrays(np.stack([pixels for _, pixels in good]), batch_size=batch_size)
+                    sex = np.array([(sex_codes or {}).get(path, -1) for path, _ in good])
+                    probs = self.predict_arrays(np.stack([pixels for _, pixels in good]), sex, batch_size)
                     yield from (Prediction(str(path), p) for (path, _), p in zip(good, probs))
                 if advance:
                     advance(len(batch))
@@ -250,8 +256,31 @@ def evaluate(model_dir, data: str, split: str | None = None, device: str = "cpu"
 # ---------------------------------------------------------------- predict, for the command line
 
 
+def sex_codes(files: Sequence[Path], sex: str | None, sex_csv: Path | None) -> dict[Path, int] | None:
+    """Each file's sex code from --sex (one value for all) or a sidecar CSV (file, sex); None if neither."""
+    if sex is None and sex_csv is None:
+        return None
+    if sex is not None:
+        code = _SEX_CODES[parse_sex({"sex": sex})]
+        if code < 0:
+            raise RayboneError(f"--sex {sex!r}: expected male or female (M/F)")
+        return dict.fromkeys(files, code)
+    try:
+        table = pd.read_csv(sex_csv, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError) as err:
+        raise RayboneError(f"{sex_csv}: cannot read the sex CSV ({' '.join(str(err).split())})") from None
+    if "file" not in table.columns or not {"sex", "male"} & set(table.columns):
+        raise RayboneError(f"{sex_csv}: needs columns 'file' and 'sex' (M/F) or 'male' (True/False)")
+    by_name = {Path(row["file"]).name: _SEX_CODES[parse_sex(row)] for row in table.to_dict("records")}
+    return {path: by_name.get(path.name, -1) for path in files}
+
+
+_SEX_CODES = {"M": 1, "F": 0, "": -1}
+
+
 def predict_inputs(model_dir, inputs: Sequence, device: str = "cpu", batch_size: int = 32,
-                   console: Console | None = None) -> tuple[list[Prediction], int, Predictor]:
+                   console: Console | None = None, sex: str | None = None,
+                   sex_csv: Path | None = None) -> tuple[list[Prediction], int, Predictor]:
     """Predict every radiograph in `inputs` (files or folders), with a progress bar on `console`.
 
     Each unusable input is one line 'error: <file>: <reason>' on `console`; the rest still run.
@@ -266,6 +295,10 @@ def predict_inputs(model_dir, inputs: Sequence, device: str = "cpu", batch_size:
         raise RayboneError(f"no radiographs ({', '.join(IMAGE_SUFFIXES)} or DICOM) found in "
                            f"{', '.join(map(str, inputs))}")
     failures = len(problems)
+    codes = sex_codes(files, sex, sex_csv)
+    if predictor.sex_input and codes is None:
+        raise RayboneError(f"{model_dir}: this model takes the patient's sex as an input; "
+                           "pass --sex male|female or --sex-csv FILE (columns file, sex)")
 
     def report(problem: str) -> None:
         nonlocal failures
@@ -279,7 +312,7 @@ def predict_inputs(model_dir, inputs: Sequence, device: str = "cpu", batch_size:
     with bar:
         task = bar.add_task("predict", total=len(files))
         predictions = list(predictor.predict_files(files, batch_size, on_error=report,
-                                                   advance=lambda n: bar.advance(task, n)))
+                                                   advance=lambda n: bar.advance(task, n), sex_codes=codes))
     return predictions, failures, predictor
 
 

@@ -13,6 +13,7 @@ import pytest
 import ray
 import torch
 import yaml
+from PIL import Image
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -239,3 +240,13 @@ def test_a_model_with_sex_input_exports_with_a_sex_input(tmp_path):
     male, female = (session.run(["logits"], {"crops": crops.numpy(), "sex": np.full(12, s, np.float32)})[0]
                     for s in (1.0, -1.0))
     assert np.abs(male - female).max() > 1e-3
+
+    radiograph = tmp_path / "hand.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 50), dtype=np.uint8)).save(radiograph)
+    needs_sex = CliRunner().invoke(app, ["predict", str(model), str(radiograph)])
+    assert needs_sex.exit_code == 2 and "takes the patient's sex as an input; pass --sex" in needs_sex.output
+    (tmp_path / "sex.csv").write_text("file,sex\nhand.png,F\n")
+    runs = {how: CliRunner().invoke(app, ["predict", str(model), str(radiograph), "--format", "json", *how])
+            for how in (("--sex", "male"), ("--sex", "female"), ("--sex-csv", str(tmp_path / "sex.csv")))}
+    probs = {how[-1]: json.loads(run.stdout)[0]["probabilities"] for how, run in runs.items()}
+    assert probs["male"] != probs["female"] and probs[str(tmp_path / "sex.csv")] == probs["female"]

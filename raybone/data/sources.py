@@ -176,7 +176,7 @@ def _collect(frame: pd.DataFrame, labels_csv: Path, locate: Callable, age_of: Ca
         except _Skip as problem:
             skipped.append((f"{labels_csv.name} line {line}", f"id {image_id or '?'}: {problem}"))
             continue
-        rows.append((image_id, str(path), age_months, _sex(record)))
+        rows.append((image_id, str(path), age_months, parse_sex(record)))
     return pd.DataFrame(rows, columns=TABLE_COLUMNS).astype({"age_months": float}), skipped
 
 
@@ -223,7 +223,7 @@ def _manifest_age_reader(frame: pd.DataFrame, labels_csv: Path) -> Callable[[dic
     raise DataError(f"{labels_csv}: missing column(s) 'age_months' (or 'age_years', or 'reading1'+'reading2')")
 
 
-def _sex(record: dict) -> str:
+def parse_sex(record: dict) -> str:
     """'M', 'F' or '' when the CSV does not say."""
     sex = record.get("sex", "").lower()
     if sex in ("m", "male", "boy"):
