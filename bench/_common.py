@@ -53,6 +53,15 @@ def set_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
+def patient_ray_train(seconds: int = 600) -> None:
+    """Call before ray.init: let a Train worker group take up to `seconds` to start (Ray's default is 60).
+
+    On a starved machine a new worker process can need over a minute just to import torch; Ray Train then
+    kills it and retries forever, and a search never finishes. Waiting longer changes no measured work.
+    """
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(seconds))
+
+
 def machine() -> dict[str, Any]:
     """Where a result came from: enough to tell a 2-core VM from a workstation or a GPU node."""
     info: dict[str, Any] = {

@@ -177,6 +177,7 @@ def main() -> None:
     data = prepare("demo", image_size=image_size, progress=False)
     arrays = search_arrays(data)
 
+    common.patient_ray_train()
     ray.init(address="local", num_cpus=threads, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
              configure_logging=False)
     plain, raybone_runs, failures = [], [], []

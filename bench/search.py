@@ -88,10 +88,13 @@ def _reports(trials: pd.DataFrame) -> pd.DataFrame:
     for trial in trials.itertuples():
         lines = [json.loads(line) for line in (Path(trial.trial_path) / "result.json").read_text().splitlines()
                  if line.strip()]
+        if not lines:  # a trial that failed before its first report
+            continue
         start = min(r["timestamp"] - r["time_total_s"] for r in lines)
         rows += [{"trial_id": trial.trial_id, "iteration": r["iteration"], "val_rmse": r["val_rmse"],
                   "time": start + r["time_total_s"]} for r in lines]
-    return pd.DataFrame(rows).sort_values(["time", "iteration"], ignore_index=True)
+    return pd.DataFrame(rows, columns=["trial_id", "iteration", "val_rmse", "time"]).sort_values(
+        ["time", "iteration"], ignore_index=True)
 
 
 def compute_to_reach(reports: pd.DataFrame, target: float) -> dict | None:
@@ -116,6 +119,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="raybone-bench-search-") as tmp:
         os.environ["RAYBONE_CACHE"] = str(Path(tmp) / "cache")  # the prepared data: never beside the source
+        common.patient_ray_train()
         ray.init(address="local", num_cpus=threads, include_dashboard=True, dashboard_host="127.0.0.1",
                  log_to_driver=False, configure_logging=False)
         try:

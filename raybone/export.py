@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import uuid
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -32,6 +29,7 @@ from torch import nn
 from raybone.augment import test_crops
 from raybone.checkpoint import load_trained_model
 from raybone.errors import RayboneError
+from raybone.files import atomic_folder
 from raybone.results import METRIC_COLUMNS, experiment_dir, list_experiments, load_trials
 from raybone.search import best_row
 from raybone.spec import METRICS, Spec, TrainConfig, load_spec
@@ -139,10 +137,7 @@ def export_model(best: BestTrial, out) -> Path:
     _check_target(target)
     model, cfg, num_classes = load_trained_model(best.checkpoint_dir())
     image_size = _image_size(best)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
+    with atomic_folder(target) as staging:
         _save_weights(model, staging / WEIGHTS, cfg, num_classes)
         inputs = _sample_inputs(cfg)
         _save_torchscript(model, inputs, staging / TORCHSCRIPT)
@@ -150,9 +145,6 @@ def export_model(best: BestTrial, out) -> Path:
         meta = model_meta(best, cfg, num_classes, image_size)
         (staging / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
         (staging / CARD).write_text(model_card(meta))
-        _publish(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -421,15 +413,3 @@ def _check_target(target: Path) -> None:
         raise RayboneError(f"{target}: exists and is not a raybone model folder; choose another --export")
 
 
-def _publish(staging: Path, target: Path) -> None:
-    """Move the finished folder into place; an older one is moved aside first and deleted after."""
-    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    if target.exists():
-        os.replace(target, retired)
-    try:
-        os.replace(staging, target)
-    except OSError:
-        if retired.exists():
-            os.replace(retired, target)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)

@@ -5,6 +5,10 @@ import ray
 
 # Real RSNA radiographs live beside the checkout, never inside it (see ../shared/data/README.md).
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
+# A real search in seconds: 40 px images, 32 px crops, 4 iterations of 8, two trials.
+TINY = ["data.image_size=40", "input_size=32", "batch_size=8", "iterations=4",
+        "eval_every=2", "scheduler.grace_period=2", "num_samples=2"]
 
 
 @pytest.fixture
@@ -20,3 +24,24 @@ def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment(tmp_path_factory):
+    """(results folder, SearchOutcome) of one TINY search, shared by the modules that only read it."""
+    from raybone.search import run_search
+    from raybone.spec import load_spec
+
+    own_ray = not ray.is_initialized()  # a module's local_ray may already be up
+    if own_ray:
+        # address="local": our own cluster, even while a `ray start` cluster runs on this machine.
+        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                 configure_logging=False)
+    try:
+        results = tmp_path_factory.mktemp("results")
+        outcome = run_search(load_spec(QUICK, TINY), name="tiny", results_dir=results)
+    finally:
+        if own_ray:
+            ray.shutdown()
+    assert outcome.best is not None, outcome.trials[["trial_id", "status", "error"]].to_string()
+    return results, outcome

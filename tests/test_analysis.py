@@ -4,7 +4,6 @@ import io
 import json
 import math
 import re
-from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -16,9 +15,8 @@ from raybone.cli import app
 from raybone.search import run_search
 from raybone.spec import load_spec
 
-QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
-TINY = ["data.image_size=40", "input_size=32", "batch_size=8", "iterations=4",
-        "eval_every=2", "scheduler.grace_period=2", "num_samples=4"]
+from conftest import QUICK, TINY
+
 SEARCHED = ("lr", "decay_steps", "l2_weight", "weight_decay")
 NAME = "ana"
 

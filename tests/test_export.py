@@ -4,13 +4,11 @@ import json
 import shutil
 import struct
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import onnxruntime
 import pandas as pd
 import pytest
-import ray
 import torch
 import yaml
 from PIL import Image
@@ -25,27 +23,17 @@ from raybone.data import load_prepared
 from raybone.errors import RayboneError
 from raybone.model import create_model
 from raybone.export import export_model, find_best, resolve_location
-from raybone.search import run_search
 from raybone.spec import load_spec
 
-QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
-TINY = ["data.image_size=40", "input_size=32", "batch_size=8", "iterations=4",
-        "eval_every=2", "scheduler.grace_period=2", "num_samples=2"]
+from conftest import QUICK
+
 FILES = {"weights.safetensors", "model.ts", "model.onnx", "model.json", "README.md"}
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory):
-    # address="local": our own cluster, even while another test's `ray start` cluster runs on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
-    try:
-        results = tmp_path_factory.mktemp("results")
-        outcome = run_search(load_spec(QUICK, TINY), name="tiny", results_dir=results)
-    finally:
-        ray.shutdown()
-    assert outcome.best is not None, outcome.trials[["trial_id", "status", "error"]].to_string()
-    return results, outcome
+def experiment(tiny_experiment):
+    return tiny_experiment
 
 
 @pytest.fixture(scope="module")

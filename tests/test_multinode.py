@@ -37,7 +37,9 @@ def cluster():
                                                             "dashboard_host": "127.0.0.1", "dashboard_port": _free_port()})
     second = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, configure_logging=False)
+    # Train's placement-group cleaner asks the state API for "the" cluster: with other Ray instances on this
+    # machine (parallel test runs) it must be told which one, or the trials' placement groups leak.
+    ray.init(address=cluster.address, configure_logging=False, runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
     yield cluster, cluster.head_node.node_id, second
     ray.shutdown()
     cluster.shutdown()

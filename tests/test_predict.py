@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import ray
 import torch
 from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
@@ -20,26 +19,13 @@ from raybone.cli import app
 from raybone.data import render_hand, warp_image
 from raybone.export import export_model, find_best
 from raybone.predict import Predictor, evaluate, find_images
-from raybone.search import run_search
-from raybone.spec import load_spec
 
-QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
-TINY = ["data.image_size=40", "input_size=32", "batch_size=8", "iterations=4",
-        "eval_every=2", "scheduler.grace_period=2", "num_samples=2"]
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory):
-    # address="local": our own cluster, even while another test's `ray start` cluster runs on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
-    try:
-        results = tmp_path_factory.mktemp("results")
-        outcome = run_search(load_spec(QUICK, TINY), name="tiny", results_dir=results)
-    finally:
-        ray.shutdown()
-    assert outcome.best is not None, outcome.trials[["trial_id", "status", "error"]].to_string()
-    return results, outcome
+def experiment(tiny_experiment):
+    return tiny_experiment
 
 
 @pytest.fixture(scope="module")

@@ -5,20 +5,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from raybone.errors import SpecError
 from raybone.search import concurrent_trials, run_search, trial_seed
 from raybone.spec import load_spec
-from raybone.errors import SpecError
 
-QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
-TINY = ["data.image_size=40", "input_size=32", "batch_size=8", "iterations=4",
-        "eval_every=2", "scheduler.grace_period=2", "num_samples=2"]
+from conftest import QUICK, TINY
 
 
 @pytest.fixture(scope="module")
-def tiny_search(local_ray, tmp_path_factory):
-    results = tmp_path_factory.mktemp("results")
-    spec = load_spec(QUICK, TINY)
-    return spec, run_search(spec, name="tiny", results_dir=results)
+def tiny_search(tiny_experiment):
+    return load_spec(QUICK, TINY), tiny_experiment[1]
 
 
 def test_search_writes_one_row_per_trial(tiny_search):

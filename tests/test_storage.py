@@ -94,3 +94,13 @@ def test_a_local_folder_is_refused_where_other_nodes_train(tmp_path):
         check_storage_reaches_nodes(local, shared=False, nodes=1, trial_fits_now=True)  # one machine
     check_storage_reaches_nodes("s3://bucket/prefix", shared=False, nodes=3, trial_fits_now=False)
     check_storage_reaches_nodes("gs://bucket/prefix", shared=False, nodes=3, trial_fits_now=False)
+
+
+def test_the_cli_resumes_from_a_uri_storage_or_says_what_is_missing(tmp_path):
+    from typer.testing import CliRunner
+
+    from raybone.cli import app
+
+    result = CliRunner().invoke(app, ["search", "--resume", "gone", "--storage", f"file://{tmp_path}/store"])
+    assert result.exit_code == 2
+    assert f"cannot resume 'gone': no raybone experiment at file://{tmp_path}/store/gone" in result.output

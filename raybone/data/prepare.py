@@ -14,8 +14,6 @@ import io
 import json
 import os
 import re
-import shutil
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,6 +29,7 @@ from raybone.data.decode import decode_bytes, warp_image
 from raybone.data.phantom import write_phantom_atlas
 from raybone.data.sources import SourceScan, scan_source
 from raybone.errors import DataError
+from raybone.files import atomic_folder
 
 DATA_VERSION = 1  # bump when decoding, warping or splitting changes what an artifact contains
 DEMO_ATLAS_SIZE = 600
@@ -191,12 +190,8 @@ def _demo_atlas(seed: int, image_size: int) -> Path:
     if (atlas / "boneage.csv").is_file():
         return atlas
     _console.print(f"Drawing {DEMO_ATLAS_SIZE} phantom radiographs into {atlas}")
-    staging = _staging_folder(atlas)
-    try:
+    with atomic_folder(atlas, keep_existing=lambda: True) as staging:
         write_phantom_atlas(staging, n=DEMO_ATLAS_SIZE, image_size=image_size, seed=seed)
-        _publish(staging, atlas, keep_existing=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return atlas
 
 
@@ -306,40 +301,15 @@ def _meta(scan: SourceScan, manifest: pd.DataFrame, n_skipped: int, settings: di
 
 
 def _write_artifact(out: Path, images: np.ndarray, manifest: pd.DataFrame, skipped: list, meta: dict) -> PreparedData:
-    staging = _staging_folder(out)
-    try:
+    # Another process may have finished the same artifact meanwhile; theirs is as good as ours.
+    with atomic_folder(out, keep_existing=lambda: _same_fingerprint(out, meta["fingerprint"]) and _intact(out)) \
+            as staging:
         np.save(staging / "images.npy", images, allow_pickle=False)
         meta = {**meta, "images_sha256": _file_digest(staging / "images.npy")}
         manifest.to_parquet(staging / "manifest.parquet", index=False)
         pd.DataFrame(skipped, columns=["file", "reason"]).to_csv(staging / "skipped.csv", index=False)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        # Another process may have finished the same artifact meanwhile; theirs is as good as ours.
-        _publish(staging, out, keep_existing=_same_fingerprint(out, meta["fingerprint"]) and _intact(out))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return PreparedData(out, images, manifest, meta)
-
-
-def _staging_folder(target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    return staging
-
-
-def _publish(staging: Path, target: Path, keep_existing: bool) -> None:
-    """Move a finished folder into place; an older target is swapped out first, then deleted."""
-    if target.exists() and keep_existing:
-        return
-    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    if target.exists():
-        os.replace(target, retired)
-    try:
-        os.replace(staging, target)
-    except OSError:
-        if not target.exists():  # lost a race only if nobody else published either
-            raise
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _same_fingerprint(out: Path, fingerprint: str) -> bool:
