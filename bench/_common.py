@@ -53,13 +53,48 @@ def set_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
-def patient_ray_train(seconds: int = 600) -> None:
-    """Call before ray.init: let a Train worker group take up to `seconds` to start (Ray's default is 60).
+@contextmanager
+def private_ray(num_cpus: int) -> Iterator[str]:
+    """A fresh local Ray cluster of `num_cpus` CPUs that this benchmark alone uses; yields its GCS address.
 
-    On a starved machine a new worker process can need over a minute just to import torch; Ray Train then
-    kills it and retries forever, and a search never finishes. Waiting longer changes no measured work.
+    Two settings make Ray Train (as raybone runs it) work on a machine where other Ray clusters run too:
+    - RAY_ADDRESS, inherited by every Ray process of this cluster, names this cluster. Ray Train V2's
+      placement-group cleaner looks its controller up through the state API with no address; with several
+      clusters on the machine that lookup fails (the cleaner thread dies, and the placement groups of trials
+      that ASHA stops are never freed: the search hangs) or asks another cluster (which does not know the
+      controller, so the cleaner removes a live run's placement group: the run fails).
+    - RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S = 600 (Ray's default: 60): on a starved machine a new worker can
+      need over a minute to import torch, and Ray Train then kills and restarts it without end.
+    Neither changes any work that is measured.
     """
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(seconds))
+    import socket
+
+    import ray
+
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    settings = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": address,
+                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=False, configure_logging=False)
+        try:
+            gcs = ray.get_runtime_context().gcs_address
+            if gcs != address:
+                raise RuntimeError(f"Ray started at {gcs}, not at {address}: RAY_GCS_SERVER_PORT was not honoured")
+            yield address
+        finally:
+            ray.shutdown()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def machine() -> dict[str, Any]:
@@ -87,7 +122,7 @@ def write_result(name: str, args: argparse.Namespace, results: dict[str, Any], s
     payload = {
         "benchmark": name,
         "summary": summary,
-        "command": f"python bench/{name}.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python", f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "quick": bool(getattr(args, "quick", False)),
         "wall_s": round(time.perf_counter() - started, 1),

@@ -8,7 +8,8 @@ same uint8 images, batched by a DataLoader (batch 32, num_workers 0 and 1), then
 Images are the phantom demo atlas at 256 px (224 px crops, the paper's sizes) and 72 px (64 px crops).
 Methods alternate within each round; the figure per method is its median over rounds.
 
-    python bench/augment.py [--quick] [--device cuda] [--workers 0,1]   # JSON to bench/results/augment.json
+    python bench/augment.py [--quick] [--device cuda] [--workers 0,1]
+        # JSON to bench/results/augment.json (augment-cuda.json with --device cuda)
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def main() -> None:
     for image_size, input_size in SIZES:
         images = torch.from_numpy(prepare("demo", image_size=image_size, progress=False).images.copy())
         on_device = images.to(device)
-        steps = max(4, budget // BATCH * (224 // input_size) ** 2 // 4)  # small crops are cheap: more batches
+        steps = max(4, budget // BATCH * max(1, (224 // input_size) ** 2 // 4))  # small crops: more batches
         methods = {"kornia": lambda: kornia_batches(on_device, input_size),
                    **{f"torchvision_w{w}": (lambda w=w: torchvision_batches(images, input_size, w, device))
                       for w in workers}}
@@ -128,7 +129,7 @@ def main() -> None:
             f"torchvision w{w} {medians[f'torchvision_w{w}']:.0f} ({common.fmt_ratio(speedups[f'kornia_over_torchvision_w{w}'])})"
             for w in workers))
     summary = f"augment on {device.type}: " + "; ".join(parts) + " (kornia speed-up in brackets)"
-    common.finish(NAME, args, results, summary, started)
+    common.finish(NAME if device.type == "cpu" else f"{NAME}-{device.type}", args, results, summary, started)
 
 
 if __name__ == "__main__":

@@ -96,8 +96,7 @@ def ray_run(cfg: TrainConfig, data_ref, threads: int, storage: Path, index: int)
 def ray_run_retried(cfg: TrainConfig, data_ref, threads: int, storage: Path, index: int, failures: list,
                     attempts: int = 3) -> dict:
     """A run that fails is run again from scratch (and the failure recorded), never resumed: a resumed run
-    would mix two worker starts into one measurement. On a starved machine Ray Train V2's placement-group
-    cleaner can take a slow state-API answer for a dead controller and remove a live run's placement group."""
+    would mix two worker starts into one measurement."""
     for attempt in range(attempts):
         try:
             return ray_run(cfg, data_ref, threads, storage, index * 10 + attempt)
@@ -177,20 +176,14 @@ def main() -> None:
     data = prepare("demo", image_size=image_size, progress=False)
     arrays = search_arrays(data)
 
-    common.patient_ray_train()
-    ray.init(address="local", num_cpus=threads, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
     plain, raybone_runs, failures = [], [], []
-    try:
+    with common.private_ray(threads), tempfile.TemporaryDirectory(prefix="raybone-overhead-") as storage:
         data_ref = ray.put(arrays)
-        with tempfile.TemporaryDirectory(prefix="raybone-overhead-") as storage:
-            for index, side in enumerate(order):
-                if side == "P":
-                    plain.append(plain_run(cfg, arrays, threads))
-                else:
-                    raybone_runs.append(ray_run_retried(cfg, data_ref, threads, Path(storage), index, failures))
-    finally:
-        ray.shutdown()
+        for index, side in enumerate(order):
+            if side == "P":
+                plain.append(plain_run(cfg, arrays, threads))
+            else:
+                raybone_runs.append(ray_run_retried(cfg, data_ref, threads, Path(storage), index, failures))
 
     plain_ips = common.median(r["steady_images_per_s"] for r in plain)
     ray_ips = common.median(r["steady_images_per_s"] for r in raybone_runs)

@@ -28,7 +28,6 @@ from pathlib import Path
 import _common as common
 import optuna
 import pandas as pd
-import ray
 from rich.console import Console
 
 import raybone.search
@@ -86,8 +85,9 @@ def _reports(trials: pd.DataFrame) -> pd.DataFrame:
     """Every validation report of every trial with its wall-clock time, from Tune's result.json files."""
     rows = []
     for trial in trials.itertuples():
-        lines = [json.loads(line) for line in (Path(trial.trial_path) / "result.json").read_text().splitlines()
-                 if line.strip()]
+        result_json = Path(trial.trial_path) / "result.json"
+        lines = [json.loads(line) for line in result_json.read_text().splitlines()
+                 if line.strip()] if result_json.is_file() else []
         if not lines:  # a trial that failed before its first report
             continue
         start = min(r["timestamp"] - r["time_total_s"] for r in lines)
@@ -119,15 +119,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="raybone-bench-search-") as tmp:
         os.environ["RAYBONE_CACHE"] = str(Path(tmp) / "cache")  # the prepared data: never beside the source
-        common.patient_ray_train()
-        ray.init(address="local", num_cpus=threads, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=False, configure_logging=False)
-        try:
+        with common.private_ray(threads):  # run_search uses the running cluster
             asha = search(spec_for(source, "asha", trials, iterations), "asha-tpe", Path(tmp) / "results")
             with random_sampler():
                 rand = search(spec_for(source, "none", trials, iterations), "random", Path(tmp) / "results")
-        finally:
-            ray.shutdown()
 
     target = TOLERANCE * rand["best_val_rmse"]
     reached = compute_to_reach(asha["reports"], target)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -31,6 +32,7 @@ from raybone.spec import Choice, Range, Spec
 from raybone.train import train_loop_per_worker
 
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # the trial function only waits on its Train run
+DASHBOARD_PORT = 8265
 NODE_START_TIMEOUT_S = 30 * 60  # how long a trial waits for the autoscaler's node (image pull, setup) per try
 # Filesystems every node of a cluster can mount: a results folder on one of them is shared.
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "glusterfs", "fuse.glusterfs",
@@ -289,11 +291,30 @@ def _check_input_size(spec: Spec, data: PreparedData) -> None:
 def _start_ray(address: str | None, console: Console) -> None:
     if ray.is_initialized():
         return
-    # Without --address, a fresh in-process cluster ("local"), even if `ray start` left one running here.
-    context = ray.init(address="local", dashboard_host="127.0.0.1", include_dashboard=True,
-                       log_to_driver=False, configure_logging=False) if address is None else ray.init(address=address)
+    if address is None:
+        # Without --address, a fresh in-process cluster ("local"), even if `ray start` left one running here.
+        # Its workers are told their dashboard: with two Ray instances on one machine, Train's placement-group
+        # cleaner cannot tell which is theirs, and finished trials would keep their CPUs (later trials hang).
+        port = _free_port(DASHBOARD_PORT)
+        context = ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, include_dashboard=True,
+                           runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+                           log_to_driver=False, configure_logging=False)
+    else:
+        context = ray.init(address=address)
     if context.dashboard_url:
         console.print(f"Ray dashboard: http://{context.dashboard_url}")
+
+
+def _free_port(preferred: int) -> int:
+    """`preferred` if nothing listens on it, else a free port."""
+    for port in (preferred, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise RayboneError("no free port for the Ray dashboard")
 
 
 def _save_provenance(spec: Spec, data: PreparedData, path: Path | str, study: Path) -> None:
