@@ -30,7 +30,7 @@ from raybone.data.prepare import stratified_split
 from raybone.engine import predict_probs, resize
 from raybone.metrics import classification_metrics
 from raybone.model import sex_feature
-from raybone.search import best_row, run_search
+from raybone.search import best_row, run_search, start_local_ray
 from raybone.spec import load_spec
 
 COMMON = {"model": "googlenet", "weights": "none", "finetune": "full", "input_size": 88, "crop_fraction": 0.88,
@@ -102,8 +102,7 @@ def main() -> None:
     # A small validation split keeps six-crop validation cheap; the test set is what is scored.
     prepare(source, labels=searched_csv, out=work / "prepared", image_size=100, val_fraction=0.1, progress=False)
     test = prepare(source, labels=test_csv, out=work / "test", image_size=100, progress=False)
-    ray.init(address="local", num_cpus=None if args.device == "cuda" else 2, include_dashboard=True, dashboard_host="127.0.0.1",
-             configure_logging=False, log_to_driver=False)
+    start_local_ray(num_cpus=None if args.device == "cuda" else 2)
 
     max_t = max(100, 3 * args.budget // args.trials)  # ASHA stops most trials early: the spend lands near budget
     search = run_search(load_spec(spec_file(work, "search", {**COMMON, **SEARCHED, "readout": "expected"}, args,

@@ -291,18 +291,21 @@ def _check_input_size(spec: Spec, data: PreparedData) -> None:
 def _start_ray(address: str | None, console: Console) -> None:
     if ray.is_initialized():
         return
-    if address is None:
-        # Without --address, a fresh in-process cluster ("local"), even if `ray start` left one running here.
-        # Its workers are told their dashboard: with two Ray instances on one machine, Train's placement-group
-        # cleaner cannot tell which is theirs, and finished trials would keep their CPUs (later trials hang).
-        port = _free_port(DASHBOARD_PORT)
-        context = ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, include_dashboard=True,
-                           runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
-                           log_to_driver=False, configure_logging=False)
-    else:
-        context = ray.init(address=address)
+    context = start_local_ray() if address is None else ray.init(address=address)
     if context.dashboard_url:
         console.print(f"Ray dashboard: http://{context.dashboard_url}")
+
+
+def start_local_ray(num_cpus: int | None = None):
+    """A fresh in-process cluster ("local"), even if `ray start` left one running on this machine.
+
+    Its workers are told their dashboard: with two Ray instances on one machine, Train's placement-group
+    cleaner cannot tell which is theirs, and finished trials would keep their CPUs (later trials hang).
+    """
+    port = _free_port(DASHBOARD_PORT)
+    return ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", dashboard_port=port,
+                    include_dashboard=True, log_to_driver=False, configure_logging=False,
+                    runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
 
 
 def _free_port(preferred: int) -> int:

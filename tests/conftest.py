@@ -21,7 +21,9 @@ def shared_data():
 @pytest.fixture(scope="module")
 def local_ray():
     """A real local Ray cluster with the dashboard (Train-in-Tune needs it to release placement groups)."""
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
+    from raybone.search import start_local_ray
+
+    start_local_ray(num_cpus=2)
     yield
     ray.shutdown()
 
@@ -29,14 +31,12 @@ def local_ray():
 @pytest.fixture(scope="session")
 def tiny_experiment(tmp_path_factory):
     """(results folder, SearchOutcome) of one TINY search, shared by the modules that only read it."""
-    from raybone.search import run_search
+    from raybone.search import run_search, start_local_ray
     from raybone.spec import load_spec
 
     own_ray = not ray.is_initialized()  # a module's local_ray may already be up
     if own_ray:
-        # address="local": our own cluster, even while a `ray start` cluster runs on this machine.
-        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-                 configure_logging=False)
+        start_local_ray(num_cpus=2)
     try:
         results = tmp_path_factory.mktemp("results")
         outcome = run_search(load_spec(QUICK, TINY), name="tiny", results_dir=results)

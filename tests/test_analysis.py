@@ -26,7 +26,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def experiment(local_ray, tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
-    spec = load_spec(QUICK, TINY)
+    spec = load_spec(QUICK, TINY + ["num_samples=4"])
     outcome = run_search(spec, name=NAME, results_dir=results)
     return results, outcome.path
 
