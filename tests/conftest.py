@@ -23,8 +23,7 @@ def local_ray():
     """A real local Ray cluster with the dashboard (Train-in-Tune needs it to release placement groups)."""
     from raybone.search import start_local_ray
 
-    start_local_ray(num_cpus=2)
-    yield
+    yield start_local_ray(num_cpus=2)
     ray.shutdown()
 
 

@@ -31,8 +31,10 @@ def _checkpointed_iteration(experiment: Path) -> int:
     return best
 
 
-def _train_worker_pids() -> list[int]:
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+def _train_worker_pids(dashboard_url: str) -> list[int]:
+    # Ask this test's own cluster: another Ray instance on the machine must not make the query ambiguous.
+    actors = list_actors(address=f"http://{dashboard_url}",
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     return [actor.pid for actor in actors]
 
 
@@ -45,7 +47,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(local_ray, tmp_path):
     while _checkpointed_iteration(tmp_path / "kill") < 40:  # well past the first reported checkpoint
         assert search.is_alive() and time.time() < deadline, "no checkpoint before the deadline"
         time.sleep(0.2)
-    (pid,) = _train_worker_pids()
+    (pid,) = _train_worker_pids(local_ray.dashboard_url)
     os.kill(pid, signal.SIGKILL)
     search.join(timeout=600)
 
