@@ -56,47 +56,31 @@ def set_threads(threads: int) -> int:
 
 
 @contextmanager
-def private_ray(num_cpus: int) -> Iterator[str]:
-    """A fresh local Ray cluster of `num_cpus` CPUs that this benchmark alone uses; yields its GCS address.
+def local_ray(num_cpus: int) -> Iterator[None]:
+    """A fresh local Ray cluster of `num_cpus` CPUs, started as `raybone search` starts one.
 
-    Two settings make Ray Train (as raybone runs it) work on a machine where other Ray clusters run too:
-    - RAY_ADDRESS, inherited by every Ray process of this cluster, names this cluster. Ray Train V2's
-      placement-group cleaner looks its controller up through the state API with no address; with several
-      clusters on the machine that lookup fails (the cleaner thread dies, and the placement groups of trials
-      that ASHA stops are never freed: the search hangs) or asks another cluster (which does not know the
-      controller, so the cleaner removes a live run's placement group: the run fails).
-    - RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S = 600 (Ray's default: 60): on a starved machine a new worker can
-      need over a minute to import torch, and Ray Train then kills and restarts it without end.
-    Neither changes any work that is measured.
+    `raybone.search.start_local_ray` tells the cluster's workers their own dashboard, so Ray Train's
+    placement-group cleaner finds its controller even where other Ray clusters run on the machine. On top,
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S = 600 (Ray's default: 60): on a starved machine a new worker can need
+    over a minute to import torch, and Ray Train then kills and restarts it without end. Neither changes any
+    work that is measured.
     """
-    import socket
-
     import ray
 
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        port = probe.getsockname()[1]
-    address = f"{ray.util.get_node_ip_address()}:{port}"
-    settings = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": address,
-                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
+    from raybone.search import start_local_ray
+
+    key = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+    saved = os.environ.get(key)
+    os.environ.setdefault(key, "600")
     try:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=False, configure_logging=False)
+        start_local_ray(num_cpus)
         try:
-            gcs = ray.get_runtime_context().gcs_address
-            if gcs != address:
-                raise RuntimeError(f"Ray started at {gcs}, not at {address}: RAY_GCS_SERVER_PORT was not honoured")
-            yield address
+            yield
         finally:
             ray.shutdown()
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        if saved is None:
+            os.environ.pop(key, None)
 
 
 def machine() -> dict[str, Any]:

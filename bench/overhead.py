@@ -181,7 +181,7 @@ def main() -> None:
     arrays = search_arrays(data)
 
     plain, raybone_runs, failures = [], [], []
-    with common.private_ray(threads), tempfile.TemporaryDirectory(prefix="raybone-overhead-") as storage:
+    with common.local_ray(threads), tempfile.TemporaryDirectory(prefix="raybone-overhead-") as storage:
         data_ref = ray.put(arrays)
         for index, side in enumerate(order):
             if side == "P":

@@ -119,7 +119,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="raybone-bench-search-") as tmp:
         os.environ["RAYBONE_CACHE"] = str(Path(tmp) / "cache")  # the prepared data: never beside the source
-        with common.private_ray(threads):  # run_search uses the running cluster
+        with common.local_ray(threads):  # run_search uses the running cluster
             asha = search(spec_for(source, "asha", trials, iterations), "asha-tpe", Path(tmp) / "results")
             with random_sampler():
                 rand = search(spec_for(source, "none", trials, iterations), "random", Path(tmp) / "results")
