@@ -172,6 +172,23 @@ def evaluate(
         console.print(f"written: {json_file}")
 
 
+@app.command()
+@_user_errors
+def report(
+    name: Annotated[Optional[str], typer.Argument(help="experiment (default: the most recent)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="report folder (default: results/<name>/report)")] = None,
+    samples: Annotated[int, typer.Option(min=1, max=32, help="images in each gallery")] = 8,
+    device: Annotated[Device, typer.Option(help="cpu | cuda")] = Device.cpu,
+    results_dir: Annotated[Path, typer.Option(help="where experiments are written")] = RESULTS,
+):
+    """Write an HTML report with figures: confusion matrix, learning curves, hyperparameters, errors, Grad-CAM."""
+    from raybone.report import PAGE, write_report
+
+    with console.status("re-running the best trial on its validation split and drawing the figures"):
+        folder = write_report(results_dir, name, out, samples=samples, device=device.value)
+    console.print(f"report: {folder / PAGE}")
+
+
 def _print_best(best, metric: str) -> None:
     if best is None:
         console.print("[yellow]no trial reported a result[/]")

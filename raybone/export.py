@@ -12,6 +12,7 @@ of one. `raybone.predict` reads it back from weights.safetensors and model.json 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import warnings
@@ -19,7 +20,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,8 @@ from raybone.augment import test_crops
 from raybone.checkpoint import load_trained_model
 from raybone.errors import RayboneError
 from raybone.files import atomic_folder
-from raybone.results import METRIC_COLUMNS, experiment_dir, list_experiments, load_trials
+from raybone.data.prepare import cache_root
+from raybone.results import METRIC_COLUMNS, experiment_dir, is_uri, list_experiments, load_trials, location_text, mirror
 from raybone.search import best_row
 from raybone.spec import METRICS, Spec, TrainConfig, load_spec
 
@@ -83,23 +84,19 @@ class BestTrial:
                 "checkpoint_path": _plain(self.row.get("checkpoint_path"))}
 
 
-def resolve_location(location, experiment: Path | None = None) -> Path:
+def resolve_location(location, experiment: Path | None = None, recursive: bool = True) -> Path:
     """The one place a location of an experiment (its folder, a checkpoint) becomes a local path.
 
-    Export reads local folders and file:// URIs; remote storage (s3://, gs://) is not read yet. A folder
-    that was moved or copied since the search still works: a stored path that no longer exists is looked up
-    again inside `experiment`.
+    A URI (s3://, gs://, file://) is read through pyarrow, as Ray wrote it, into a local mirror under the
+    cache (`recursive=False`: the folder's own files only, e.g. an experiment's tables without its checkpoints).
+    A local folder that was moved or copied since the search still works: a stored path that no longer exists
+    is looked up again inside `experiment`.
     """
-    text = str(location)
-    if text.startswith(("s3:/", "gs:/")) and not text.startswith(("s3://", "gs://")):
-        text = text.replace(":/", "://", 1)  # pathlib collapses s3://bucket to s3:/bucket
-    parsed = urlparse(text)
-    if parsed.scheme == "file":
-        text = parsed.path
-    elif len(parsed.scheme) > 1:  # one letter is a Windows drive
-        raise RayboneError(f"{text}: {parsed.scheme}:// locations are not supported by export yet; "
-                           "copy the experiment to a local folder")
-    path = Path(text)
+    if is_uri(location):
+        text = location_text(location)
+        name = text.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]  # kept: the Optuna study is named after it
+        return mirror(text, cache_root() / "remote" / hashlib.sha256(text.encode()).hexdigest()[:16] / name, recursive)
+    path = Path(location)
     if experiment is not None and not path.exists() and experiment.name in path.parts:
         below = path.parts[len(path.parts) - 1 - path.parts[::-1].index(experiment.name) + 1:]
         if (experiment.joinpath(*below)).exists():
@@ -115,7 +112,7 @@ def find_best(results_dir, name: str | None = None, metric: str | None = None,
         if not known:
             raise RayboneError(f"no experiments in {results_dir}; run `raybone search` first")
         name = known[-1]
-    path = resolve_location(experiment_dir(results_dir, name))
+    path = resolve_location(experiment_dir(results_dir, name), recursive=False)
     trials = load_trials(results_dir, name)
     spec = _read_spec(path)
     metric = metric or spec.metric

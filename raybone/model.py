@@ -22,6 +22,7 @@ class _Arch:
     classifier: str  # fully connected part: the only part trained with finetune="head"
     head: str  # final Linear, whose 1000 ImageNet classes are replaced by num_classes
     unused: tuple[str, ...] = ()  # checkpoint key prefixes of layers this model leaves out
+    saliency: tuple[str, ...] = ()  # Grad-CAM candidate layers, deepest first
 
 
 _ARCHS: dict[str, _Arch] = {
@@ -31,6 +32,7 @@ _ARCHS: dict[str, _Arch] = {
         stem="features.0",
         classifier="classifier",
         head="classifier.6",
+        saliency=("features.29", "features.22", "features.15"),  # ReLUs after conv5_3, conv4_3, conv3_3
     ),
     "googlenet": _Arch(
         build=lambda n: models.googlenet(
@@ -41,6 +43,7 @@ _ARCHS: dict[str, _Arch] = {
         classifier="fc",
         head="fc",
         unused=("aux1.", "aux2."),
+        saliency=("inception5b", "inception4e", "inception3b"),
     ),
 }
 MODELS: tuple[str, ...] = tuple(_ARCHS)
@@ -67,6 +70,12 @@ def create_model(
         model.requires_grad_(False)
         model.get_submodule(arch.classifier).requires_grad_(True)
     return SexConditioned(model, arch.head) if sex_input else model
+
+
+def saliency_layers(model: nn.Module, name: str) -> list[nn.Module]:
+    """The layers Grad-CAM may look at in model `name` (a create_model result), deepest first."""
+    backbone = model.backbone if isinstance(model, SexConditioned) else model
+    return [backbone.get_submodule(layer) for layer in _ARCHS[name].saliency]
 
 
 class SexConditioned(nn.Module):

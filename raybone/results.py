@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import posixpath
 import re
+import shutil
 import uuid
 from pathlib import Path, PurePath
 
@@ -150,6 +152,33 @@ def copy_file(source: str | PurePath, target: str | PurePath) -> None:
     target_fs, target_path = storage(target)
     target_fs.create_dir(posixpath.dirname(target_path), recursive=True)
     pafs.copy_files(source_path, target_path, source_filesystem=source_fs, destination_filesystem=target_fs)
+
+
+def mirror(location: str | PurePath, target: Path, recursive: bool = True) -> Path:
+    """A local copy of the files under `location` (a URI) for readers that need real files (torch.load, SQLite).
+
+    Each file is fetched whole to a hidden name and renamed into place; a file already copied with the same
+    size and modification time is not fetched again.
+    """
+    fs, root = storage(location)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive))
+    except (FileNotFoundError, NotADirectoryError):
+        raise RayboneError(f"{location_text(location)}: no such folder") from None
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        local = target / posixpath.relpath(info.path, root)
+        stamp = info.mtime_ns or 0
+        if local.is_file() and local.stat().st_size == info.size and local.stat().st_mtime_ns == stamp:
+            continue
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(f".{local.name}.{uuid.uuid4().hex}.part")
+        with fs.open_input_stream(info.path) as source, open(partial, "wb") as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)
+        os.utime(partial, ns=(stamp, stamp))
+        os.replace(partial, local)
+    return target
 
 
 def study_dir(results_dir: str | PurePath, name: str) -> Path:

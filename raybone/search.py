@@ -70,9 +70,7 @@ def run_search(spec: Spec, *, name: str, results_dir: str | Path, address: str |
     elif remote and (study / STUDY).exists():
         raise RayboneError(f"experiment {name!r} has an Optuna study at {study / STUDY} already; "
                            "choose another --name or remove that folder")
-    data = prepare(spec.data.source, format=spec.data.format, labels=spec.data.labels,
-                   image_size=spec.data.image_size, num_classes=spec.data.num_classes,
-                   seed=spec.seed, val_fraction=spec.data.val_fraction)
+    data = prepare_data(spec)
     _check_input_size(spec, data)
     _start_ray(address, console)
     cluster = ray.cluster_resources()
@@ -101,6 +99,13 @@ def run_search(spec: Spec, *, name: str, results_dir: str | Path, address: str |
     if remote and (study / STUDY).is_file():  # a copy beside the tables, so the storage holds the whole experiment
         results.copy_file(study / STUDY, results.join(path, STUDY))
     return SearchOutcome(path, trials, best_row(trials, spec.metric, spec.mode))
+
+
+def prepare_data(spec: Spec) -> PreparedData:
+    """The search's data, prepared once (and cached) with the spec's settings and seed."""
+    return prepare(spec.data.source, format=spec.data.format, labels=spec.data.labels,
+                   image_size=spec.data.image_size, num_classes=spec.data.num_classes,
+                   seed=spec.seed, val_fraction=spec.data.val_fraction)
 
 
 def _check_resumable(path: Path | str, spec: Spec) -> pd.DataFrame | None:

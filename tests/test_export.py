@@ -4,6 +4,7 @@ import json
 import shutil
 import struct
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import onnxruntime
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 
 import raybone.export
 from raybone.augment import test_crops
-from raybone.checkpoint import load_trained_model
+from raybone.checkpoint import load_trained_model, read_checkpoint
 from raybone.cli import app
 from raybone.data import load_prepared
 from raybone.errors import RayboneError
@@ -192,14 +193,36 @@ def test_best_without_experiments_says_so(tmp_path):
     assert result.exit_code == 2 and "no experiments in" in result.output
 
 
-def test_locations_resolve_locally_and_follow_a_moved_experiment(tmp_path):
+def test_a_moved_experiment_still_finds_its_checkpoints(tmp_path):
     experiment = tmp_path / "tiny"
     (experiment / "train" / "trial-1" / "checkpoint_0").mkdir(parents=True)
     moved = resolve_location("/elsewhere/results/tiny/train/trial-1/checkpoint_0", experiment)
     assert moved == experiment / "train" / "trial-1" / "checkpoint_0"
-    assert resolve_location(f"file://{moved}", experiment) == moved
-    with pytest.raises(RayboneError, match="s3:// locations are not supported by export yet"):
-        resolve_location("s3://bucket/results/tiny/train/trial-1", experiment)
+
+
+def test_export_reads_an_experiment_on_uri_storage(experiment, tmp_path, monkeypatch):
+    """A file:// URI takes pyarrow's path, as s3:// and gs:// do: the tables and only the best checkpoint are
+    mirrored into the cache, and the exported model is the one the local experiment exports."""
+    results, outcome = experiment
+    bucket = tmp_path / "bucket"
+    shutil.copytree(results / "tiny", bucket / "tiny")
+    trials = pd.read_parquet(bucket / "tiny" / "trials.parquet")  # as a search on a URI storage records them
+    trials["checkpoint_path"] = [f"file://{bucket}/tiny/{Path(p).relative_to(results / 'tiny')}"
+                                 for p in trials.checkpoint_path]
+    trials.to_parquet(bucket / "tiny" / "trials.parquet")
+    monkeypatch.setenv("RAYBONE_CACHE", str(tmp_path / "cache"))
+
+    best = find_best(f"file://{bucket}", "tiny")
+    model = export_model(best, tmp_path / "model")
+
+    assert best.path.is_relative_to(tmp_path / "cache") and best.path.name == "tiny"
+    mirrored = {p.parent.name for p in (tmp_path / "cache").rglob("checkpoint.pt")}
+    assert mirrored == {Path(outcome.best.checkpoint_path).name}  # the other trials' checkpoints stay remote
+    meta = json.loads((model / "model.json").read_text())
+    assert meta["trial_id"] == outcome.best.trial_id
+    with safe_open(model / "weights.safetensors", "pt") as weights:
+        state = read_checkpoint(outcome.best.checkpoint_path)
+        assert all(torch.equal(weights.get_tensor(k), v) for k, v in state["model"].items())
 
 
 def test_a_model_with_sex_input_exports_with_a_sex_input(tmp_path):

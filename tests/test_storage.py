@@ -4,6 +4,7 @@ A file:// URI takes the same code path as s3:// and gs:// (pyarrow.fs.FileSystem
 written and read back through one here exercise what a search on a bucket does.
 """
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -104,3 +105,29 @@ def test_the_cli_resumes_from_a_uri_storage_or_says_what_is_missing(tmp_path):
     result = CliRunner().invoke(app, ["search", "--resume", "gone", "--storage", f"file://{tmp_path}/store"])
     assert result.exit_code == 2
     assert f"cannot resume 'gone': no raybone experiment at file://{tmp_path}/store/gone" in result.output
+
+
+def test_mirror_copies_a_uri_folder_once_and_refreshes_what_changed(tmp_path):
+    remote = tmp_path / "bucket" / "exp"
+    (remote / "train" / "trial-1").mkdir(parents=True)
+    (remote / "trials.parquet").write_bytes(b"table v1")
+    (remote / "train" / "trial-1" / "checkpoint.pt").write_bytes(b"weights")
+    local = tmp_path / "mirror"
+
+    top = results.mirror(f"file://{remote}", local, recursive=False)
+    assert (top / "trials.parquet").read_bytes() == b"table v1"
+    assert not (top / "train").exists()  # the folder's own files only
+
+    results.mirror(f"file://{remote}", local)
+    assert (local / "train" / "trial-1" / "checkpoint.pt").read_bytes() == b"weights"
+    (local / "train" / "trial-1" / "checkpoint.pt").write_bytes(b"touched")  # same size and time: not fetched again
+    stamp = (remote / "train" / "trial-1" / "checkpoint.pt").stat().st_mtime_ns
+    os.utime(local / "train" / "trial-1" / "checkpoint.pt", ns=(stamp, stamp))
+    (remote / "trials.parquet").write_bytes(b"table v2, longer")
+    results.mirror(f"file://{remote}", local)
+    assert (local / "trials.parquet").read_bytes() == b"table v2, longer"
+    assert (local / "train" / "trial-1" / "checkpoint.pt").read_bytes() == b"touched"
+    assert not list(local.rglob("*.part"))
+
+    with pytest.raises(RayboneError, match=r"file://.*/nowhere: no such folder"):
+        results.mirror(f"file://{tmp_path}/nowhere", local)

@@ -1,0 +1,109 @@
+"""`raybone report` on a real small search, and Grad-CAM on real networks."""
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from raybone.augment import test_crops
+from raybone.cli import app
+from raybone.data.phantom import render_hand
+from raybone.model import create_model
+from raybone.report import PAGE, write_report
+from raybone.saliency import grad_cam
+
+
+def _figures(page: str) -> list[str]:
+    return re.findall(r'<img src="([^"]+)"', page)
+
+
+def test_report_references_figures_that_exist(tiny_experiment, tmp_path):
+    results, outcome = tiny_experiment
+    folder = write_report(results, "tiny", tmp_path / "report", samples=4)
+    page = (folder / PAGE).read_text()
+    names = _figures(page)
+    assert {"confusion.png", "learning_curves.png", "hyperparameters.png", "worst_errors.png",
+            "probabilities.png", "gradcam.png"} <= set(names)
+    for name in names:
+        with Image.open(folder / name) as png:  # a real, non-trivial picture, not an empty file
+            assert png.format == "PNG" and min(png.size) > 200
+            assert np.asarray(png.convert("L")).std() > 5
+    for trial_id in outcome.trials.trial_id:  # the table of all trials
+        assert trial_id in page
+    assert "VGG16 (paper)" in page and str(outcome.best.trial_id) in page
+
+
+def test_report_prepares_the_data_again_when_the_prepared_folder_is_gone(tiny_experiment, tmp_path):
+    results, _ = tiny_experiment
+    copy = tmp_path / "results"
+    shutil.copytree(results / "tiny", copy / "tiny")
+    environment = json.loads((copy / "tiny" / "environment.json").read_text())
+    environment["data_path"] = str(tmp_path / "deleted")
+    (copy / "tiny" / "environment.json").write_text(json.dumps(environment))
+
+    folder = write_report(copy, "tiny", samples=2)  # default place: beside the experiment's tables
+
+    assert folder == copy / "tiny" / "report"
+    assert all((folder / name).stat().st_size > 0 for name in _figures((folder / PAGE).read_text()))
+
+
+def test_report_refuses_data_that_changed_since_the_search(tiny_experiment, tmp_path):
+    results, _ = tiny_experiment
+    copy = tmp_path / "results"
+    shutil.copytree(results / "tiny", copy / "tiny")
+    environment = json.loads((copy / "tiny" / "environment.json").read_text())
+    environment["data_fingerprint"] = "0" * 64
+    (copy / "tiny" / "environment.json").write_text(json.dumps(environment))
+
+    result = CliRunner().invoke(app, ["report", "tiny", "--results-dir", str(copy)])
+
+    assert result.exit_code == 2
+    assert "not the data experiment 'tiny' was trained on" in result.output
+    assert not (copy / "tiny" / "report").exists()  # nothing half-written
+
+
+def test_report_command(tiny_experiment, tmp_path):
+    results, _ = tiny_experiment
+    out = tmp_path / "html"
+    result = CliRunner().invoke(app, ["report", "--results-dir", str(results), "--out", str(out), "--samples", "2"])
+    assert result.exit_code == 0, result.output
+    assert str(out / PAGE) in result.output.replace("\n", "")
+    missing = CliRunner().invoke(app, ["report", "nope", "--results-dir", str(results)])
+    assert missing.exit_code == 2 and "no experiment named 'nope'" in missing.output
+
+
+@pytest.mark.parametrize("arch, size, layer", [("vgg16", 64, "features.29"), ("googlenet", 64, "inception4e"),
+                                               ("googlenet", 32, "inception3b"),
+                                               ("googlenet", 224, "inception5b")])
+def test_grad_cam_has_the_input_shape_and_varies(arch, size, layer):
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=20)
+    hands = np.stack([render_hand(12 * age, True, np.random.default_rng(int(age)), size + 8) for age in (3.0, 9.0, 15.0)])
+    crops = test_crops(torch.from_numpy(hands), size)[4]
+
+    maps, used = grad_cam(model, arch, crops)
+
+    assert maps.shape == (3, size, size)
+    assert used.endswith(layer)
+    assert maps.min() >= 0 and torch.allclose(maps.amax(dim=(1, 2)), torch.ones(3))
+    assert (maps.flatten(1).std(dim=1) > 0.05).all()  # not constant: it points somewhere
+    assert not torch.equal(maps[0], maps[1])
+
+
+def test_grad_cam_follows_the_class_asked_for_and_the_sex_input():
+    torch.manual_seed(0)
+    model = create_model("vgg16", num_classes=20, sex_input=True)
+    hands = np.stack([render_hand(96.0, True, np.random.default_rng(1), 72)])
+    crops = test_crops(torch.from_numpy(hands), 64)[4]
+    sex = torch.tensor([1.0])
+
+    young, _ = grad_cam(model, "vgg16", crops, target=torch.tensor([1]), sex=sex)
+    old, _ = grad_cam(model, "vgg16", crops, target=torch.tensor([18]), sex=sex)
+
+    assert young.shape == old.shape == (1, 64, 64)
+    assert not torch.allclose(young, old)
