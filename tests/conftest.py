@@ -1,7 +1,10 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 # Real RSNA radiographs live beside the checkout, never inside it (see ../shared/data/README.md).
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -44,3 +47,30 @@ def tiny_experiment(tmp_path_factory):
             ray.shutdown()
     assert outcome.best is not None, outcome.trials[["trial_id", "status", "error"]].to_string()
     return results, outcome
+
+
+def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=12, rescale=None, window=None,
+                 syntax=ExplicitVRLittleEndian, pixel_data=None):
+    """A real DICOM file written with pydicom; pixel_data: None (the pixels), raw bytes, or "none" (header only)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if pixel_data is None:
+        ds.PixelData = pixels.astype(np.uint16).tobytes()
+    elif pixel_data != "none":
+        ds.PixelData = pixel_data
+        ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -5,12 +5,13 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000Lossless, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import JPEG2000Lossless
 
 from raybone.data import decode_image, warp_image
 from raybone.errors import DataError
+
+from conftest import write_dicom
 
 RAMP_12_BIT = np.tile(np.linspace(0, 4095, 64).round().astype(np.uint16), (48, 1))  # [48, 64], 0..4095
 
@@ -25,32 +26,6 @@ def grey():
     return pixels.astype(np.uint8)
 
 
-def _write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=12, rescale=None, window=None,
-                 syntax=ExplicitVRLittleEndian, pixel_data=None):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = syntax
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
-    if rescale is not None:
-        ds.RescaleSlope, ds.RescaleIntercept = rescale
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    if pixel_data is None:
-        ds.PixelData = pixels.astype(np.uint16).tobytes()
-    elif pixel_data != "none":
-        ds.PixelData = pixel_data
-        ds["PixelData"].VR = "OB"
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 def _save(image: Image.Image, path, **kwargs):
     image.save(path, **kwargs)
     return path
@@ -60,7 +35,7 @@ def _save(image: Image.Image, path, **kwargs):
 
 
 def test_dicom_monochrome2_12_bit_spans_full_uint8_range(tmp_path):
-    out = decode_image(_write_dicom(tmp_path / "mono2.dcm", RAMP_12_BIT))
+    out = decode_image(write_dicom(tmp_path / "mono2.dcm", RAMP_12_BIT))
     assert out.dtype == np.uint8 and out.shape == (48, 64)
     assert out.min() == 0 and out.max() == 255
     assert np.all(np.diff(out[0].astype(int)) >= 0)  # the ramp stays a ramp
@@ -68,20 +43,20 @@ def test_dicom_monochrome2_12_bit_spans_full_uint8_range(tmp_path):
 
 
 def test_dicom_monochrome1_of_inverted_pixels_equals_monochrome2(tmp_path):
-    mono2 = decode_image(_write_dicom(tmp_path / "mono2.dcm", RAMP_12_BIT))
-    mono1 = decode_image(_write_dicom(tmp_path / "mono1.dcm", 4095 - RAMP_12_BIT, photometric="MONOCHROME1"))
+    mono2 = decode_image(write_dicom(tmp_path / "mono2.dcm", RAMP_12_BIT))
+    mono1 = decode_image(write_dicom(tmp_path / "mono1.dcm", 4095 - RAMP_12_BIT, photometric="MONOCHROME1"))
     assert np.abs(mono1.astype(int) - mono2.astype(int)).max() <= 1
 
 
 def test_dicom_16_bit_with_rescale_decodes_like_the_12_bit_original(tmp_path):
     stored = RAMP_12_BIT.astype(np.uint32) * 16  # the same ramp in a 16-bit detector's units
-    path = _write_dicom(tmp_path / "rescaled.dcm", stored, bits_stored=16, rescale=(0.25, -1024))
-    reference = decode_image(_write_dicom(tmp_path / "mono2.dcm", RAMP_12_BIT))
+    path = write_dicom(tmp_path / "rescaled.dcm", stored, bits_stored=16, rescale=(0.25, -1024))
+    reference = decode_image(write_dicom(tmp_path / "mono2.dcm", RAMP_12_BIT))
     assert np.abs(decode_image(path).astype(int) - reference.astype(int)).max() <= 1
 
 
 def test_dicom_window_maps_centre_to_grey_and_clips_outside(tmp_path):
-    out = decode_image(_write_dicom(tmp_path / "windowed.dcm", RAMP_12_BIT, window=(2048, 1024)))
+    out = decode_image(write_dicom(tmp_path / "windowed.dcm", RAMP_12_BIT, window=(2048, 1024)))
     raw = RAMP_12_BIT[0]
     assert np.all(out[0][raw <= 1536] == 0)
     assert np.all(out[0][raw >= 2560] == 255)
@@ -93,21 +68,21 @@ def test_dicom_window_maps_centre_to_grey_and_clips_outside(tmp_path):
 
 def test_dicom_window_applies_after_rescale(tmp_path):
     # Stored 0..4095 with slope 1, intercept -1024 gives -1024..3071; a window at 1024 sits mid-ramp.
-    path = _write_dicom(tmp_path / "ct-like.dcm", RAMP_12_BIT, rescale=(1, -1024), window=(1024, 1024))
+    path = write_dicom(tmp_path / "ct-like.dcm", RAMP_12_BIT, rescale=(1, -1024), window=(1024, 1024))
     values = RAMP_12_BIT[0].astype(int) - 1024
     out = decode_image(path)[0]
     assert np.all(out[values <= 512] == 0) and np.all(out[values >= 1536] == 255)
 
 
 def test_dicom_without_pixel_data_names_the_file(tmp_path):
-    path = _write_dicom(tmp_path / "header-only.dcm", RAMP_12_BIT, pixel_data="none")
+    path = write_dicom(tmp_path / "header-only.dcm", RAMP_12_BIT, pixel_data="none")
     with pytest.raises(DataError, match=r"header-only\.dcm: .*no pixel data"):
         decode_image(path)
 
 
 def test_dicom_jpeg2000_garbage_names_a_plugin(tmp_path):
     garbage = encapsulate([b"\xff\x4f\xff\x51 definitely not a codestream" * 4])
-    path = _write_dicom(tmp_path / "j2k.dcm", RAMP_12_BIT, syntax=JPEG2000Lossless, pixel_data=garbage)
+    path = write_dicom(tmp_path / "j2k.dcm", RAMP_12_BIT, syntax=JPEG2000Lossless, pixel_data=garbage)
     with pytest.raises(DataError) as caught:
         decode_image(path)
     message = str(caught.value)
@@ -124,7 +99,7 @@ def test_text_file_named_dcm_is_rejected(tmp_path):
 
 def test_dicom_dimensions_are_checked_before_decoding(tmp_path):
     # The header claims 13000 rows but the pixel data is tiny: the size check must fire first.
-    path = _write_dicom(tmp_path / "huge.dcm", RAMP_12_BIT[:8, :8], pixel_data=b"\0" * 128)
+    path = write_dicom(tmp_path / "huge.dcm", RAMP_12_BIT[:8, :8], pixel_data=b"\0" * 128)
     from pydicom import dcmread
 
     ds = dcmread(path)

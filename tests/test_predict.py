@@ -9,8 +9,6 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from typer.testing import CliRunner
 
 from raybone.checkpoint import load_trained_model
@@ -20,23 +18,20 @@ from raybone.data import render_hand, warp_image
 from raybone.export import export_model, find_best
 from raybone.predict import Predictor, evaluate, find_images
 
+from conftest import write_dicom
+
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def experiment(tiny_experiment):
-    return tiny_experiment
-
-
-@pytest.fixture(scope="module")
-def model(experiment, tmp_path_factory):
-    results, _ = experiment
+def model(tiny_experiment, tmp_path_factory):
+    results, _ = tiny_experiment
     return export_model(find_best(results, "tiny"), tmp_path_factory.mktemp("export") / "model")
 
 
 @pytest.fixture(scope="module")
-def best_row(experiment):
-    _, outcome = experiment
+def best_row(tiny_experiment):
+    _, outcome = tiny_experiment
     return outcome.trials.loc[outcome.trials.val_rmse.idxmin()]
 
 
@@ -47,31 +42,13 @@ def hand():
     return np.rint((pixels - pixels.min()) * 255 / (pixels.max() - pixels.min())).astype(np.uint8)
 
 
-def _write_dicom(path, pixels, photometric="MONOCHROME2", pixel_data=True):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    if pixel_data:
-        ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 def _write_formats(folder: Path, grey: np.ndarray) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grey).save(folder / "hand.png")
     Image.fromarray(grey).save(folder / "hand.jpg", quality=100)
     # 12-bit detector values; MONOCHROME1 stores them inverted (bone dark).
-    _write_dicom(folder / "mono2.dcm", grey.astype(np.uint16) * 16)
-    _write_dicom(folder / "mono1.dcm", (255 - grey.astype(np.uint16)) * 16, photometric="MONOCHROME1")
+    write_dicom(folder / "mono2.dcm", grey.astype(np.uint16) * 16)
+    write_dicom(folder / "mono1.dcm", (255 - grey.astype(np.uint16)) * 16, photometric="MONOCHROME1")
     return {name: folder / name for name in ("hand.png", "hand.jpg", "mono2.dcm", "mono1.dcm")}
 
 
@@ -79,7 +56,7 @@ def _json_output(result) -> list[dict]:
     return json.loads(result.stdout)
 
 
-def test_every_format_of_the_same_pixels_gets_the_checkpoints_prediction(experiment, model, best_row, hand, tmp_path):
+def test_every_format_of_the_same_pixels_gets_the_checkpoints_prediction(tiny_experiment, model, best_row, hand, tmp_path):
     files = _write_formats(tmp_path / "in", hand)
     # The reference: the trial's own checkpoint, through the training code's resize and six-crop evaluation.
     network, cfg, _ = load_trained_model(best_row.checkpoint_path)
@@ -111,7 +88,7 @@ def test_bad_files_are_reported_one_line_each_and_the_rest_predicted(model, hand
     (folder / "notes.txt").write_text("not an image, and not named like one: ignored")
     (folder / "text.png").write_text("this is not a PNG")
     (folder / "empty.jpg").write_bytes(b"")
-    _write_dicom(folder / "header-only.dcm", hand.astype(np.uint16), pixel_data=False)
+    write_dicom(folder / "header-only.dcm", hand.astype(np.uint16), pixel_data="none")
 
     result = runner.invoke(app, ["predict", str(model), str(folder), "--format", "json", "--batch-size", "2"])
     assert result.exit_code == 1
@@ -165,8 +142,8 @@ def test_missing_model_folder_is_a_usage_error(args, message, tmp_path, monkeypa
     assert len(lines) == 1 and message in lines[0]
 
 
-def test_evaluate_reproduces_the_trials_validation_metrics(experiment, model, best_row, tmp_path):
-    _, outcome = experiment
+def test_evaluate_reproduces_the_trials_validation_metrics(tiny_experiment, model, best_row, tmp_path):
+    _, outcome = tiny_experiment
     data_path = json.loads((outcome.path / "environment.json").read_text())["data_path"]
     out = tmp_path / "evaluation.json"
     result = runner.invoke(app, ["evaluate", str(model), "--data", data_path, "--json", str(out)])
@@ -218,7 +195,7 @@ def test_folders_are_searched_for_radiographs_only(tmp_path, hand):
     _write_formats(tmp_path / "a" / "b", hand)
     (tmp_path / "a" / "readme.txt").write_text("x")
     (tmp_path / "a" / ".hidden.png").write_bytes(b"x")
-    _write_dicom(tmp_path / "a" / "no-extension", hand.astype(np.uint16))
+    write_dicom(tmp_path / "a" / "no-extension", hand.astype(np.uint16))
     files, problems = find_images([tmp_path / "a", tmp_path / "missing.png"])
     assert sorted(p.name for p in files) == ["hand.jpg", "hand.png", "mono1.dcm", "mono2.dcm", "no-extension"]
     assert problems == [f"{tmp_path / 'missing.png'}: no such file or folder"]
