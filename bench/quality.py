@@ -9,7 +9,7 @@ neither arm ever trains or selects on it. Then
 Both winners are scored once, on the test set, with six-crop averaging: top-1, top-2, RMSE (arg-max and
 expected age) and MAE in months. GoogLeNet from scratch at 88 px crops of 100 px, as the baseline script.
 
-    python bench/quality.py [--budget 4000] [--quick] [--device cpu|cuda]
+    python bench/quality.py [--budget 3000] [--trials 10] [--quick] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from raybone.spec import load_spec
 COMMON = {"model": "googlenet", "weights": "none", "finetune": "full", "input_size": 88, "crop_fraction": 0.88,
           "batch_size": 32, "loss": "l2ce"}
 PAPER = {**COMMON, "lr": 1e-4, "decay_steps": 500, "l2_weight": 1.0, "weight_decay": 0.1, "readout": "argmax"}
+CONCURRENT = 2  # trials at once: two 1-CPU workers on 2 cores, or two half-GPU workers
 SEARCHED = {
     "lr": {"distribution": "loguniform", "low": 1e-4, "high": 3e-3},
     "decay_steps": {"distribution": "int", "low": 200, "high": 1500},
@@ -48,8 +49,8 @@ SEARCHED = {
 
 
 def _options(parser) -> None:
-    parser.add_argument("--budget", type=int, default=4000, help="most trial-iterations the search may spend")
-    parser.add_argument("--trials", type=int, default=8, help="trials in the search")
+    parser.add_argument("--budget", type=int, default=3000, help="trial-iterations the search aims to spend")
+    parser.add_argument("--trials", type=int, default=10, help="trials in the search")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
 
 
@@ -63,15 +64,15 @@ def held_out_split(source: Path, work: Path) -> tuple[Path, Path]:
     return paths
 
 
-def spec_file(work: Path, name: str, train: dict, args, iterations: int, samples: int) -> Path:
-    """A search-space file: several trials share the machine under ASHA, a single run takes all of it."""
+def spec_file(work: Path, name: str, train: dict, args, iterations: int, samples: int, rung: int) -> Path:
+    """A search-space file: several trials share the machine under ASHA (first rung `rung`), a single run
+    takes all of it."""
     gpu, single = args.device == "cuda", samples == 1
     spec = {
         "seed": 0, "metric": "val_rmse", "mode": "min", "num_samples": samples,
         "data": {"source": str(work / "prepared"), "image_size": 100},
-        "train": {**train, "iterations": iterations, "eval_every": max(50, iterations // 6)},
-        "scheduler": {"type": "none"} if single else
-        {"type": "asha", "grace_period": max(50, iterations // 6), "reduction_factor": 3},
+        "train": {**train, "iterations": iterations, "eval_every": rung},
+        "scheduler": {"type": "none"} if single else {"type": "asha", "grace_period": rung, "reduction_factor": 3},
         "resources": {"cpus_per_worker": (8 if gpu else 2) if single else (4 if gpu else 1),
                       "gpus_per_worker": (1 if single else 0.5) if gpu else 0},
     }
@@ -104,11 +105,16 @@ def main() -> None:
     test = prepare(source, labels=test_csv, out=work / "test", image_size=100, progress=False)
     start_local_ray(num_cpus=None if args.device == "cuda" else 2)
 
-    max_t = max(100, 3 * args.budget // args.trials)  # ASHA stops most trials early: the spend lands near budget
+    # Asynchronous ASHA cannot stop the first trials that run at once (nothing to compare them with yet): they
+    # run to max_t. So max_t is a quarter of the budget with two at once; the others mostly stop at the first
+    # or second rung (rungs max_t/9, max_t/3), which lands the spend near the budget for about 10 trials.
+    max_t = max(90, args.budget // (CONCURRENT + 2))
+    rung = max_t // 9
     search = run_search(load_spec(spec_file(work, "search", {**COMMON, **SEARCHED, "readout": "expected"}, args,
-                                            max_t, args.trials)), name="search", results_dir=work)
+                                            rung * 9, args.trials, rung)), name="search", results_dir=work)
     spent = int(search.trials.training_iteration.sum())
-    paper = run_search(load_spec(spec_file(work, "paper", PAPER, args, spent, 1)), name="paper", results_dir=work)
+    paper = run_search(load_spec(spec_file(work, "paper", PAPER, args, spent, 1, max(50, spent // 6))),
+                       name="paper", results_dir=work)
     arms = {"paper_recipe": paper, "raybone_search": search}
     results = {"test_images": len(test.labels), "budget_trial_iterations": spent, "arms": {}}
     for arm, outcome in arms.items():

@@ -127,7 +127,7 @@ def main() -> None:
     target = TOLERANCE * rand["best_val_rmse"]
     reached = compute_to_reach(asha["reports"], target)
     fraction = common.ratio(reached["trial_iterations"], rand["trial_iterations"]) if reached else None
-    startup = optuna.samplers.TPESampler()._n_startup_trials
+    startup = raybone.search.startup_trials(trials)
     results = {
         "settings": {"source": str(source), "trials": trials, "iterations": iterations, "eval_every": 20,
                      "image_size": 40, "input_size": 32, "model": "googlenet", "batch_size": 32,

@@ -228,10 +228,16 @@ def searcher(spec: Spec, path: Path) -> OptunaSearch:
     """Seeded TPE whose study (named after the folder) lives in the local folder `path`, so optuna-dashboard
     can watch it: the experiment folder, or results/<name>/ when the storage is a URI."""
     return _IndexedOptunaSearch(
-        sampler=optuna.samplers.TPESampler(seed=spec.seed),
+        sampler=optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup_trials(spec.num_samples)),
         study_name=path.name,
         storage=optuna.storages.RDBStorage(f"sqlite:///{path / 'optuna.db'}"),
     )
+
+
+def startup_trials(num_samples: int) -> int:
+    """Random trials before TPE models the results: Optuna's 10, but a third of a smaller search, so that a
+    search of 10 trials or fewer is not random search under another name."""
+    return min(10, max(2, num_samples // 3))
 
 
 def _new_tuner(trainable, spec: Spec, storage: str, name: str, study: Path, max_concurrent: int) -> ray.tune.Tuner:

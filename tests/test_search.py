@@ -110,6 +110,24 @@ def test_one_seed_gives_one_sequence_of_sampled_configs(tmp_path):
     assert [c["lr"] for c in first] != [c["lr"] for c in other]
 
 
+@pytest.mark.parametrize("samples, models_third_trial", [(6, True), (30, False)])
+def test_tpe_models_results_after_a_third_of_a_small_search(tmp_path, samples, models_third_trial):
+    """Optuna's 10 random start-up trials would make a search of 10 trials or fewer plain random search."""
+    from raybone.search import _tune_space, searcher
+
+    spec = load_spec(QUICK, [f"num_samples={samples}"])
+    thirds = []
+    for name, values in (("a", (1.0, 5.0)), ("b", (5.0, 1.0))):  # the same two trials, opposite results
+        (tmp_path / name).mkdir()
+        search = searcher(spec, tmp_path / name)
+        search.set_search_properties(spec.metric, spec.mode, _tune_space(spec))
+        for i, value in enumerate(values):
+            search.suggest(f"t{i}")
+            search.on_trial_complete(f"t{i}", {spec.metric: value, "training_iteration": 1})
+        thirds.append(search.suggest("t2"))
+    assert (thirds[0] != thirds[1]) == models_third_trial
+
+
 def test_asha_stops_weak_trials_early(local_ray, tmp_path):
     spec = load_spec(QUICK, TINY + ["num_samples=4", "iterations=8", "scheduler.reduction_factor=3",
                                      "lr={distribution: loguniform, low: 1.0e-6, high: 0.3}"])
