@@ -52,6 +52,7 @@ def _options(parser) -> None:
     parser.add_argument("--budget", type=int, default=3000, help="trial-iterations the search aims to spend")
     parser.add_argument("--trials", type=int, default=10, help="trials in the search")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--work", help="working folder of an earlier run: its finished search is reused")
 
 
 def held_out_split(source: Path, work: Path) -> tuple[Path, Path]:
@@ -98,7 +99,7 @@ def main() -> None:
         args.budget, args.trials = 600, 4
     started = time.perf_counter()
     source = shared_folder("rsna-100")
-    work = Path(tempfile.mkdtemp(prefix="raybone-quality-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="raybone-quality-"))
     searched_csv, test_csv = held_out_split(source, work)
     # A small validation split keeps six-crop validation cheap; the test set is what is scored.
     prepare(source, labels=searched_csv, out=work / "prepared", image_size=100, val_fraction=0.1, progress=False)
@@ -111,7 +112,8 @@ def main() -> None:
     max_t = max(90, args.budget // (CONCURRENT + 2))
     rung = max_t // 9
     search = run_search(load_spec(spec_file(work, "search", {**COMMON, **SEARCHED, "readout": "expected"}, args,
-                                            rung * 9, args.trials, rung)), name="search", results_dir=work)
+                                            rung * 9, args.trials, rung)), name="search", results_dir=work,
+                        resume=(work / "search" / "trials.parquet").is_file())  # --work: a finished search is kept
     spent = int(search.trials.training_iteration.sum())
     paper = run_search(load_spec(spec_file(work, "paper", PAPER, args, spent, 1, max(50, spent // 6))),
                        name="paper", results_dir=work)

@@ -128,6 +128,17 @@ def test_tpe_models_results_after_a_third_of_a_small_search(tmp_path, samples, m
     assert (thirds[0] != thirds[1]) == models_third_trial
 
 
+def test_a_spec_that_searches_nothing_repeats_its_fixed_configuration(tmp_path):
+    fixed = ["lr=1.0e-3", "decay_steps=100", "l2_weight=0.1", "weight_decay=0.01"]
+    from raybone.search import searcher
+
+    spec = load_spec(QUICK, fixed)
+    (tmp_path / "fixed").mkdir()
+    search = searcher(spec, tmp_path / "fixed")  # Tune sets no search space when nothing is searched
+    configs = [search.suggest(f"t{i}") for i in range(3)]
+    assert configs == [{"trial_index": 0}, {"trial_index": 1}, {"trial_index": 2}]
+
+
 def test_asha_stops_weak_trials_early(local_ray, tmp_path):
     spec = load_spec(QUICK, TINY + ["num_samples=4", "iterations=8", "scheduler.reduction_factor=3",
                                      "lr={distribution: loguniform, low: 1.0e-6, high: 0.3}"])
