@@ -229,7 +229,7 @@ def searcher(spec: Spec, path: Path) -> OptunaSearch:
     can watch it: the experiment folder, or results/<name>/ when the storage is a URI."""
     return _IndexedOptunaSearch(
         sampler=optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup_trials(spec.num_samples)),
-        fixed_mode=spec.mode,
+        objective=(spec.metric, spec.mode),
         study_name=path.name,
         storage=optuna.storages.RDBStorage(f"sqlite:///{path / 'optuna.db'}"),
     )
@@ -262,14 +262,15 @@ def _new_tuner(trainable, spec: Spec, storage: str, name: str, study: Path, max_
 class _IndexedOptunaSearch(OptunaSearch):
     """Adds the Optuna trial number as `trial_index`: sequential, and kept in the study across resumes."""
 
-    def __init__(self, *, fixed_mode: str, **kwargs):
+    def __init__(self, *, objective: tuple[str, str], **kwargs):
         super().__init__(**kwargs)
-        self._fixed_mode = fixed_mode  # the study's direction when nothing is searched (Tune then sets no space)
+        self._objective = objective  # (metric, mode): Tune does not tell them when nothing is searched
 
     def suggest(self, trial_id: str):
         if not self._space:  # nothing searched: every trial trains the spec's fixed configuration
             if self._ot_study is None:
-                self._setup_study(self._mode or self._fixed_mode)
+                self._metric, self._mode = self._metric or self._objective[0], self._mode or self._objective[1]
+                self._setup_study(self._mode)
             self._ot_trials.setdefault(trial_id, self._ot_study.ask())
             config = {}
         else:

@@ -139,6 +139,13 @@ def test_a_spec_that_searches_nothing_repeats_its_fixed_configuration(tmp_path):
     assert configs == [{"trial_index": 0}, {"trial_index": 1}, {"trial_index": 2}]
 
 
+def test_a_search_of_one_fixed_configuration_runs(local_ray, tmp_path):
+    fixed = ["lr=1.0e-3", "decay_steps=100", "l2_weight=0.1", "weight_decay=0.01", "num_samples=1"]
+    outcome = run_search(load_spec(QUICK, TINY + fixed), name="fixed", results_dir=tmp_path)
+    assert outcome.trials.status.tolist() == ["completed"] and outcome.best is not None
+    assert outcome.trials.val_rmse.notna().all()
+
+
 def test_asha_stops_weak_trials_early(local_ray, tmp_path):
     spec = load_spec(QUICK, TINY + ["num_samples=4", "iterations=8", "scheduler.reduction_factor=3",
                                      "lr={distribution: loguniform, low: 1.0e-6, high: 0.3}"])
