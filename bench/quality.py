@@ -20,16 +20,14 @@ from pathlib import Path
 
 import pandas as pd
 import ray
-import torch
 import yaml
 
 from _common import finish, parse_args, shared_folder
 from raybone.checkpoint import load_trained_model
 from raybone.data import prepare
 from raybone.data.prepare import stratified_split
-from raybone.engine import predict_probs, resize
+from raybone.engine import predict_trained
 from raybone.metrics import classification_metrics
-from raybone.model import sex_feature
 from raybone.search import best_row, run_search, start_local_ray
 from raybone.spec import load_spec
 
@@ -85,10 +83,7 @@ def spec_file(work: Path, name: str, train: dict, args, iterations: int, samples
 def score(checkpoint: str, test, device: str) -> dict[str, float]:
     """Six-crop metrics of a trained checkpoint on images no arm has seen."""
     model, cfg, _ = load_trained_model(checkpoint)
-    images = resize(torch.from_numpy(test.images), cfg.image_size)
-    sex = sex_feature(test.sex_code) if cfg.sex_input else None
-    probs = predict_probs(model.to(device), images, cfg.input_size, 256, torch.device(device), sex=sex)
-    m = classification_metrics(probs, test.labels)
+    m = classification_metrics(predict_trained(model, cfg, test.images, test.sex_code, device), test.labels)
     return {"top1": m["top1"], "top2": m["top2"], "rmse_argmax": m["rmse"], "rmse_expected": m["rmse_expected"],
             "mae_months_argmax": 12 * m["mae"], "mae_months_expected": 12 * m["mae_expected"]}
 

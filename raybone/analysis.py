@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from raybone.errors import RayboneError
-from raybone.results import TRIALS, experiment_dir, list_experiments
+from raybone.results import TRIALS, experiment_dir, latest_experiment, list_experiments
 from raybone.spec import Choice, Range, Spec, load_spec
 
 STUDY = "optuna.db"
@@ -30,12 +30,7 @@ EVALUATORS = ("fanova", "mdi", "ped")
 
 def resolve(results_dir: Path, name: str | None) -> Path:
     """The folder of experiment `name`, default the most recent; a one-line error naming the known ones."""
-    if name is None:
-        known = list_experiments(results_dir)
-        if not known:
-            raise RayboneError(f"no experiments in {results_dir}; run `raybone search` first")
-        name = known[-1]
-    return experiment_dir(results_dir, name)
+    return experiment_dir(results_dir, name or latest_experiment(results_dir))
 
 
 def experiment_spec(path: Path) -> Spec:

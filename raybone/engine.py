@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from raybone.augment import test_crops, train_augment
-from raybone.model import train_mode
+from raybone.model import sex_feature, train_mode
 
 if TYPE_CHECKING:
     from raybone.spec import TrainConfig
@@ -41,6 +41,30 @@ def predict_probs(model: nn.Module, images: torch.Tensor, input_size: int, batch
             logits = _forward(model, _layout(crops.flatten(0, 1), channels_last), crop_sex).float()
         out.append(logits.softmax(-1).view(6, crops.shape[1], -1).mean(0).cpu())
     return torch.cat(out).numpy()
+
+
+def predict_images(model: nn.Module, images: np.ndarray, size: int, input_size: int, device, *,
+                   sex_code: np.ndarray | None = None, batch_size: int = 64, amp: bool = False,
+                   channels_last: bool = False) -> np.ndarray:
+    """Six-crop class probabilities [N, C] for uint8 images [N, S, S] as prepare() stores them, re-warped to
+    `size` as the trial was: what the trial's validation computed. sex_code (1 male, 0 female, -1 unknown) is
+    given only for a model with sex input.
+    """
+    out = []
+    for start in range(0, len(images), 16 * batch_size):  # resize a chunk at a time: floats are 4x the bytes
+        chunk = torch.from_numpy(np.array(images[start : start + 16 * batch_size], dtype=np.uint8))
+        sex = None if sex_code is None else sex_feature(sex_code[start : start + len(chunk)])
+        out.append(predict_probs(model, resize(chunk.to(device), size), input_size, batch_size, device, sex=sex,
+                                 amp=amp, channels_last=channels_last))
+    return np.concatenate(out)
+
+
+def predict_trained(model: nn.Module, cfg: TrainConfig, images: np.ndarray, sex_code: np.ndarray,
+                    device: str) -> np.ndarray:
+    """predict_images for a trial's checkpoint (model and config from checkpoint.load_trained_model)."""
+    return predict_images(model.to(device), images, cfg.image_size, cfg.input_size, torch.device(device),
+                          sex_code=sex_code if cfg.sex_input else None, batch_size=cfg.eval_batch_size,
+                          amp=cfg.amp, channels_last=cfg.channels_last)
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -26,14 +26,15 @@ import pandas as pd
 import torch
 from torch import nn
 
+from raybone.analysis import experiment_spec
 from raybone.augment import test_crops
 from raybone.checkpoint import load_trained_model
 from raybone.errors import RayboneError
 from raybone.files import atomic_folder
 from raybone.data.prepare import cache_root
-from raybone.results import METRIC_COLUMNS, experiment_dir, is_uri, list_experiments, load_trials, location_text, mirror
+from raybone.results import METRIC_COLUMNS, experiment_dir, is_uri, latest_experiment, load_trials, location_text, mirror
 from raybone.search import best_row
-from raybone.spec import METRICS, Spec, TrainConfig, load_spec
+from raybone.spec import METRICS, Spec, TrainConfig
 
 MODEL_FORMAT = "raybone-model"
 FORMAT_VERSION = 1
@@ -107,14 +108,10 @@ def resolve_location(location, experiment: Path | None = None, recursive: bool =
 def find_best(results_dir, name: str | None = None, metric: str | None = None,
               mode: str | None = None) -> BestTrial:
     """The best trial of experiment `name` (default: the most recent) by `metric` (default: the search's)."""
-    if name is None:
-        known = list_experiments(results_dir)
-        if not known:
-            raise RayboneError(f"no experiments in {results_dir}; run `raybone search` first")
-        name = known[-1]
+    name = name or latest_experiment(results_dir)
     path = resolve_location(experiment_dir(results_dir, name), recursive=False)
     trials = load_trials(results_dir, name)
-    spec = _read_spec(path)
+    spec = experiment_spec(path)
     metric = metric or spec.metric
     if metric not in METRICS:
         raise RayboneError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
@@ -146,12 +143,6 @@ def export_model(best: BestTrial, out) -> Path:
 
 
 # ---------------------------------------------------------------- reading the experiment
-
-
-def _read_spec(path: Path) -> Spec:
-    if not (path / "spec.yaml").is_file():
-        raise RayboneError(f"{path}: spec.yaml missing; was this folder written by `raybone search`?")
-    return load_spec(path / "spec.yaml")
 
 
 def _read_json(path: Path) -> dict:

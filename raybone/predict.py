@@ -26,8 +26,8 @@ from raybone.data.sources import parse_sex
 from raybone.errors import DataError, RayboneError
 from raybone.export import FORMAT_VERSION, MODEL_FORMAT, MODEL_JSON, WEIGHTS
 from raybone.metrics import confusion_matrix, readout_metrics
-from raybone.model import create_model, sex_feature
-from raybone.engine import predict_probs, resize
+from raybone.model import create_model
+from raybone.engine import predict_images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 SPLITS = ("val", "train", "all")
@@ -82,17 +82,13 @@ class Predictor:
         """
         if images.ndim != 3 or images.shape[1:] != (self.image_size, self.image_size):
             raise RayboneError(f"expected images [N, {self.image_size}, {self.image_size}], got {list(images.shape)}")
-        batch_size = batch_size or self.eval_batch_size
-        if sex_code is None:
-            sex_code = np.full(len(images), -1)
-        out = []
-        for start in range(0, len(images), 16 * batch_size):  # resize a chunk at a time: floats are 4x the bytes
-            chunk = torch.from_numpy(np.array(images[start : start + 16 * batch_size], dtype=np.uint8))
-            sex = sex_feature(sex_code[start : start + len(chunk)]) if self.sex_input else None
-            out.append(predict_probs(self.model, resize(chunk.to(self.device), self.resize_to), self.input_size,
-                                     batch_size, self.device, sex=sex, amp=bool(self.config.get("amp", False)),
-                                     channels_last=bool(self.config.get("channels_last", False))))
-        return np.concatenate(out) if out else np.zeros((0, self.num_classes), dtype=np.float32)
+        if not len(images):
+            return np.zeros((0, self.num_classes), dtype=np.float32)
+        sex_code = np.full(len(images), -1) if sex_code is None else sex_code
+        return predict_images(self.model, images, self.resize_to, self.input_size, self.device,
+                              sex_code=sex_code if self.sex_input else None,
+                              batch_size=batch_size or self.eval_batch_size, amp=bool(self.config.get("amp", False)),
+                              channels_last=bool(self.config.get("channels_last", False)))
 
     def predict_files(self, paths: Sequence[Path], batch_size: int = 32,
                       on_error: Callable[[str], None] | None = None,

@@ -30,7 +30,7 @@ from raybone.augment import test_crops
 from raybone.checkpoint import load_trained_model
 from raybone.data import PreparedData
 from raybone.data.prepare import META_FILE, load_prepared
-from raybone.engine import predict_probs, resize
+from raybone.engine import predict_trained, resize
 from raybone.errors import RayboneError
 from raybone.export import PAPER, BestTrial, find_best
 from raybone.files import atomic_folder
@@ -97,10 +97,10 @@ def _validate(model, cfg, data: PreparedData, device: str) -> _Validation:
     held_out = ~data.is_train
     if not held_out.any():
         raise RayboneError(f"{data.path}: the validation split is empty")
-    images = resize(torch.from_numpy(data.images[held_out]), cfg.image_size)
+    images = resize(torch.from_numpy(data.images[held_out]), cfg.image_size).numpy()
+    probs = predict_trained(model, cfg, images, data.sex_code[held_out], device)
     sex = sex_feature(data.sex_code[held_out]) if cfg.sex_input else None
-    probs = predict_probs(model.to(device), images, cfg.input_size, cfg.eval_batch_size, torch.device(device), sex=sex)
-    return _Validation(images.numpy(), data.labels[held_out], data.manifest.id.to_numpy()[held_out], sex, probs)
+    return _Validation(images, data.labels[held_out], data.manifest.id.to_numpy()[held_out], sex, probs)
 
 
 # ---------------------------------------------------------------- sections: (title, figure file or None, text)

@@ -252,6 +252,14 @@ def experiment_dir(results_dir: str | PurePath, name: str, must_exist: bool = Tr
     return path
 
 
+def latest_experiment(results_dir: str | PurePath) -> str:
+    """The name of the experiment whose trials table was written last."""
+    known = list_experiments(results_dir)
+    if not known:
+        raise RayboneError(f"no experiments in {location_text(results_dir)}; run `raybone search` first")
+    return known[-1]
+
+
 def list_experiments(results_dir: str | PurePath) -> list[str]:
     """Names of the experiments with a trials table, oldest table first."""
     fs, path = storage(results_dir)
