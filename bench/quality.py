@@ -80,12 +80,13 @@ def spec_file(work: Path, name: str, train: dict, args, iterations: int, samples
     return path
 
 
-def score(checkpoint: str, test, device: str) -> dict[str, float]:
-    """Six-crop metrics of a trained checkpoint on images no arm has seen."""
+def score(checkpoint: str, test, device: str) -> tuple[dict, dict[str, float]]:
+    """The checkpoint's values of the searched hyperparameters, and its six-crop metrics on images no arm has seen."""
     model, cfg, _ = load_trained_model(checkpoint)
     m = classification_metrics(predict_trained(model, cfg, test.images, test.sex_code, device), test.labels)
-    return {"top1": m["top1"], "top2": m["top2"], "rmse_argmax": m["rmse"], "rmse_expected": m["rmse_expected"],
-            "mae_months_argmax": 12 * m["mae"], "mae_months_expected": 12 * m["mae_expected"]}
+    metrics = {"top1": m["top1"], "top2": m["top2"], "rmse_argmax": m["rmse"], "rmse_expected": m["rmse_expected"],
+               "mae_months_argmax": 12 * m["mae"], "mae_months_expected": 12 * m["mae_expected"]}
+    return cfg.model_dump(include=set(SEARCHED), mode="json"), metrics
 
 
 def main() -> None:
@@ -115,10 +116,9 @@ def main() -> None:
     arms = {"paper_recipe": paper, "raybone_search": search}
     results = {"test_images": len(test.labels), "budget_trial_iterations": spent, "arms": {}}
     for arm, outcome in arms.items():
-        winner = best_row(outcome.trials, "val_rmse", "min")
-        results["arms"][arm] = {"trial_iterations": int(outcome.trials.training_iteration.sum()),
-                                "config": {k: winner[k] for k in outcome.trials.columns if k in SEARCHED},
-                                "test": score(winner.checkpoint_path, test, args.device)}
+        config, metrics = score(best_row(outcome.trials, "val_rmse", "min").checkpoint_path, test, args.device)
+        results["arms"][arm] = {"trial_iterations": int(outcome.trials.training_iteration.sum()), "config": config,
+                                "test": metrics}
     a, b = (results["arms"][k]["test"] for k in arms)
     summary = (f"quality on {len(test.labels)} held-out RSNA hands, {spent} trial-iterations each: paper recipe "
                f"top-1 {a['top1']:.3f} top-2 {a['top2']:.3f} RMSE {a['rmse_argmax']:.2f}/{a['rmse_expected']:.2f} y "
