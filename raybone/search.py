@@ -230,6 +230,7 @@ def searcher(spec: Spec, path: Path) -> OptunaSearch:
     return _IndexedOptunaSearch(
         sampler=optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup_trials(spec.num_samples)),
         objective=(spec.metric, spec.mode),
+        points_to_evaluate=spec.start_from,
         study_name=path.name,
         storage=optuna.storages.RDBStorage(f"sqlite:///{path / 'optuna.db'}"),
     )
@@ -265,6 +266,14 @@ class _IndexedOptunaSearch(OptunaSearch):
     def __init__(self, *, objective: tuple[str, str], **kwargs):
         super().__init__(**kwargs)
         self._objective = objective  # (metric, mode): Tune does not tell them when nothing is searched
+
+    def _setup_study(self, mode):
+        # Enqueue the start points into a new study only: a resumed one has run (or queued) them already.
+        points, self._points_to_evaluate = self._points_to_evaluate, []
+        super()._setup_study(mode)
+        if not self._ot_study.trials:
+            for point in points:
+                self._ot_study.enqueue_trial(point)
 
     def suggest(self, trial_id: str):
         if not self._space:  # nothing searched: every trial trains the spec's fixed configuration

@@ -122,6 +122,9 @@ class Spec(_Strict):
     num_samples: int = Field(8, ge=1)
     data: DataSpec = DataSpec()
     train: dict[str, Any] = {}
+    # Configurations the searcher tries first (e.g. a published recipe), each naming every searched
+    # hyperparameter: the search then starts from what is known to work instead of from random draws.
+    start_from: list[dict[str, Any]] = []
     scheduler: Scheduler = Scheduler()
     resources: Resources = Resources()
 
@@ -144,6 +147,22 @@ class Spec(_Strict):
                     f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds train.iterations"
                     f" ({fixed['iterations']})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _start_points_in_space(self) -> Spec:
+        searched = self.searched()
+        for i, point in enumerate(self.start_from):
+            where = f"start_from.{i}"
+            if unknown := sorted(set(point) - set(searched)):
+                raise ValueError(f"{where}: {', '.join(unknown)} not searched (only searched hyperparameters: "
+                                 f"{', '.join(searched) or 'none'})")
+            if missing := sorted(set(searched) - set(point)):
+                raise ValueError(f"{where}: name every searched hyperparameter; missing {', '.join(missing)}")
+            for name, value in point.items():
+                if not _within(searched[name], value):
+                    raise ValueError(f"{where}.{name}: {value!r} is outside the searched {_shown(searched[name])}")
+            _validated(TrainConfig, {**self.fixed(), **point}, prefix=where)
         return self
 
     def searched(self) -> dict[str, Range | Choice]:
@@ -194,6 +213,16 @@ def _corners(train: dict[str, Param]) -> list[dict[str, Any]]:
         values = param.choices if isinstance(param, Choice) else [param.low, param.high]
         corners += [{**base, name: _cast(name, value)} for value in values]
     return corners
+
+
+def _within(param: Range | Choice, value: Any) -> bool:
+    if isinstance(param, Choice):
+        return value in param.choices
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and param.low <= value <= param.high
+
+
+def _shown(param: Range | Choice) -> str:
+    return f"choices {param.choices}" if isinstance(param, Choice) else f"range [{param.low}, {param.high}]"
 
 
 def _cast(name: str, value: float) -> Any:

@@ -1,5 +1,6 @@
 """A real search on a real local Ray cluster: Tune + Optuna + ASHA driving Ray Train runs."""
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -128,6 +129,37 @@ def test_tpe_models_results_after_a_third_of_a_small_search(tmp_path, samples, m
     assert (thirds[0] != thirds[1]) == models_third_trial
 
 
+RECIPES = "start_from=[{lr: 1.0e-4, decay_steps: 100, l2_weight: 1.0, weight_decay: 0.1}, " \
+          "{lr: 3.0e-3, decay_steps: 30, l2_weight: 1.0e-3, weight_decay: 1.0e-4}]"
+
+
+def test_a_search_starts_from_the_given_configurations_once(tmp_path):
+    from raybone.search import _tune_space, searcher
+
+    spec = load_spec(QUICK, [RECIPES])
+    first = searcher(spec, tmp_path)
+    first.set_search_properties(spec.metric, spec.mode, _tune_space(spec))
+    assert first.suggest("t0") == {**spec.start_from[0], "trial_index": 0}
+    # Resumed (a new searcher on the same study): the second recipe is still due, the first is not run again.
+    again = searcher(spec, tmp_path)
+    again.set_search_properties(spec.metric, spec.mode, _tune_space(spec))
+    assert again.suggest("t1") == {**spec.start_from[1], "trial_index": 1}
+    sampled = again.suggest("t2")
+    assert sampled["trial_index"] == 2 and {k: sampled[k] for k in spec.searched()} not in spec.start_from
+
+
+@pytest.mark.parametrize("point, message", [
+    ("{lr: 1.0e-4}", "start_from.0: name every searched hyperparameter; missing decay_steps, l2_weight, weight_decay"),
+    ("{lr: 1.0e-2, decay_steps: 100, l2_weight: 1.0, weight_decay: 0.1}",
+     "start_from.0.lr: 0.01 is outside the searched range [0.0001, 0.003]"),
+    ("{lr: 1.0e-4, decay_steps: 100, l2_weight: 1.0, weight_decay: 0.1, batch_size: 8}",
+     "start_from.0: batch_size not searched"),
+])
+def test_a_start_point_outside_the_search_is_refused_before_ray_starts(point, message):
+    with pytest.raises(SpecError, match=rf"quick.yaml: {re.escape(message)}"):
+        load_spec(QUICK, [f"start_from=[{point}]"])
+
+
 def test_a_spec_that_searches_nothing_repeats_its_fixed_configuration(tmp_path):
     fixed = ["lr=1.0e-3", "decay_steps=100", "l2_weight=0.1", "weight_decay=0.01"]
     from raybone.search import searcher
@@ -148,8 +180,10 @@ def test_a_search_of_one_fixed_configuration_runs(local_ray, tmp_path):
 
 def test_asha_stops_weak_trials_early(local_ray, tmp_path):
     spec = load_spec(QUICK, TINY + ["num_samples=4", "iterations=8", "scheduler.reduction_factor=3",
-                                     "lr={distribution: loguniform, low: 1.0e-6, high: 0.3}"])
+                                     "lr={distribution: loguniform, low: 1.0e-6, high: 0.3}", RECIPES])
     outcome = run_search(spec, name="asha", results_dir=tmp_path)
+    first = outcome.trials.sort_values("trial_index").head(2)  # the recipes ran first, on the real cluster
+    assert first[list(spec.searched())].to_dict("records") == spec.start_from
     history = pd.read_parquet(outcome.path / "history.parquet")
     reports = history.groupby("trial_id").iteration.max()
     stopped = outcome.trials[outcome.trials.status == "stopped_early"]
