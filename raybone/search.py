@@ -90,7 +90,9 @@ def run_search(spec: Spec, *, name: str, results_dir: str | Path, address: str |
         tuner = ray.tune.Tuner.restore(str(path), trainable, resume_errored=True)
     else:
         tuner = _new_tuner(trainable, spec, str(root), name, study, max_concurrent)
-    console.print(f"[bold]search[/] {name}: {spec.num_samples} trials, up to {max_concurrent} at a time, "
+    given = min(len(spec.start_from), spec.num_samples)
+    starts = f" (the first {given} from start_from)" if given else ""
+    console.print(f"[bold]search[/] {name}: {spec.num_samples} trials{starts}, up to {max_concurrent} at a time, "
                   f"{spec.iterations} iterations each, data {data.path}")
     grid = tuner.fit()
     trials = trials_table(grid, spec, spec.iterations, storage_location=root if remote else None)
