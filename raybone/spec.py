@@ -155,8 +155,8 @@ class Spec(_Strict):
         for i, point in enumerate(self.start_from):
             where = f"start_from.{i}"
             if unknown := sorted(set(point) - set(searched)):
-                raise ValueError(f"{where}: {', '.join(unknown)} not searched (only searched hyperparameters: "
-                                 f"{', '.join(searched) or 'none'})")
+                raise ValueError(f"{where}: {', '.join(unknown)} not searched (fixed in train or unknown); a start "
+                                 f"point names the searched hyperparameters only: {', '.join(searched) or 'none'}")
             if missing := sorted(set(searched) - set(point)):
                 raise ValueError(f"{where}: name every searched hyperparameter; missing {', '.join(missing)}")
             for name, value in point.items():
