@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from raybone.errors import RayboneError
-from raybone.results import TRIALS, experiment_dir, latest_experiment, list_experiments
+from raybone.results import TRIALS, experiment_dir, latest_experiment, list_experiments, read_parquet
 from raybone.spec import Choice, Range, Spec, load_spec
 
 STUDY = "optuna.db"
@@ -43,7 +43,7 @@ def ranked_trials(path: Path, top: int | None = None) -> pd.DataFrame:
     """trials.parquet sorted best-first by the experiment's metric and mode, trials without it last."""
     path = Path(path)
     spec = experiment_spec(path)
-    trials = pd.read_parquet(path / TRIALS)
+    trials = read_parquet(path / TRIALS)
     if spec.metric not in trials.columns:
         trials[spec.metric] = float("nan")
     order = ["trial_index", "trial_id"] if "trial_index" in trials.columns else ["trial_id"]
@@ -142,7 +142,7 @@ def _table_trials(path: Path, spec: Spec) -> list:
     """trials.parquet's finished trials as Optuna trials, with the distributions of spec.yaml."""
     import optuna
 
-    trials = pd.read_parquet(path / TRIALS)
+    trials = read_parquet(path / TRIALS)
     names = list(spec.searched())
     if spec.metric not in trials.columns or any(n not in trials.columns for n in names):
         return []

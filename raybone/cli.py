@@ -15,27 +15,41 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from raybone.errors import RayboneError
+from raybone.errors import RayboneError, printable
 
 app = typer.Typer(no_args_is_help=False, add_completion=False, help=__doc__)
 data_app = typer.Typer(help="Prepare radiograph data sets.")
 app.add_typer(data_app, name="data")
 console = Console()
+errors = Console(stderr=True)
+FORCE_HELP = "replace the output folder even if it is a raybone folder holding other files"
+
+
+@app.callback()
+def _quiet_decoders() -> None:
+    """Decoders warn about odd but readable files on stderr; raybone reports what it could not read itself."""
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"(pydicom|PIL)(\.|$)")
 
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "quick.yaml"
 RESULTS = Path("results")
 
 
 def _user_errors(fn):
-    """Print a RayboneError as one line and exit 2, instead of a traceback."""
+    """A RayboneError is one line on stderr and exit 2; a failing disk (full, read-only) one line and exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except RayboneError as err:
-            console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+            _error(str(err))
             raise typer.Exit(2) from None
+        except OSError as err:
+            where = f"{err.filename}: " if err.filename else ""
+            _error(f"{where}{err.strerror or err}")
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -73,8 +87,8 @@ def search(
     outcome = run_search(spec, name=name, results_dir=storage, address=address, resume=bool(resume),
                          shared_storage=shared_storage, console=console)
     _print_best(outcome.best, spec.metric)
-    console.print(f"trials:  {results.join(outcome.path, results.TRIALS)}\n"
-                  f"history: {results.join(outcome.path, results.HISTORY)}", highlight=False, soft_wrap=True)
+    _say(f"trials:  {results.join(outcome.path, results.TRIALS)}")
+    _say(f"history: {results.join(outcome.path, results.HISTORY)}")
 
 
 @data_app.command("prepare")
@@ -87,13 +101,14 @@ def data_prepare(
     image_size: Annotated[int, typer.Option(help="side of the warped square images")] = 256,
     num_classes: Annotated[int, typer.Option(help="classes = whole years 0..N-1")] = 20,
     seed: Annotated[int, typer.Option(help="seed of the stratified split")] = 0,
+    force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
 ):
     """Decode, grey, warp and split a data set once, for every later search."""
     from raybone.data import prepare
 
     prepared = prepare(source, format=format, labels=labels, out=out, image_size=image_size,
-                       num_classes=num_classes, seed=seed)
-    console.print(f"prepared: {prepared.path}")
+                       num_classes=num_classes, seed=seed, force=force)
+    _say(f"prepared: {prepared.path}")
 
 
 class OutputFormat(str, Enum):
@@ -115,6 +130,7 @@ def best(
     mode: Annotated[Optional[str], typer.Option(help="min | max (default: the metric's own)")] = None,
     export: Annotated[Optional[Path], typer.Option(help="write the model folder here (replaced atomically)")] = None,
     results_dir: Annotated[Path, typer.Option(help="where experiments are written")] = RESULTS,
+    force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
 ):
     """Show an experiment's best trial; with --export, write it as a self-contained model folder."""
     from raybone.export import export_model, find_best
@@ -122,7 +138,7 @@ def best(
     trial = find_best(results_dir, name, metric, mode)
     _print_best(trial.summary(), f"{trial.metric} ({trial.mode}) in {trial.experiment}")
     if export is not None:
-        console.print(f"exported: {export_model(trial, export)}")
+        _say(f"exported: {export_model(trial, export, force=force)}")
 
 
 @app.command()
@@ -161,15 +177,16 @@ def evaluate(
     device: Annotated[Device, typer.Option(help="cpu | cuda")] = Device.cpu,
 ):
     """Top-1/2, RMSE, MAE and the confusion matrix of an exported model on labelled radiographs."""
-    import json
-
+    from raybone.predict import check_evaluation_file, write_evaluation
     from raybone.predict import evaluate as run_evaluation
 
+    if json_file is not None:
+        check_evaluation_file(json_file)  # before the work, not after it
     result = run_evaluation(model_dir, data, split, device.value)
     _print_evaluation(result)
     if json_file is not None:
-        json_file.write_text(json.dumps(result, indent=2) + "\n")
-        console.print(f"written: {json_file}")
+        write_evaluation(result, json_file)
+        _say(f"written: {json_file}")
 
 
 @app.command()
@@ -180,13 +197,22 @@ def report(
     samples: Annotated[int, typer.Option(min=1, max=32, help="images in each gallery")] = 8,
     device: Annotated[Device, typer.Option(help="cpu | cuda")] = Device.cpu,
     results_dir: Annotated[Path, typer.Option(help="where experiments are written")] = RESULTS,
+    force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
 ):
     """Write an HTML report with figures: confusion matrix, learning curves, hyperparameters, errors, Grad-CAM."""
     from raybone.report import PAGE, write_report
 
-    with console.status("re-running the best trial on its validation split and drawing the figures"):
-        folder = write_report(results_dir, name, out, samples=samples, device=device.value)
-    console.print(f"report: {folder / PAGE}")
+    with errors.status("re-running the best trial on its validation split and drawing the figures"):
+        folder = write_report(results_dir, name, out, samples=samples, device=device.value, force=force)
+    _say(f"report: {folder / PAGE}")
+
+
+def _say(text: str) -> None:
+    console.print(printable(text), markup=False, highlight=False, soft_wrap=True)
+
+
+def _error(text: str) -> None:
+    errors.print(Text.assemble(("error:", "red"), " ", printable(text)), highlight=False, soft_wrap=True)
 
 
 def _print_best(best, metric: str) -> None:
@@ -198,7 +224,7 @@ def _print_best(best, metric: str) -> None:
     table.add_column("value")
     for key, value in best.items():
         if value is not None and key not in ("trial_path", "error"):
-            table.add_row(str(key), f"{value:.4g}" if isinstance(value, float) else str(value))
+            table.add_row(str(key), Text(printable(f"{value:.4g}" if isinstance(value, float) else value)))
     console.print(table)
 
 
@@ -214,8 +240,8 @@ def _print_predictions(predictions) -> None:
 
 def _print_evaluation(result: dict) -> None:
     m = result["metrics"]
-    console.print(f"model {result['model']} (trial {result['trial_id']}) on the {result['split']} split of "
-                  f"{result['data']}: {result['images']} images", markup=False, highlight=False, soft_wrap=True)
+    _say(f"model {result['model']} (trial {result['trial_id']}) on the {result['split']} split of "
+         f"{result['data']}: {result['images']} images")
     table = Table("metric", "years", "months")
     table.add_row("top-1", f"{m['top1']:.4f}", "")
     table.add_row("top-2", f"{m['top2']:.4f}", "")
@@ -277,7 +303,7 @@ def results(
     hidden = [c for c in METRIC_COLUMNS if c not in metrics]
     console.print(f"more metrics ({', '.join(hidden)}): --format csv or json", highlight=False)
     _print_importances(analysis.importances(path, importance_evaluator.value))
-    console.print(f"live view: optuna-dashboard sqlite:///{path / analysis.STUDY}", highlight=False, soft_wrap=True)
+    _say(f"live view: optuna-dashboard sqlite:///{path / analysis.STUDY}")
 
 
 def _print_frame(df, format: OutputFormat, title: str | None = None) -> None:
@@ -292,7 +318,7 @@ def _print_frame(df, format: OutputFormat, title: str | None = None) -> None:
         typer.echo(df.to_csv(index=False), nl=False)
     else:
         if title:
-            console.print(title, highlight=False, soft_wrap=True)
+            _say(title)
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
         for column in df.columns:
             table.add_column(str(column), justify="right" if df[column].dtype.kind in "iuf" else "left", no_wrap=True)
@@ -305,9 +331,9 @@ def _print_frame(df, format: OutputFormat, title: str | None = None) -> None:
 def _print_importances(result) -> None:
     title = f"hyperparameter importances ({result.evaluator}, {result.trials} finished trials from {result.source})"
     if result.note:
-        console.print(f"{title}: {result.note}", highlight=False, soft_wrap=True)
+        _say(f"{title}: {result.note}")
         return
-    console.print(title, highlight=False, soft_wrap=True)
+    _say(title)
     table = Table("hyperparameter", "importance", "", box=box.SIMPLE_HEAD, pad_edge=False)
     for param, value in result.values.items():
         table.add_row(param, f"{value:.3f}", "#" * round(value * 30))

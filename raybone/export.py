@@ -30,15 +30,17 @@ from raybone.analysis import experiment_spec
 from raybone.augment import test_crops
 from raybone.checkpoint import load_trained_model
 from raybone.errors import RayboneError
-from raybone.files import atomic_folder
+from raybone.files import Legacy, atomic_folder, check_replaceable, file_sha256
 from raybone.data.prepare import cache_root
 from raybone.results import METRIC_COLUMNS, experiment_dir, is_uri, latest_experiment, load_trials, location_text, mirror
 from raybone.search import best_row
 from raybone.spec import METRICS, Spec, TrainConfig
 
 MODEL_FORMAT = "raybone-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model.json records the sha256 of each network file
 WEIGHTS, TORCHSCRIPT, ONNX, MODEL_JSON, CARD = "weights.safetensors", "model.ts", "model.onnx", "model.json", "README.md"
+KIND = "model folder"
+_LEGACY = Legacy(MODEL_JSON, f'"{MODEL_FORMAT}"'.encode(), frozenset({WEIGHTS, TORCHSCRIPT, ONNX, MODEL_JSON, CARD}))
 ONNX_INPUT, ONNX_SEX, ONNX_OUTPUT = "crops", "sex", "logits"
 TOLERANCE = 1e-4  # max |difference| of class probabilities between PyTorch and TorchScript / ONNX
 CROPS = ["top-left", "top-right", "bottom-left", "bottom-right", "centre", "centre, flipped horizontally"]
@@ -90,15 +92,15 @@ def resolve_location(location, experiment: Path | None = None, recursive: bool =
 
     A URI (s3://, gs://, file://) is read through pyarrow, as Ray wrote it, into a local mirror under the
     cache (`recursive=False`: the folder's own files only, e.g. an experiment's tables without its checkpoints).
-    A local folder that was moved or copied since the search still works: a stored path that no longer exists
-    is looked up again inside `experiment`.
+    A local folder that was moved or copied since the search reads its own checkpoints: a stored path is looked
+    up inside `experiment` first (the part after the experiment's name), and used as stored only if not there.
     """
     if is_uri(location):
         text = location_text(location)
         name = text.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]  # kept: the Optuna study is named after it
         return mirror(text, cache_root() / "remote" / hashlib.sha256(text.encode()).hexdigest()[:16] / name, recursive)
     path = Path(location)
-    if experiment is not None and not path.exists() and experiment.name in path.parts:
+    if experiment is not None and experiment.name in path.parts:
         below = path.parts[len(path.parts) - 1 - path.parts[::-1].index(experiment.name) + 1:]
         if (experiment.joinpath(*below)).exists():
             return experiment.joinpath(*below)
@@ -125,18 +127,20 @@ def find_best(results_dir, name: str | None = None, metric: str | None = None,
     return BestTrial(name, path, row, spec, _read_json(path / "environment.json"), metric, mode)
 
 
-def export_model(best: BestTrial, out) -> Path:
-    """Write the model folder `out` for `best`; an existing model folder there is replaced when the new one is complete."""
+def export_model(best: BestTrial, out, force: bool = False) -> Path:
+    """Write the model folder `out` for `best`. An earlier model folder there is replaced when the new one is
+    complete; anything else is refused (see raybone.files), a model folder holding other files too unless `force`."""
     target = Path(out).resolve()
-    _check_target(target)
+    check_replaceable(target, KIND, force, _LEGACY)
     model, cfg, num_classes = load_trained_model(best.checkpoint_dir())
     image_size = _image_size(best)
-    with atomic_folder(target) as staging:
+    with atomic_folder(target, KIND, force=force, legacy=_LEGACY) as staging:
         _save_weights(model, staging / WEIGHTS, cfg, num_classes)
         inputs = _sample_inputs(cfg)
         _save_torchscript(model, inputs, staging / TORCHSCRIPT)
         _save_onnx(model, inputs, staging / ONNX)
         meta = model_meta(best, cfg, num_classes, image_size)
+        meta["sha256"] = {name: file_sha256(staging / name) for name in (WEIGHTS, TORCHSCRIPT, ONNX)}
         (staging / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
         (staging / CARD).write_text(model_card(meta))
     return target
@@ -386,18 +390,3 @@ def _version(name: str) -> str | None:
 def _one_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
-
-
-# ---------------------------------------------------------------- publishing
-
-
-def _check_target(target: Path) -> None:
-    """Replace only an earlier model folder or an empty folder, never someone's other files."""
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise RayboneError(f"{target}: exists and is not a folder; choose another --export")
-    if any(target.iterdir()) and _read_json(target / MODEL_JSON).get("format") != MODEL_FORMAT:
-        raise RayboneError(f"{target}: exists and is not a raybone model folder; choose another --export")
-
-

@@ -8,29 +8,36 @@ test-time crops, softmax averaged over the crops.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from raybone.data import decode_image, prepare, warp_image
-from raybone.data.sources import parse_sex
-from raybone.errors import DataError, RayboneError
+from raybone.data.decode import IMAGE_SUFFIXES, UNSUPPORTED_SUFFIXES
+from raybone.data.sources import MAX_LABELS_BYTES, parse_sex
+from raybone.errors import DataError, RayboneError, one_line, printable
 from raybone.export import FORMAT_VERSION, MODEL_FORMAT, MODEL_JSON, WEIGHTS
+from raybone.files import read_regular_file, write_file_atomically
 from raybone.metrics import confusion_matrix, readout_metrics
-from raybone.model import create_model
+from raybone.model import MODELS, create_model
 from raybone.engine import predict_images
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 SPLITS = ("val", "train", "all")
+MAX_MODEL_JSON_BYTES = 16 * 2**20
+MAX_WEIGHTS_BYTES = 2 * 2**30  # VGG16's weights are 0.5 GiB
 
 
 @dataclass
@@ -49,7 +56,7 @@ class Prediction:
     def record(self) -> dict:
         """One output row: classes are whole years; the expected age is sum_j p_j j."""
         first, second = (int(c) for c in self.ranked[:2])
-        return {"file": self.file, "predicted_years": first, "second_years": second,
+        return {"file": printable(self.file), "predicted_years": first, "second_years": second,
                 "expected_age_years": self.expected_age_years, "expected_age_months": self.expected_age_years * 12,
                 "probabilities": [float(p) for p in self.probs]}
 
@@ -60,10 +67,10 @@ class Predictor:
     def __init__(self, model_dir, device: str = "cpu"):
         self.path = Path(model_dir)
         self.meta = read_model_meta(self.path)
-        self.image_size = int(self.meta["image_size"])  # the prepared data's warp size
-        self.resize_to = int(self.meta.get("resize_to") or self.image_size)  # the trial's image size
-        self.input_size = int(self.meta["input_size"])
-        self.num_classes = int(self.meta["num_classes"])
+        self.image_size = self.meta["image_size"]  # the prepared data's warp size
+        self.resize_to = self.meta.get("resize_to") or self.image_size  # the trial's image size
+        self.input_size = self.meta["input_size"]
+        self.num_classes = self.meta["num_classes"]
         self.config = self.meta.get("train_config", {})
         self.eval_batch_size = int(self.config.get("eval_batch_size", 64))
         self.sex_input = bool(self.config.get("sex_input", False))
@@ -119,36 +126,79 @@ class Predictor:
         except DataError as err:
             return None, str(err)
         except Exception as err:  # a decoder bug on one odd file must not stop the others
-            return None, f"{path}: cannot decode ({type(err).__name__}: {' '.join(str(err).split())})"
+            return None, f"{path}: cannot decode ({type(err).__name__}: {one_line(err)})"
+
+
+class _ModelMeta(BaseModel):
+    """What predict relies on in model.json; the rest is description."""
+
+    model_config = ConfigDict(extra="allow")
+    format: Literal["raybone-model"]
+    format_version: StrictInt = Field(ge=1)
+    model: str
+    num_classes: StrictInt = Field(ge=2)
+    image_size: StrictInt = Field(ge=8)
+    resize_to: StrictInt | None = Field(None, ge=8)
+    input_size: StrictInt = Field(ge=8)
+    train_config: dict = {}
+    sha256: dict[str, str] = {}
+
+    @field_validator("model")
+    @classmethod
+    def _known(cls, model: str) -> str:
+        if model not in MODELS:
+            raise ValueError(f"unknown model {model!r}; this raybone knows {', '.join(MODELS)}")
+        return model
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> "_ModelMeta":
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(f"model format {self.format_version} is newer than this raybone understands "
+                             f"({FORMAT_VERSION}); upgrade raybone")
+        if self.input_size > (self.resize_to or self.image_size):
+            raise ValueError(f"input_size {self.input_size} is larger than the image ({self.resize_to or self.image_size} px)")
+        if self.format_version >= 2 and WEIGHTS not in self.sha256:
+            raise ValueError(f"sha256 of {WEIGHTS} missing")
+        return self
 
 
 def read_model_meta(model_dir: Path) -> dict:
+    """model.json of a model folder, validated: a one-line RayboneError naming the file and the problem."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise RayboneError(f"{model_dir}: no such model folder; create one with `raybone best --export {model_dir}`")
-    try:
-        meta = json.loads((model_dir / MODEL_JSON).read_text())
-    except FileNotFoundError:
+    path = model_dir / MODEL_JSON
+    if not path.exists():
         raise RayboneError(f"{model_dir}: not a raybone model folder ({MODEL_JSON} missing); "
-                           "create one with `raybone best --export DIR`") from None
-    except (OSError, ValueError) as err:
-        raise RayboneError(f"{model_dir / MODEL_JSON}: unreadable ({err})") from None
+                           "create one with `raybone best --export DIR`")
+    try:
+        meta = json.loads(read_regular_file(path, MAX_MODEL_JSON_BYTES))
+    except ValueError as err:
+        raise RayboneError(f"{path}: unreadable ({one_line(err)})") from None
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-        raise RayboneError(f"{model_dir / MODEL_JSON}: not a raybone model description")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise RayboneError(f"{model_dir}: model format {meta['format_version']} is newer than this raybone "
-                           f"understands ({FORMAT_VERSION}); upgrade raybone")
-    return meta
+        raise RayboneError(f"{path}: not a raybone model description")
+    try:
+        return _ModelMeta(**meta).model_dump()
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise RayboneError(f"{path}: {where + ': ' if where else ''}{message}") from None
 
 
 def _load_network(model_dir: Path, meta: dict) -> torch.nn.Module:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
+    path = model_dir / WEIGHTS
+    data = read_regular_file(path, MAX_WEIGHTS_BYTES)
+    expected = meta["sha256"].get(WEIGHTS)
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise RayboneError(f"{path}: sha256 does not match {MODEL_JSON} (modified or corrupt); export the model again")
     try:
-        state = load_file(model_dir / WEIGHTS, device="cpu")
-    except (FileNotFoundError, SafetensorError, OSError) as err:
-        raise RayboneError(f"{model_dir / WEIGHTS}: cannot read weights ({' '.join(str(err).split())})") from None
+        state = load(data)
+    except (SafetensorError, ValueError) as err:
+        raise RayboneError(f"{path}: cannot read weights ({one_line(err)})") from None
     config = meta.get("train_config", {})
     model = create_model(meta["model"], meta["num_classes"], weights="none", finetune=config.get("finetune", "full"),
                          sex_input=bool(config.get("sex_input", False)))
@@ -175,13 +225,17 @@ def find_images(inputs: Sequence) -> tuple[list[Path], list[str]]:
     """Files named on the command line as they are; folders searched recursively for radiographs.
 
     Returns (files, problems): a missing input is a problem '<path>: <reason>', not a reason to stop.
-    In folders, .png .jpg .jpeg .dcm .dicom files count, and extension-less files with a DICOM marker.
+    In folders, .png .jpg .jpeg .dcm .dicom files count, and extension-less files with a DICOM marker; other
+    image files (.gif, .tif, ...) are problems, so that none is left out silently.
     """
     files, problems = [], []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and _is_radiograph(p))
-        elif item.exists():
+            found = sorted(p for p in item.rglob("*") if not p.is_dir() and not p.name.startswith("."))
+            files += [p for p in found if _is_radiograph(p)]
+            problems += [f"{p}: {p.suffix.lower()} images are not read; raybone reads PNG, JPEG and DICOM"
+                         for p in found if p.suffix.lower() in UNSUPPORTED_SUFFIXES]
+        elif item.exists() or item.is_symlink():
             files.append(item)
         else:
             problems.append(f"{item}: no such file or folder")
@@ -189,11 +243,9 @@ def find_images(inputs: Sequence) -> tuple[list[Path], list[str]]:
 
 
 def _is_radiograph(path: Path) -> bool:
-    if path.name.startswith("."):
-        return False
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return True
-    if path.suffix:
+    if path.suffix or not path.is_file():  # never open a FIFO or a device to look for a DICOM marker
         return False
     try:
         with path.open("rb") as handle:
@@ -249,6 +301,28 @@ def evaluate(model_dir, data: str, split: str | None = None, device: str = "cpu"
     }
 
 
+EVALUATION_FORMAT = "raybone-evaluation"
+
+
+def check_evaluation_file(path: Path) -> None:
+    """Refuse to replace a file that is not an earlier `raybone evaluate --json` output."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        earlier = json.loads(read_regular_file(path, MAX_MODEL_JSON_BYTES))
+    except (RayboneError, ValueError):
+        earlier = None
+    if not isinstance(earlier, dict) or earlier.get("format") != EVALUATION_FORMAT:
+        raise RayboneError(f"{path}: exists and was not written by raybone evaluate; choose another --json file")
+
+
+def write_evaluation(result: dict, path: Path) -> None:
+    """The result of evaluate() as JSON, replacing only an earlier evaluation, never half-written."""
+    check_evaluation_file(path)
+    write_file_atomically(path, json.dumps({"format": EVALUATION_FORMAT, **result}, indent=2) + "\n")
+
+
 # ---------------------------------------------------------------- predict, for the command line
 
 
@@ -261,10 +335,11 @@ def sex_codes(files: Sequence[Path], sex: str | None, sex_csv: Path | None) -> d
         if code < 0:
             raise RayboneError(f"--sex {sex!r}: expected male or female (M/F)")
         return dict.fromkeys(files, code)
+    data = read_regular_file(sex_csv, MAX_LABELS_BYTES)
     try:
-        table = pd.read_csv(sex_csv, dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError) as err:
-        raise RayboneError(f"{sex_csv}: cannot read the sex CSV ({' '.join(str(err).split())})") from None
+        table = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:  # UnicodeDecodeError included
+        raise RayboneError(f"{sex_csv}: cannot read the sex CSV ({one_line(err)})") from None
     if "file" not in table.columns or not {"sex", "male"} & set(table.columns):
         raise RayboneError(f"{sex_csv}: needs columns 'file' and 'sex' (M/F) or 'male' (True/False)")
     by_name = {Path(row["file"]).name: _SEX_CODES[parse_sex(row)] for row in table.to_dict("records")}
@@ -290,7 +365,7 @@ def predict_inputs(model_dir, inputs: Sequence, device: str = "cpu", batch_size:
     if not files and not problems:
         raise RayboneError(f"no radiographs ({', '.join(IMAGE_SUFFIXES)} or DICOM) found in "
                            f"{', '.join(map(str, inputs))}")
-    failures = len(problems)
+    failures = 0
     codes = sex_codes(files, sex, sex_csv)
     if predictor.sex_input and codes is None:
         raise RayboneError(f"{model_dir}: this model takes the patient's sex as an input; "
@@ -299,10 +374,10 @@ def predict_inputs(model_dir, inputs: Sequence, device: str = "cpu", batch_size:
     def report(problem: str) -> None:
         nonlocal failures
         failures += 1
-        console.print(f"error: {problem}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"error: {printable(problem)}", markup=False, highlight=False, soft_wrap=True)
 
     for problem in problems:
-        console.print(f"error: {problem}", markup=False, highlight=False, soft_wrap=True)
+        report(problem)
     bar = Progress(TextColumn("Predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    console=console, transient=True, disable=not console.is_terminal)
     with bar:
@@ -323,5 +398,10 @@ def predictions_csv(predictions: Sequence[Prediction], num_classes: int) -> str:
     for prediction in predictions:
         record = prediction.record()
         probs = record.pop("probabilities")
-        rows.append({**record, **{f"p_{j}": p for j, p in enumerate(probs)}})
+        rows.append({**record, "file": csv_text(record["file"]), **{f"p_{j}": p for j, p in enumerate(probs)}})
     return pd.DataFrame(rows, columns=columns + [f"p_{j}" for j in range(num_classes)]).to_csv(index=False)
+
+
+def csv_text(text: str) -> str:
+    """A text cell a spreadsheet shows as text: a leading = + - @ (or tab, CR) would start a formula."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text

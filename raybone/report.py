@@ -33,14 +33,18 @@ from raybone.data.prepare import META_FILE, load_prepared
 from raybone.engine import predict_trained, resize
 from raybone.errors import RayboneError
 from raybone.export import PAPER, BestTrial, find_best
-from raybone.files import atomic_folder
+from raybone.files import Legacy, atomic_folder, check_replaceable
 from raybone.metrics import confusion_matrix, readout_metrics
 from raybone.model import sex_feature
-from raybone.results import HISTORY, is_uri
+from raybone.results import HISTORY, is_uri, read_parquet
 from raybone.saliency import grad_cam
 from raybone.search import prepare_data
 
 PAGE = "index.html"
+FIGURES = ("confusion.png", "learning_curves.png", "hyperparameters.png", "importances.png", "worst_errors.png",
+           "probabilities.png", "gradcam.png")
+KIND = "report"
+_LEGACY = Legacy(PAGE, b"<title>raybone report", frozenset({PAGE, *FIGURES}))
 
 
 @dataclass
@@ -54,19 +58,22 @@ class _Validation:
     probs: np.ndarray  # six-crop averaged [N, C]
 
 
-def write_report(results_dir, name: str | None = None, out=None, *, samples: int = 8, device: str = "cpu") -> Path:
+def write_report(results_dir, name: str | None = None, out=None, *, samples: int = 8, device: str = "cpu",
+                 force: bool = False) -> Path:
     """Write the report of experiment `name` (default: the most recent) to `out` (default: <experiment>/report,
-    or ./report-<name> for an experiment on a URI storage)."""
+    or ./report-<name> for an experiment on a URI storage). An earlier report there is replaced; anything else
+    is refused (see raybone.files), a report holding other files too unless `force`."""
     best = find_best(results_dir, name)
     # An experiment on s3:// or gs:// is read from a local mirror; its report goes to the working directory.
     default = Path(f"report-{best.experiment}") if is_uri(results_dir) else best.path / "report"
-    target = Path(out) if out is not None else default
+    target = (Path(out) if out is not None else default).resolve()
+    check_replaceable(target, KIND, force, _LEGACY)
     model, cfg, num_classes = load_trained_model(best.checkpoint_dir())
     val = _validate(model, cfg, _prepared(best), device)
     trials = ranked_trials(best.path)
-    history = pd.read_parquet(best.path / HISTORY) if (best.path / HISTORY).is_file() else pd.DataFrame()
+    history = read_parquet(best.path / HISTORY) if (best.path / HISTORY).is_file() else pd.DataFrame()
     metrics = readout_metrics(val.probs, val.labels, cfg.readout)
-    with atomic_folder(target.resolve()) as staging:
+    with atomic_folder(target, KIND, force=force, legacy=_LEGACY) as staging:
         sections = [
             _confusion(staging, val, num_classes, best),
             _curves(staging, history, trials, best),

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raybone.errors import RayboneError
+from raybone.errors import RayboneError, one_line
 
 TRIALS = "trials.parquet"
 HISTORY = "history.parquet"
@@ -125,8 +125,12 @@ def write_parquet(df: pd.DataFrame, location: str | PurePath) -> None:
 
 
 def read_parquet(location: str | PurePath) -> pd.DataFrame:
+    """A table written by write_parquet; a one-line RayboneError if it is missing, truncated or not Parquet."""
     fs, path = storage(location)
-    return pq.read_table(path, filesystem=fs).to_pandas()
+    try:
+        return pq.read_table(path, filesystem=fs).to_pandas()
+    except (pa.ArrowException, OSError) as err:
+        raise RayboneError(f"{location_text(location)}: unreadable table ({one_line(err)})") from None
 
 
 def write_text(text: str, location: str | PurePath) -> None:

@@ -49,9 +49,19 @@ def tiny_experiment(tmp_path_factory):
     return results, outcome
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tiny_experiment, tmp_path_factory):
+    """The tiny experiment's best trial, exported as a model folder."""
+    from raybone.export import export_model, find_best
+
+    results, _ = tiny_experiment
+    return export_model(find_best(results, "tiny"), tmp_path_factory.mktemp("export") / "model")
+
+
 def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=12, rescale=None, window=None,
                  syntax=ExplicitVRLittleEndian, pixel_data=None):
-    """A real DICOM file written with pydicom; pixel_data: None (the pixels), raw bytes, or "none" (header only)."""
+    """A real DICOM file written with pydicom; pixels [rows, cols] or [frames, rows, cols]; pixel_data: None (the
+    pixels), raw bytes, or "none" (header only)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -59,7 +69,9 @@ def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=12, rescale
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0

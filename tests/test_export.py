@@ -28,7 +28,7 @@ from raybone.spec import load_spec
 
 from conftest import QUICK
 
-FILES = {"weights.safetensors", "model.ts", "model.onnx", "model.json", "README.md"}
+FILES = {"weights.safetensors", "model.ts", "model.onnx", "model.json", "README.md", ".raybone.json"}
 runner = CliRunner()
 
 
@@ -39,12 +39,12 @@ def experiment(tiny_experiment):
 
 @pytest.fixture(scope="module")
 def exported(experiment, tmp_path_factory):
-    """Export through the command line, over an earlier model folder that holds a stale file."""
+    """Export through the command line, over a model folder an earlier raybone (without the marker) wrote."""
     results, _ = experiment
     model = tmp_path_factory.mktemp("export") / "model"
     model.mkdir()
     (model / "model.json").write_text(json.dumps({"format": "raybone-model"}))
-    (model / "stale.txt").write_text("from an older export")
+    (model / "model.ts").write_text("from an older export")
     result = runner.invoke(app, ["best", "tiny", "--results-dir", str(results), "--export", str(model)])
     assert result.exit_code == 0, result.output
     return model, result.output
@@ -65,7 +65,8 @@ def _val_images(outcome) -> torch.Tensor:
 
 def test_export_writes_the_whole_folder_and_replaces_the_old_one(exported):
     model, output = exported
-    assert {p.name for p in model.iterdir()} == FILES  # stale.txt went with the old folder
+    assert {p.name for p in model.iterdir()} == FILES
+    assert json.loads((model / ".raybone.json").read_text())["files"] == sorted(FILES - {".raybone.json"})
     assert not [p.name for p in model.parent.iterdir() if p.name.startswith(".")]  # no staging leftovers
     assert f"exported: {model}" in output
     card = (model / "README.md").read_text()
@@ -155,7 +156,7 @@ def test_export_refuses_to_replace_a_folder_that_is_not_a_model(experiment, tmp_
     (tmp_path / "notes.txt").write_text("mine")
     result = runner.invoke(app, ["best", "--results-dir", str(results), "--export", str(tmp_path)])
     assert result.exit_code == 2
-    assert "is not a raybone model folder" in result.output
+    assert f"{tmp_path}: exists and was not written by raybone (it holds notes.txt)" in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
@@ -193,11 +194,14 @@ def test_best_without_experiments_says_so(tmp_path):
     assert result.exit_code == 2 and "no experiments in" in result.output
 
 
-def test_a_moved_experiment_still_finds_its_checkpoints(tmp_path):
-    experiment = tmp_path / "tiny"
+def test_a_moved_or_copied_experiment_reads_its_own_checkpoints(tmp_path):
+    experiment = tmp_path / "copy" / "tiny"
     (experiment / "train" / "trial-1" / "checkpoint_0").mkdir(parents=True)
     moved = resolve_location("/elsewhere/results/tiny/train/trial-1/checkpoint_0", experiment)
     assert moved == experiment / "train" / "trial-1" / "checkpoint_0"
+    original = tmp_path / "tiny" / "train" / "trial-1" / "checkpoint_0"
+    original.mkdir(parents=True)  # the original still exists: the copy reads its own all the same
+    assert resolve_location(str(original), experiment) == experiment / "train" / "trial-1" / "checkpoint_0"
 
 
 def test_export_reads_an_experiment_on_uri_storage(experiment, tmp_path, monkeypatch):

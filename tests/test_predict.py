@@ -15,7 +15,6 @@ from raybone.checkpoint import load_trained_model
 from raybone.engine import predict_probs, resize
 from raybone.cli import app
 from raybone.data import render_hand, warp_image
-from raybone.export import export_model, find_best
 from raybone.predict import Predictor, evaluate, find_images
 
 from conftest import write_dicom
@@ -24,9 +23,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def model(tiny_experiment, tmp_path_factory):
-    results, _ = tiny_experiment
-    return export_model(find_best(results, "tiny"), tmp_path_factory.mktemp("export") / "model")
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

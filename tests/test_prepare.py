@@ -9,7 +9,7 @@ from PIL import Image
 
 from raybone.data import PreparedData, load_prepared, prepare
 from raybone.data.prepare import stratified_split
-from raybone.errors import DataError
+from raybone.errors import DataError, RayboneError
 
 # raybone.data re-exports the prepare() function under the submodule's name, so fetch the module itself.
 prepare_module = importlib.import_module("raybone.data.prepare")
@@ -45,7 +45,7 @@ def collection(tmp_path):
 def test_prepare_writes_a_complete_artifact(collection, tmp_path):
     data = prepare(collection, out=tmp_path / "prepared", image_size=16, progress=False)
     assert {p.name for p in (tmp_path / "prepared").iterdir()} == {
-        "images.npy", "manifest.parquet", "skipped.csv", "prepared.json"}
+        "images.npy", "manifest.parquet", "skipped.csv", "prepared.json", ".raybone.json"}
     assert data.images.dtype == np.uint8 and data.images.shape == (10, 16, 16)
     assert list(data.manifest.columns) == ["id", "label", "age_months", "sex", "split", "source", "checksum"]
     expected = {image_id: months // 12 for image_id, months in AGES.items()}
@@ -118,8 +118,9 @@ def test_output_inside_the_source_is_refused(collection):
 def test_output_over_an_unrelated_folder_is_refused(collection, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("keep me")
-    with pytest.raises(DataError, match="exists and is not a prepared raybone dataset"):
+    with pytest.raises(RayboneError, match="mine: exists and was not written by raybone .it holds thesis.tex"):
         prepare(collection, out=tmp_path / "mine", image_size=16, progress=False)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.tex"]
 
 
 def test_an_artifact_folder_is_loaded_as_a_source(collection, tmp_path):

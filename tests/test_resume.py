@@ -74,4 +74,4 @@ def test_resume_refuses_a_folder_raybone_did_not_create(tmp_path):
     result = subprocess.run([sys.executable, "-m", "raybone", "search", "--resume", "stranger", "--results-dir",
                              str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert "is not a raybone experiment" in result.stdout
+    assert "is not a raybone experiment" in result.stderr

@@ -1,36 +1,64 @@
 """Decode one radiograph file (PNG, JPEG or DICOM) into a full-resolution 8-bit grey image.
 
 Every failure is a DataError "<path>: <problem>" so prepare() can skip the file and say why.
+
+Memory is bounded before any pixel is decoded: a file must be a regular file of at most MAX_FILE_BYTES; an
+image at most MAX_SIDE px on a side and MAX_PIXELS pixels (from the PNG/JPEG header, or DICOM Rows x Columns,
+checked before a deflated DICOM is inflated beyond MAX_FILE_BYTES); and all the decodes running at once, on
+however many threads, hold at most DECODE_MEMORY bytes between them (each reserves its file and an estimate of
+its decoded pixels first).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
-import warnings
+import re
+import threading
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 
-from raybone.errors import DataError
+from raybone.errors import DataError, one_line
+from raybone.files import read_regular_file, regular_file_size
 
 MAX_SIDE = 12000
 MIN_SIDE = 8
+MAX_PIXELS = 30_000_000  # 30 megapixels: a 43 cm detector at 80 um is 29 MP
+MAX_FILE_BYTES = 256 * 2**20
+DECODE_MEMORY = 1024 * 2**20  # what all concurrent decodes may hold at once
 DICOM_SUFFIXES = (".dcm", ".dicom")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *DICOM_SUFFIXES)  # preference order when one id has several files
+# Image files raybone does not read: reported where found, never skipped silently.
+UNSUPPORTED_SUFFIXES = (".gif", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".j2k", ".heic", ".avif")
+RASTER_FORMATS = ("PNG", "JPEG", "MPO")  # MPO: Pillow's name for a JPEG with extra (e.g. preview) frames
+# Peak bytes per decoded pixel beyond the file itself (measured on 30-megapixel files: 16-bit DICOM with
+# rescale and window 28.8, 16-bit PNG 9.0, RGB JPEG 7.0): pydicom's LUTs work in float64.
+_DICOM_BYTES_PER_PIXEL = 30
+_RASTER_BYTES_PER_PIXEL = 10
+_HEADER_BYTES = 1 << 20  # headers are read from the first MiB; a file whose header lies beyond is costed at most
 _PIXEL_DATA_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 def decode_image(path) -> np.ndarray:
     """Read a radiograph and return it as a 2-D uint8 grey array at full resolution."""
+    return read_radiograph(path)[0]
+
+
+def read_radiograph(path) -> tuple[np.ndarray, str]:
+    """(2-D uint8 grey array at full resolution, sha256 of the file), within the decode memory budget."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise DataError(f"{path}: cannot read file ({err.strerror or err})") from err
-    return decode_bytes(data, path)
+    size = regular_file_size(path, MAX_FILE_BYTES, DataError)
+    with _memory.hold(size + _decoded_bytes(path)):
+        data = read_regular_file(path, MAX_FILE_BYTES, DataError)
+        return decode_bytes(data, path), hashlib.sha256(data).hexdigest()
 
 
 def decode_bytes(data: bytes, path: Path) -> np.ndarray:
@@ -57,8 +85,61 @@ def _looks_like_dicom(data: bytes, path: Path) -> bool:
 def _check_dimensions(width: int, height: int, path: Path) -> None:
     if width > MAX_SIDE or height > MAX_SIDE:
         raise DataError(f"{path}: image is {width}x{height} px; larger than {MAX_SIDE} px on a side")
+    if width * height > MAX_PIXELS:
+        raise DataError(f"{path}: image is {width}x{height} px ({width * height / 1e6:.0f} megapixels); larger than "
+                        f"the {MAX_PIXELS / 1e6:.0f}-megapixel limit")
     if width < MIN_SIDE or height < MIN_SIDE:
         raise DataError(f"{path}: image is {width}x{height} px; too small")
+
+
+# ---------------------------------------------------------------- memory
+
+
+class _MemoryBudget:
+    """Bytes that concurrent decodes hold; a decode waits until its share fits (a share above the whole budget
+    waits until it runs alone)."""
+
+    def __init__(self, total: int):
+        self.total, self.used = total, 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, amount: int) -> Iterator[None]:
+        amount = min(amount, self.total)
+        with self._changed:
+            self._changed.wait_for(lambda: self.used + amount <= self.total)
+            self.used += amount
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= amount
+                self._changed.notify_all()
+
+
+_memory = _MemoryBudget(DECODE_MEMORY)
+
+
+def _decoded_bytes(path: Path) -> int:
+    """An upper estimate of the memory decoding `path` takes beyond its bytes, from its header alone."""
+    worst = DECODE_MEMORY
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_HEADER_BYTES)
+    except OSError:
+        return 0  # reading it again will say why
+    try:
+        if _looks_like_dicom(head, path):
+            if _is_deflated(head):
+                return worst  # its header is inside the deflated stream, which pydicom would inflate whole
+            header = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True, force=True)
+            pixels, per_pixel = int(header.Rows) * int(header.Columns), _DICOM_BYTES_PER_PIXEL
+        else:
+            with Image.open(io.BytesIO(head)) as image:
+                pixels, per_pixel = image.size[0] * image.size[1], _RASTER_BYTES_PER_PIXEL
+    except Exception:  # a header beyond the first MiB, or no header at all: cost it as the largest image
+        return worst
+    return 0 if pixels > MAX_PIXELS else pixels * per_pixel  # too large: refused before its pixels are decoded
 
 
 # ---------------------------------------------------------------- PNG / JPEG
@@ -70,20 +151,34 @@ def _decode_raster(data: bytes, path: Path) -> np.ndarray:
     try:
         image.load()
     except (OSError, ValueError, SyntaxError) as err:
-        raise DataError(f"{path}: truncated or corrupt {image.format} data ({_one_line(err)})") from err
+        raise DataError(f"{path}: truncated or corrupt {image.format} data ({one_line(err)})") from err
     return _raster_to_grey(image)
 
 
 def _open_raster(data: bytes, path: Path) -> Image.Image:
     # Image.open only parses the header, so dimensions are checked before any pixel is decoded.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:
-        raise DataError(f"{path}: image is larger than {MAX_SIDE} px on a side") from err
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:  # Pillow's own limit, far above ours: say how large it claims to be
+        size = _claimed_size(data)
+        if size:
+            _check_dimensions(*size, path)
+        raise DataError(f"{path}: image is larger than the {MAX_PIXELS / 1e6:.0f}-megapixel limit") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: not a readable PNG, JPEG or DICOM image") from err
+    if image.format not in RASTER_FORMATS:
+        raise DataError(f"{path}: {image.format} image; raybone reads PNG, JPEG and DICOM")
+    return image
+
+
+def _claimed_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from a PNG or JPEG header, read by the format's own parser (which skips Pillow's check)."""
+    for parser in (PngImagePlugin.PngImageFile, JpegImagePlugin.JpegImageFile):
+        try:
+            return parser(io.BytesIO(data)).size
+        except (SyntaxError, OSError, ValueError):
+            continue
+    return None
 
 
 def _raster_to_grey(image: Image.Image) -> np.ndarray:
@@ -101,31 +196,45 @@ def _scale_by_bit_depth(pixels: np.ndarray) -> np.ndarray:
     if pixels.min() < 0:
         return _scale_to_uint8(pixels.astype(np.float64))
     bits = max(8, int(pixels.max()).bit_length())
-    scaled = pixels.astype(np.float64) * (255.0 / (2**bits - 1))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    # Integer arithmetic rounds exactly as rint(p * 255 / top) (the odd top never leaves a half), in a quarter of
+    # float64's memory.
+    top = 2**bits - 1
+    scaled = pixels.astype(np.uint32 if bits <= 24 else np.uint64)
+    scaled *= 255
+    scaled += top // 2
+    scaled //= top
+    return scaled.astype(np.uint8)
 
 
 def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
     low, high = float(values.min()), float(values.max())
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
-    scaled = (values - low) * (255.0 / (high - low))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    scaled = values - low  # one float copy, scaled in place
+    scaled *= 255.0 / (high - low)
+    np.rint(scaled, out=scaled)
+    return np.clip(scaled, 0, 255, out=scaled).astype(np.uint8)
 
 
 # ---------------------------------------------------------------- DICOM
 
 
 def _decode_dicom(data: bytes, path: Path) -> np.ndarray:
+    _check_inflated_size(data, path)
     dataset = _read_dicom_header(data, path)
     _check_dicom_pixels_present(dataset, path)
     _check_dimensions(int(dataset.Columns), int(dataset.Rows), path)
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if frames > 1:  # a hand radiograph is one frame; which of several is the radiograph cannot be guessed
+        raise DataError(f"{path}: DICOM holds {frames} frames; raybone reads single-frame radiographs")
     pixels = _dicom_pixels(dataset, path)
+    for tag in _PIXEL_DATA_TAGS:  # decoded: the LUTs need the attributes only, not the pixel bytes
+        dataset.pop(tag, None)
     try:
         pixels = apply_modality_lut(pixels, dataset)
         pixels = apply_voi_lut(pixels, dataset)
     except (ValueError, AttributeError, KeyError, TypeError) as err:
-        raise DataError(f"{path}: invalid DICOM modality/VOI LUT ({_one_line(err)})") from err
+        raise DataError(f"{path}: invalid DICOM modality/VOI LUT ({one_line(err)})") from err
     grey = _scale_to_uint8(np.asarray(pixels, dtype=np.float64))
     # MONOCHROME1 shows bone dark; invert so every source has bone bright like MONOCHROME2.
     if dataset.get("PhotometricInterpretation", "") == "MONOCHROME1":
@@ -133,12 +242,36 @@ def _decode_dicom(data: bytes, path: Path) -> np.ndarray:
     return grey
 
 
+def _check_inflated_size(data: bytes, path: Path) -> None:
+    """pydicom inflates a deflated DICOM whole: first inflate it piecewise, counting, and refuse a bomb."""
+    if not _is_deflated(data):
+        return
+    # The file meta group starts with its own length (0002,0000) UL; the deflated dataset follows the group.
+    if data[132:138] != b"\x02\x00\x00\x00UL":
+        raise DataError(f"{path}: deflated DICOM without a file meta group length")
+    pending = data[144 + int.from_bytes(data[140:144], "little"):]
+    inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    try:
+        while pending and total <= MAX_FILE_BYTES:
+            total += len(inflater.decompress(pending, 1 << 20))
+            pending = inflater.unconsumed_tail
+    except zlib.error as err:
+        raise DataError(f"{path}: corrupt deflated DICOM data ({one_line(err)})") from None
+    if total > MAX_FILE_BYTES:
+        raise DataError(f"{path}: deflated DICOM inflates to more than {MAX_FILE_BYTES / 2**20:.0f} MiB")
+
+
+def _is_deflated(data: bytes) -> bool:
+    """Whether a DICOM file's meta group names the deflated transfer syntax."""
+    return data[128:132] == b"DICM" and pydicom.uid.DeflatedExplicitVRLittleEndian.encode() in data[132:4096]
+
+
 def _read_dicom_header(data: bytes, path: Path) -> pydicom.Dataset:
     try:
         # force=True also accepts old files without the 128-byte preamble and "DICM" marker.
         dataset = pydicom.dcmread(io.BytesIO(data), force=True)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{path}: not a readable DICOM file ({_one_line(err)})") from err
+        raise DataError(f"{path}: not a readable DICOM file ({one_line(err)})") from err
     if data[128:132] != b"DICM" and "Rows" not in dataset:
         raise DataError(f"{path}: not a DICOM file (no DICM marker and no image attributes)")
     return dataset
@@ -155,14 +288,15 @@ def _dicom_pixels(dataset: pydicom.Dataset, path: Path) -> np.ndarray:
     syntax = _transfer_syntax(dataset)
     decoder = _decoder_for(syntax, path)
     try:
-        # index=0: a multi-frame file contributes its first frame only.
-        pixels = pixel_array(dataset, index=0)
+        pixels = pixel_array(dataset, index=0)  # the only frame: multi-frame files are refused before
     except Exception as err:  # plugins raise anything from ValueError to RuntimeError on bad data
         tried = ", ".join(decoder.available_plugins) or "none"
         hint = _install_hint(decoder)
         extra = f"; the data may be corrupt, or {hint}" if hint else "; the data may be corrupt"
+        # Plugins name the in-memory frame they were given (<_io.BytesIO object at 0x...>): say what it is.
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "(the frame's data)", one_line(err))
         raise DataError(
-            f"{path}: cannot decode {syntax.name} pixel data with plugin(s) {tried} ({_one_line(err)}){extra}"
+            f"{path}: cannot decode {syntax.name} pixel data with plugin(s) {tried} ({reason}){extra}"
         ) from err
     if pixels.ndim == 3:
         pixels = _rgb_luminance(pixels)
@@ -192,11 +326,6 @@ def _install_hint(decoder) -> str:
     # pydicom lists each missing plugin as "name - requires pkg>=x and pkg>=y".
     options = [entry.split(" - requires ", 1)[-1] for entry in decoder.missing_dependencies]
     return f"install {' or '.join(options)}" if options else ""
-
-
-def _one_line(err: Exception) -> str:
-    """Plugin errors span lines; DataError messages must not."""
-    return " ".join(str(err).split())
 
 
 def _rgb_luminance(pixels: np.ndarray) -> np.ndarray:

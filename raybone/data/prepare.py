@@ -25,16 +25,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import raybone
-from raybone.data.decode import decode_bytes, warp_image
+from raybone.data.decode import read_radiograph, warp_image
 from raybone.data.phantom import write_phantom_atlas
 from raybone.data.sources import SourceScan, scan_source
-from raybone.errors import DataError
-from raybone.files import atomic_folder
+from raybone.errors import DataError, printable
+from raybone.files import Legacy, atomic_folder, check_replaceable, file_sha256
 
 DATA_VERSION = 1  # bump when decoding, warping or splitting changes what an artifact contains
 DEMO_ATLAS_SIZE = 600
 META_FILE = "prepared.json"
 MANIFEST_COLUMNS = ["id", "label", "age_months", "sex", "split", "source", "checksum"]
+ARTIFACT_FILES = ("images.npy", "manifest.parquet", "skipped.csv", META_FILE)
+KIND = "prepared dataset"
+_LEGACY = Legacy(META_FILE, b'"fingerprint"', frozenset(ARTIFACT_FILES))
 
 _NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
@@ -72,8 +75,11 @@ def cache_root() -> Path:
 
 
 def prepare(source, *, format: str = "auto", labels=None, out=None, image_size: int = 256, num_classes: int = 20,
-            seed: int = 0, val_fraction: float = 0.25, progress: bool = True) -> PreparedData:
-    """Decode, label, warp and split a radiograph collection once; reuse the cached artifact afterwards."""
+            seed: int = 0, val_fraction: float = 0.25, progress: bool = True, force: bool = False) -> PreparedData:
+    """Decode, label, warp and split a radiograph collection once; reuse the cached artifact afterwards.
+
+    `out` is written only where raybone may (see raybone.files); `force` replaces a raybone folder there.
+    """
     _check_settings(image_size, num_classes, val_fraction)
     if isinstance(source, str) and source == "demo":
         source, format = _demo_atlas(seed, image_size), "rsna"
@@ -90,7 +96,8 @@ def prepare(source, *, format: str = "auto", labels=None, out=None, image_size: 
     cached = _cached(out, fingerprint)
     if cached is not None:
         return _announce_loaded(cached, "Using cached prepared dataset")
-    return _build(scan, table, scan.skipped + skipped, settings, fingerprint, out, progress)
+    check_replaceable(out, KIND, force, _LEGACY)  # before decoding anything
+    return _build(scan, table, scan.skipped + skipped, settings, fingerprint, out, progress, force)
 
 
 def load_prepared(path) -> PreparedData:
@@ -151,9 +158,9 @@ def _natural_order(ids: list[str]) -> list[int]:
 def _fingerprint(scan: SourceScan, table: pd.DataFrame, settings: dict) -> str:
     """Identity of an artifact: candidate files (name, size, mtime), the label CSV bytes and every setting."""
     digest = hashlib.sha256(json.dumps({**settings, "data_version": DATA_VERSION}, sort_keys=True).encode())
-    digest.update(_file_digest(scan.labels_csv).encode())
+    digest.update(file_sha256(scan.labels_csv).encode())
     for relative, size, mtime in sorted(_file_stamp(Path(path), scan.root) for path in table["path"]):
-        digest.update(f"{relative}\0{size}\0{mtime}\n".encode())
+        digest.update(os.fsencode(relative) + f"\0{size}\0{mtime}\n".encode())
     return digest.hexdigest()
 
 
@@ -163,11 +170,6 @@ def _file_stamp(path: Path, root: Path) -> tuple[str, int, int]:
     except OSError:
         return os.path.relpath(path, root), -1, -1  # decoding will report it
     return os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns
-
-
-def _file_digest(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _source_name(source: Path) -> str:
@@ -189,8 +191,8 @@ def _demo_atlas(seed: int, image_size: int) -> Path:
     atlas = cache_root() / f"demo-atlas-{seed}-{image_size}"
     if (atlas / "boneage.csv").is_file():
         return atlas
-    _console.print(f"Drawing {DEMO_ATLAS_SIZE} phantom radiographs into {atlas}")
-    with atomic_folder(atlas, keep_existing=lambda: True) as staging:
+    _say(f"Drawing {DEMO_ATLAS_SIZE} phantom radiographs into {atlas}")
+    with atomic_folder(atlas, "demo atlas", keep_existing=lambda: True) as staging:
         write_phantom_atlas(staging, n=DEMO_ATLAS_SIZE, image_size=image_size, seed=seed)
     return atlas
 
@@ -200,21 +202,17 @@ def _demo_atlas(seed: int, image_size: int) -> Path:
 
 def _cached(out: Path, fingerprint: str) -> PreparedData | None:
     """The artifact already at `out` if it was built from the same inputs and is intact."""
-    if not (out / META_FILE).is_file():
-        if out.is_dir() and any(out.iterdir()):
-            raise DataError(f"{out}: exists and is not a prepared raybone dataset; choose another out")
-        return None
-    if not _same_fingerprint(out, fingerprint):
+    if not out.is_dir() or not (out / META_FILE).is_file() or not _same_fingerprint(out, fingerprint):
         return None
     try:
         return load_prepared(out)
     except DataError as err:
-        _console.print(f"[yellow]Rebuilding {out}: {err}[/yellow]")
+        _say(f"Rebuilding {out}: {err}", style="yellow")
         return None
 
 
 def _build(scan: SourceScan, table: pd.DataFrame, skipped: list, settings: dict, fingerprint: str,
-           out: Path, progress: bool) -> PreparedData:
+           out: Path, progress: bool, force: bool) -> PreparedData:
     images, checksums, problems = _decode_all(table["path"].tolist(), settings["image_size"], progress)
     usable = np.array([not problem for problem in problems], dtype=bool)
     skipped = skipped + [(path, problem) for path, problem in zip(table["path"], problems) if problem]
@@ -223,7 +221,7 @@ def _build(scan: SourceScan, table: pd.DataFrame, skipped: list, settings: dict,
     images = _compact(images, usable)
     manifest = _manifest(table.loc[usable], np.asarray(checksums, dtype=object)[usable], settings)
     meta = _meta(scan, manifest, len(skipped), settings, fingerprint)
-    result = _write_artifact(out, images, manifest, skipped, meta)
+    result = _write_artifact(out, images, manifest, skipped, meta, force)
     _print_summary(result, skipped)
     return result
 
@@ -245,16 +243,12 @@ def _decode_all(paths: list[str], image_size: int, progress: bool):
 
 
 def _load_radiograph(path: str, image_size: int) -> tuple[np.ndarray | None, str, str]:
-    """(warped image or None, sha256 of the file, problem or '')."""
+    """(warped image or None, sha256 of the file or '', problem or '')."""
     try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        return None, "", f"cannot read file ({err.strerror or err})"
-    checksum = hashlib.sha256(data).hexdigest()
-    try:
-        return warp_image(decode_bytes(data, Path(path)), image_size), checksum, ""
+        grey, checksum = read_radiograph(path)
+        return warp_image(grey, image_size), checksum, ""
     except DataError as err:
-        return None, checksum, str(err).removeprefix(f"{path}: ")
+        return None, "", str(err).removeprefix(f"{path}: ")
 
 
 def _progress_bar(enabled: bool) -> Progress:
@@ -279,7 +273,7 @@ def _manifest(table: pd.DataFrame, checksums: np.ndarray, settings: dict) -> pd.
         "age_months": table["age_months"].to_numpy(dtype=np.float64),
         "sex": table["sex"].astype(str).to_numpy(),
         "split": np.where(is_val, "val", "train"),
-        "source": table["path"].astype(str).to_numpy(),
+        "source": table["path"].map(printable).to_numpy(dtype=object),
         "checksum": checksums.astype(str),
     })
 
@@ -300,14 +294,16 @@ def _meta(scan: SourceScan, manifest: pd.DataFrame, n_skipped: int, settings: di
     }
 
 
-def _write_artifact(out: Path, images: np.ndarray, manifest: pd.DataFrame, skipped: list, meta: dict) -> PreparedData:
+def _write_artifact(out: Path, images: np.ndarray, manifest: pd.DataFrame, skipped: list, meta: dict,
+                    force: bool) -> PreparedData:
     # Another process may have finished the same artifact meanwhile; theirs is as good as ours.
-    with atomic_folder(out, keep_existing=lambda: _same_fingerprint(out, meta["fingerprint"]) and _intact(out)) \
-            as staging:
+    with atomic_folder(out, KIND, force=force, legacy=_LEGACY,
+                       keep_existing=lambda: _same_fingerprint(out, meta["fingerprint"]) and _intact(out)) as staging:
         np.save(staging / "images.npy", images, allow_pickle=False)
-        meta = {**meta, "images_sha256": _file_digest(staging / "images.npy")}
+        meta = {**meta, "images_sha256": file_sha256(staging / "images.npy")}
         manifest.to_parquet(staging / "manifest.parquet", index=False)
-        pd.DataFrame(skipped, columns=["file", "reason"]).to_csv(staging / "skipped.csv", index=False)
+        shown = [(printable(where), printable(reason)) for where, reason in skipped]
+        pd.DataFrame(shown, columns=["file", "reason"]).to_csv(staging / "skipped.csv", index=False)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return PreparedData(out, images, manifest, meta)
 
@@ -382,23 +378,27 @@ def _read_manifest(path: Path) -> pd.DataFrame:
 # ---------------------------------------------------------------- reporting
 
 
+def _say(text: str, style: str | None = None) -> None:
+    _console.print(printable(text), style=style, markup=False, highlight=False, soft_wrap=True)
+
+
 def _announce_loaded(data: PreparedData, what: str) -> PreparedData:
     counts = data.meta.get("counts", {})
-    _console.print(f"{what} {data.path}: {len(data.images)} images "
-                   f"({counts.get('train', '?')} train / {counts.get('val', '?')} val)")
+    _say(f"{what} {data.path}: {len(data.images)} images ({counts.get('train', '?')} train / "
+         f"{counts.get('val', '?')} val)")
     return data
 
 
 def _print_summary(data: PreparedData, skipped: list) -> None:
     counts = data.meta["counts"]
-    _console.print(f"Prepared {counts['images']} usable radiographs ({counts['train']} train / {counts['val']} val) "
-                   f"at {data.meta['image_size']} px -> {data.path}")
+    _say(f"Prepared {counts['images']} usable radiographs ({counts['train']} train / {counts['val']} val) "
+         f"at {data.meta['image_size']} px -> {data.path}")
     per_class = zip(counts["per_class"]["train"], counts["per_class"]["val"])
     _console.print("train/val per bone-age year: " + "  ".join(
         f"{year}: {train}/{val}" for year, (train, val) in enumerate(per_class)))
     if skipped:
-        _console.print(f"[yellow]Skipped {len(skipped)}: {_first_reasons(skipped, 3)}[/yellow]")
-        _console.print(f"Full list: {data.path / 'skipped.csv'}")
+        _say(f"Skipped {len(skipped)}: {_first_reasons(skipped, 3)}", style="yellow")
+        _say(f"Full list: {data.path / 'skipped.csv'}")
 
 
 def _first_reasons(skipped: list, n: int) -> str:

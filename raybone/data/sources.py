@@ -19,11 +19,13 @@ from typing import Callable
 
 import pandas as pd
 
+from raybone.data.decode import IMAGE_SUFFIXES, UNSUPPORTED_SUFFIXES
 from raybone.errors import DataError
+from raybone.files import regular_file_size
 
 FORMATS = ("rsna", "dha", "manifest")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")  # preference order when one id has several files
 MAX_AGE_MONTHS = 240.0
+MAX_LABELS_BYTES = 256 * 2**20
 RSNA_CSV = "boneage.csv"
 TABLE_COLUMNS = ["id", "path", "age_months", "sex"]
 
@@ -67,10 +69,11 @@ def scan_source(source: Path, format: str = "auto", labels: Path | None = None) 
 
 def find_label_csv(source: Path) -> Path:
     """The label CSV of a source: the file itself, <dir>/boneage.csv, or the one recognisable CSV in <dir>."""
-    if source.is_file():
-        return source
-    if not source.is_dir():
+    if not source.exists():
         raise DataError(f"{source}: no such file or folder")
+    if not source.is_dir():
+        regular_file_size(source, MAX_LABELS_BYTES, DataError)
+        return source
     if (source / RSNA_CSV).is_file():
         return source / RSNA_CSV
     candidates = sorted(source.glob("*.csv"))
@@ -78,9 +81,10 @@ def find_label_csv(source: Path) -> Path:
     if len(recognised) == 1:
         return recognised[0]
     if not recognised:
-        raise DataError(f"{source}: no label CSV found (expected {RSNA_CSV}, or pass labels=<csv>)")
+        raise DataError(f"{source}: no label CSV found (expected {RSNA_CSV}); name the label CSV itself "
+                        "instead of the folder")
     names = ", ".join(csv.name for csv in recognised)
-    raise DataError(f"{source}: several label CSVs ({names}); pass labels=<csv> to choose one")
+    raise DataError(f"{source}: several label CSVs ({names}); name the one to use instead of the folder")
 
 
 def detect_format(labels_csv: Path) -> str:
@@ -129,6 +133,8 @@ def read_manifest(labels_csv: Path) -> tuple[pd.DataFrame, list[tuple[str, str]]
 
 
 def _read_csv(labels_csv: Path, header_only: bool = False) -> pd.DataFrame:
+    if labels_csv.exists():  # a FIFO would hang the reader, a device never end
+        regular_file_size(labels_csv, MAX_LABELS_BYTES, DataError)
     try:
         # Everything as text: ids like "0123" must survive, and ages are validated row by row.
         frame = pd.read_csv(labels_csv, dtype=str, keep_default_na=False, skipinitialspace=True,
@@ -247,33 +253,45 @@ class _ImageIndex:
     def __init__(self, folder: Path):
         self.folders = [folder / "images", folder]
         self.by_stem: dict[str, Path] = {}
+        self.unsupported: dict[str, Path] = {}  # .gif, .tif, ...: reported, never decoded
         for directory in reversed(self.folders):  # later assignments win: images/ beats the top level
-            for path in _sorted_images(directory):
-                self.by_stem[path.stem] = path
+            images, unsupported = _sorted_images(directory)
+            self.by_stem |= {path.stem: path for path in images}
+            self.unsupported |= {path.stem: path for path in unsupported}
+        self.unsupported = {stem: path for stem, path in self.unsupported.items() if stem not in self.by_stem}
 
     def find(self, image_id: str) -> Path:
         if not image_id:
             raise _Skip("id is empty")
-        path = self.by_stem.get(image_id)
-        if path is None:
-            where = f"{image_id}.png/.jpg/.jpeg/.dcm in {self.folders[0]} or its parent"
-            raise _Skip(f"no image file found ({where})")
-        return path
+        if image_id in self.by_stem:
+            return self.by_stem[image_id]
+        if image_id in self.unsupported:
+            raise _Skip(_unsupported(self.unsupported[image_id]))
+        where = f"{image_id}{'/'.join(IMAGE_SUFFIXES)} in {self.folders[0]} or its parent"
+        raise _Skip(f"no image file found ({where})")
 
     def unclaimed(self, csv_ids: set[str], labels_csv: Path) -> list[tuple[str, str]]:
-        """Images nobody labelled: reported, never fatal."""
-        return [(str(path), f"image has no row in {labels_csv.name}")
-                for stem, path in sorted(self.by_stem.items()) if stem not in csv_ids]
+        """Images nobody labelled, and unsupported ones: reported, never fatal."""
+        return ([(str(path), f"image has no row in {labels_csv.name}")
+                 for stem, path in sorted(self.by_stem.items()) if stem not in csv_ids] +
+                [(str(path), _unsupported(path)) for stem, path in sorted(self.unsupported.items())
+                 if stem not in csv_ids])
 
 
-def _sorted_images(directory: Path) -> list[Path]:
-    """Image files of one folder; where one stem has several, the preferred suffix comes last."""
+def _unsupported(path: Path) -> str:
+    return f"{path.name}: {path.suffix.lower()} images are not read; raybone reads PNG, JPEG and DICOM"
+
+
+def _sorted_images(directory: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, unsupported image files) of one folder; where one stem has several images, the preferred
+    suffix comes last."""
     if not directory.is_dir():
-        return []
+        return [], []
     rank = {suffix: position for position, suffix in enumerate(IMAGE_SUFFIXES)}
-    files = [entry for entry in os.scandir(directory) if entry.is_file()]
-    images = [Path(entry.path) for entry in files if Path(entry.name).suffix.lower() in rank]
-    return sorted(images, key=lambda path: (path.stem, -rank[path.suffix.lower()]))
+    files = [Path(entry.path) for entry in os.scandir(directory) if entry.is_file()]
+    images = [path for path in files if path.suffix.lower() in rank]
+    unsupported = sorted(path for path in files if path.suffix.lower() in UNSUPPORTED_SUFFIXES)
+    return sorted(images, key=lambda path: (path.stem, -rank[path.suffix.lower()])), unsupported
 
 
 def _by_id(index: _ImageIndex) -> Callable[[dict, str], Path]:
