@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,11 @@ SHARED_DATA = REPO.parent / "shared" / "data"  # real RSNA radiographs beside th
 PACKAGES = ("raybone", "torch", "torchvision", "kornia", "ray", "optuna", "numpy", "pillow")
 
 
-def parse_args(doc: str | None, configure: Callable[[argparse.ArgumentParser], None] | None = None,
-               quick_help: str = "a shorter run with the same comparison") -> argparse.Namespace:
+def parse_args(
+    doc: str | None,
+    configure: Callable[[argparse.ArgumentParser], None] | None = None,
+    quick_help: str = "a shorter run with the same comparison",
+) -> argparse.Namespace:
     """--quick and --out for every benchmark, plus whatever `configure` adds."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=quick_help)
@@ -59,7 +62,7 @@ def set_threads(threads: int) -> int:
 def local_ray(num_cpus: int) -> Iterator[None]:
     """A fresh local Ray cluster of `num_cpus` CPUs, started as `raybone search` starts one.
 
-    `raybone.search.start_local_ray` tells the cluster's workers their own dashboard, so Ray Train's
+    `raybone.tuning.cluster.start_local_ray` tells the cluster's workers their own dashboard, so Ray Train's
     placement-group cleaner finds its controller even where other Ray clusters run on the machine. On top,
     RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S = 600 (Ray's default: 60): on a starved machine a new worker can need
     over a minute to import torch, and Ray Train then kills and restarts it without end. Neither changes any
@@ -67,7 +70,7 @@ def local_ray(num_cpus: int) -> Iterator[None]:
     """
     import ray
 
-    from raybone.search import start_local_ray
+    from raybone.tuning.cluster import start_local_ray
 
     key = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
     saved = os.environ.get(key)
@@ -101,15 +104,14 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def write_result(name: str, args: argparse.Namespace, results: dict[str, Any], summary: str,
-                 started: float) -> Path:
+def write_result(name: str, args: argparse.Namespace, results: dict[str, Any], summary: str, started: float) -> Path:
     """bench/results/<name>.json: the summary line, the measurements, the settings and the machine."""
     machine_info = machine()
     payload = {
         "benchmark": name,
         "summary": summary,
         "command": " ".join(["python", f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": bool(getattr(args, "quick", False)),
         "wall_s": round(time.perf_counter() - started, 1),
         "machine": {**machine_info, "load_average_1m_at_start": getattr(args, "load_at_start", None)},
@@ -124,8 +126,11 @@ def write_result(name: str, args: argparse.Namespace, results: dict[str, Any], s
 def finish(name: str, args: argparse.Namespace, results: dict[str, Any], summary: str, started: float) -> None:
     """Write the JSON and print the one-line summary (the last line of the output)."""
     path = write_result(name, args, results, summary, started)
-    print(f"{summary} [{machine()['label']}, load {getattr(args, 'load_at_start', None)} -> {_load_average()};"
-          f" {_relative(path)}]", flush=True)
+    print(
+        f"{summary} [{machine()['label']}, load {getattr(args, 'load_at_start', None)} -> {_load_average()};"
+        f" {_relative(path)}]",
+        flush=True,
+    )
 
 
 def skip(message: str) -> None:

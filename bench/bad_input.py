@@ -29,7 +29,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-
 from _common import finish, parse_args
 
 GOAL_GB = 1.5
@@ -46,9 +45,21 @@ def main() -> None:
         _good_images(good)
         _good_images(catalog)
         bad = _hostile_files(catalog)
-        runs = {"good": _predict(model, [good]), "catalog": _predict(model, [catalog, Path("/dev/zero")]),
-                "prepare": _run(["data", "prepare", str(_as_rsna(catalog, root / "rsna")), "--out",
-                                 str(root / "prepared"), "--image-size", "64"])}
+        runs = {
+            "good": _predict(model, [good]),
+            "catalog": _predict(model, [catalog, Path("/dev/zero")]),
+            "prepare": _run(
+                [
+                    "data",
+                    "prepare",
+                    str(_as_rsna(catalog, root / "rsna")),
+                    "--out",
+                    str(root / "prepared"),
+                    "--image-size",
+                    "64",
+                ]
+            ),
+        }
         if not args.quick:
             large = root / "large"
             _large_dicoms(large, n=8, megapixels=24)
@@ -56,13 +67,17 @@ def main() -> None:
             runs["large-16"] = _predict(model, [large], cores=16)
             runs["large-16-unbounded"] = _predict(model, [large], cores=16, unbounded=True)
     peak = {name: run["peak_rss_gb"] for name, run in runs.items()}
-    summary = (f"peak RSS of predict over the bad-input catalog {peak['catalog']:.2f} GB (goal <= {GOAL_GB} GB: "
-               f"{'met' if peak['catalog'] <= GOAL_GB else 'missed'}); baseline {peak['good']:.2f} GB; "
-               f"data prepare {peak['prepare']:.2f} GB")
+    summary = (
+        f"peak RSS of predict over the bad-input catalog {peak['catalog']:.2f} GB (goal <= {GOAL_GB} GB: "
+        f"{'met' if peak['catalog'] <= GOAL_GB else 'missed'}); baseline {peak['good']:.2f} GB; "
+        f"data prepare {peak['prepare']:.2f} GB"
+    )
     if "large-16" in peak:
-        summary += (f"; 8 x 24-MP DICOMs with 2 / 8 decoder threads {peak['large-2']:.2f} / {peak['large-16']:.2f} GB "
-                    f"({peak['large-16'] / peak['large-2']:.2f}x; {peak['large-16-unbounded']:.2f} GB with 8 threads "
-                    "and no decode budget)")
+        summary += (
+            f"; 8 x 24-MP DICOMs with 2 / 8 decoder threads {peak['large-2']:.2f} / {peak['large-16']:.2f} GB "
+            f"({peak['large-16'] / peak['large-2']:.2f}x; {peak['large-16-unbounded']:.2f} GB with 8 threads "
+            "and no decode budget)"
+        )
     finish("bad_input", args, {"goal_gb": GOAL_GB, "hostile_files": bad, "runs": runs}, summary, started)
 
 
@@ -75,21 +90,31 @@ def _run(argv: list[str], cores: int | None = None, unbounded: bool = False) -> 
     patch = f"import os; os.cpu_count = lambda: {cores}; " if cores else ""
     if unbounded:  # the control: no decode memory budget
         patch += "import raybone.data.decode as decode; decode._memory.total = 1 << 50; "
-    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr, \
-            tempfile.NamedTemporaryFile("r") as peak:
-        code = (f"{patch}import atexit, sys; from pathlib import Path; "
-                f"atexit.register(lambda: Path({peak.name!r}).write_text(_hwm())); "
-                "_hwm = lambda: next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')); "
-                f"from raybone.cli import main; sys.argv = ['raybone'] + {argv!r}; main()")
+    with (
+        tempfile.TemporaryFile() as stdout,
+        tempfile.TemporaryFile() as stderr,
+        tempfile.NamedTemporaryFile("r") as peak,
+    ):
+        code = (
+            f"{patch}import atexit, sys; from pathlib import Path; "
+            f"atexit.register(lambda: Path({peak.name!r}).write_text(_hwm())); "
+            "_hwm = lambda: next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')); "
+            f"from raybone.cli import main; sys.argv = ['raybone'] + {argv!r}; main()"
+        )
         began = time.perf_counter()
         exit_code = subprocess.run([sys.executable, "-c", code], stdout=stdout, stderr=stderr).returncode
         wall = time.perf_counter() - began
         stdout.seek(0), stderr.seek(0)
         out, lines = stdout.read(), stderr.read().decode(errors="replace").splitlines()
         peak_kb = int(peak.read() or 0)
-    return {"argv": argv, "exit_code": exit_code, "stdout_bytes": len(out),
-            "stderr_lines": [line for line in lines if line.strip()],
-            "peak_rss_gb": round(peak_kb / 2**20, 3), "wall_s": round(wall, 1)}
+    return {
+        "argv": argv,
+        "exit_code": exit_code,
+        "stdout_bytes": len(out),
+        "stderr_lines": [line for line in lines if line.strip()],
+        "peak_rss_gb": round(peak_kb / 2**20, 3),
+        "wall_s": round(wall, 1),
+    }
 
 
 def _predict(model: Path, inputs: list[Path], cores: int | None = None, unbounded: bool = False) -> dict:
@@ -104,11 +129,12 @@ def _untrained_model(root: Path) -> Path:
     import torch
     import yaml
 
-    from raybone.export import export_model, find_best
-    from raybone.model import create_model
-    from raybone.spec import load_spec
+    from raybone.core.model import create_model
+    from raybone.experiments import Experiment
+    from raybone.modelfolder.export import export_model
+    from raybone.spec import load_spec, search_space
 
-    spec = load_spec(REPO / "search_spaces" / "quick.yaml", ["data.image_size=64", "input_size=56"])
+    spec = load_spec(search_space("quick"), ["data.image_size=64", "input_size=56"])
     experiment = root / "results" / "untrained"
     checkpoint = experiment / "train" / "trial" / "checkpoint"
     checkpoint.mkdir(parents=True)
@@ -116,11 +142,19 @@ def _untrained_model(root: Path) -> Path:
     (experiment / "environment.json").write_text(json.dumps({"data_meta": {"image_size": 64}}))
     searched = {name: (p.choices[0] if hasattr(p, "choices") else p.low) for name, p in spec.searched().items()}
     cfg = spec.train_config(searched)
-    torch.save({"model": create_model(cfg.model, 20).state_dict(), "config": cfg.model_dump(), "num_classes": 20,
-                "iteration": 0}, checkpoint / "checkpoint.pt")
-    pd.DataFrame([{"trial_id": "t", "status": "completed", **searched, "val_rmse": 3.0,
-                   "checkpoint_path": str(checkpoint)}]).to_parquet(experiment / "trials.parquet")
-    return export_model(find_best(root / "results"), root / "model")
+    torch.save(
+        {
+            "model": create_model(cfg.model, 20).state_dict(),
+            "config": cfg.model_dump(),
+            "num_classes": 20,
+            "iteration": 0,
+        },
+        checkpoint / "checkpoint.pt",
+    )
+    pd.DataFrame(
+        [{"trial_id": "t", "status": "completed", **searched, "val_rmse": 3.0, "checkpoint_path": str(checkpoint)}]
+    ).to_parquet(experiment / "trials.parquet")
+    return export_model(Experiment.open(root / "results").best(), root / "model")
 
 
 def _good_images(folder: Path) -> None:
@@ -128,7 +162,9 @@ def _good_images(folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(2):
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (300, 240), dtype=np.uint8)).save(folder / f"good{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (300, 240), dtype=np.uint8)).save(
+            folder / f"good{i}.png"
+        )
 
 
 def _hostile_files(folder: Path) -> list[str]:
@@ -148,8 +184,12 @@ def _hostile_files(folder: Path) -> list[str]:
 def _valid_png16_of_zeros(side: int) -> bytes:
     deflate = zlib.compressobj(9)
     idat = b"".join(deflate.compress(bytes(1 + 2 * side)) for _ in range(side)) + deflate.flush()
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 16, 0, 0, 0, 0)) +
-            _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 16, 0, 0, 0, 0))
+        + _chunk(b"IDAT", idat)
+        + _chunk(b"IEND", b"")
+    )
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

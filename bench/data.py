@@ -41,19 +41,20 @@ def child(args) -> None:
     """One side, in its own process; prints its timings as one JSON line."""
     import torch
 
+    from raybone.core.engine import train_step
+    from raybone.core.loss import create_loss
+    from raybone.core.model import create_model, parameter_groups
     from raybone.data import decode_image, load_prepared, warp_image
     from raybone.data.prepare import stratified_split
     from raybone.data.sources import scan_source
-    from raybone.engine import train_step
     from raybone.errors import DataError
-    from raybone.loss import create_loss
-    from raybone.model import create_model, parameter_groups
     from raybone.spec import TrainConfig
 
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     threads = common.set_threads(args.threads)
-    cfg = TrainConfig(model="googlenet", batch_size=BATCH, input_size=args.input_size,
-                      crop_fraction=args.input_size / args.image_size)
+    cfg = TrainConfig(
+        model="googlenet", batch_size=BATCH, input_size=args.input_size, crop_fraction=args.input_size / args.image_size
+    )
     torch.manual_seed(0)
     model = create_model(cfg.model, 20)  # before the clock: both sides build the same model
     optimizer = torch.optim.Adam(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
@@ -91,9 +92,22 @@ def child(args) -> None:
 
 
 def run_side(side: str, args, artifact: Path, source: Path) -> dict:
-    command = [sys.executable, __file__, "--child", side, "--artifact", str(artifact), "--source", str(source),
-               "--image-size", str(args.image_size), "--input-size", str(args.input_size),
-               "--threads", str(args.threads)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        side,
+        "--artifact",
+        str(artifact),
+        "--source",
+        str(source),
+        "--image-size",
+        str(args.image_size),
+        "--input-size",
+        str(args.input_size),
+        "--threads",
+        str(args.threads),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{side} side failed:\n{done.stderr[-3000:]}")
@@ -125,7 +139,7 @@ def main() -> None:
             prepared = prepare(source, format="rsna", out=artifact, image_size=args.image_size, progress=False)
         runs: dict[str, list[dict]] = {"prepared": [], "decode": []}
         for round_index in range(rounds):
-            for side in (("prepared", "decode") if round_index % 2 == 0 else ("decode", "prepared")):
+            for side in ("prepared", "decode") if round_index % 2 == 0 else ("decode", "prepared"):
                 runs[side].append(run_side(side, args, artifact, source))
 
     medians = {side: {key: common.median(r[key] for r in rows) for key in rows[0]} for side, rows in runs.items()}
@@ -137,9 +151,16 @@ def main() -> None:
     data_speedup = common.ratio(data_s["decode"], data_s["prepared"])
     files = int(prepared.meta["counts"]["images"]) + int(prepared.meta["counts"]["skipped"])
     results = {
-        "settings": {"source": str(source), "files": files, "image_size": args.image_size,
-                     "input_size": args.input_size, "model": "googlenet", "batch_size": BATCH,
-                     "threads": args.threads, "rounds": rounds},
+        "settings": {
+            "source": str(source),
+            "files": files,
+            "image_size": args.image_size,
+            "input_size": args.input_size,
+            "model": "googlenet",
+            "batch_size": BATCH,
+            "threads": args.threads,
+            "rounds": rounds,
+        },
         "prepare_once_s": prepare_s(),
         "prepared": medians["prepared"],
         "decode": medians["decode"],
@@ -149,20 +170,23 @@ def main() -> None:
         # Both data parts grow with the file count, the first step does not: the same measurement scaled to the
         # RSNA training set (files of this size; its full-resolution files decode slower still).
         f"projected_decode_over_prepared_{RSNA_TRAIN_FILES}_files": common.ratio(
-            data_s["decode"] * RSNA_TRAIN_FILES / files + step, data_s["prepared"] * RSNA_TRAIN_FILES / files + step),
+            data_s["decode"] * RSNA_TRAIN_FILES / files + step, data_s["prepared"] * RSNA_TRAIN_FILES / files + step
+        ),
         "decode_over_prepared": speedup,
         "decode_over_prepared_without_step": data_speedup,
         "goal": "decode_over_prepared >= 10",
         "goal_met": speedup is not None and speedup >= 10,
         "runs": runs,
     }
-    summary = (f"data: first step after {data_s['prepared'] + step:.2f} s prepared (load {data_s['prepared']:.2f} s)"
-               f" vs {data_s['decode'] + step:.2f} s decoding {files} files (decode {data_s['decode']:.2f} s), same"
-               f" first step {step:.2f} s: {common.fmt_ratio(speedup, 1)} (goal >= 10x"
-               f" {'met' if results['goal_met'] else 'MISSED'}); data part alone {common.fmt_ratio(data_speedup, 0)};"
-               f" projected to {RSNA_TRAIN_FILES} files"
-               f" {common.fmt_ratio(results[f'projected_decode_over_prepared_{RSNA_TRAIN_FILES}_files'], 1)};"
-               f" prepare once {prepare_s():.1f} s; {args.input_size} of {args.image_size} px")
+    summary = (
+        f"data: first step after {data_s['prepared'] + step:.2f} s prepared (load {data_s['prepared']:.2f} s)"
+        f" vs {data_s['decode'] + step:.2f} s decoding {files} files (decode {data_s['decode']:.2f} s), same"
+        f" first step {step:.2f} s: {common.fmt_ratio(speedup, 1)} (goal >= 10x"
+        f" {'met' if results['goal_met'] else 'MISSED'}); data part alone {common.fmt_ratio(data_speedup, 0)};"
+        f" projected to {RSNA_TRAIN_FILES} files"
+        f" {common.fmt_ratio(results[f'projected_decode_over_prepared_{RSNA_TRAIN_FILES}_files'], 1)};"
+        f" prepare once {prepare_s():.1f} s; {args.input_size} of {args.image_size} px"
+    )
     common.finish(NAME, args, results, summary, started)
 
 

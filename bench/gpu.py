@@ -2,7 +2,7 @@
 
 VGG16 and GoogLeNet at 224 px crops of 256 px images, batch 32: fp32 versus bf16 autocast + channels-last,
 the largest batch that fits, and the wall time of one paper-scale trial (5000 iterations of 32 with a
-six-crop validation every 500). Uses raybone's own step (`raybone.engine.train_step`), augmentation and
+six-crop validation every 500). Uses raybone's own step (`raybone.core.engine.train_step`), augmentation and
 L2CE on phantom radiographs, so it needs no data set and no Ray.
 
     python bench/gpu.py [--quick] [--out DIR]      # JSON to DIR/gpu.json (default bench/results)
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raybone.core.engine import predict_probs, train_step
+from raybone.core.loss import create_loss
+from raybone.core.model import create_model, parameter_groups
 from raybone.data.phantom import render_hand
-from raybone.engine import predict_probs, train_step
-from raybone.loss import create_loss
-from raybone.model import create_model, parameter_groups
 from raybone.spec import TrainConfig
 
 MODES = {"fp32": {"amp": False, "channels_last": False}, "bf16_channels_last": {"amp": True, "channels_last": True}}
@@ -96,8 +96,13 @@ def main() -> None:
     images, labels = phantom_batch(1536, 256, device)
     steps, iterations = (10, 500) if args.quick else (40, 5000)
 
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-              "date": time.strftime("%Y-%m-%d"), "models": {}}
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "models": {},
+    }
     for name in ("vgg16", "googlenet"):
         rates = {mode: throughput(name, mode, 32, images, labels, steps) for mode in MODES}
         report["models"][name] = {
@@ -108,11 +113,17 @@ def main() -> None:
         }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(" | ".join(
-        f"{name}: fp32 {m['batch32_images_per_s']['fp32']:.0f} img/s, bf16+CL {m['batch32_images_per_s']['bf16_channels_last']:.0f}"
-        f" ({m['bf16_speedup']:.2f}x), max batch {m['largest_batch'].get('batch')}"
-        f" {m['largest_batch'].get('images_per_s', 0):.0f} img/s, {m['paper_trial']['iterations']}-iteration trial"
-        f" {m['paper_trial']['seconds']:.0f} s" for name, m in report["models"].items()) + f" on {report['device']}")
+    print(
+        " | ".join(
+            f"{name}: fp32 {m['batch32_images_per_s']['fp32']:.0f} img/s, "
+            f"bf16+CL {m['batch32_images_per_s']['bf16_channels_last']:.0f}"
+            f" ({m['bf16_speedup']:.2f}x), max batch {m['largest_batch'].get('batch')}"
+            f" {m['largest_batch'].get('images_per_s', 0):.0f} img/s, {m['paper_trial']['iterations']}-iteration trial"
+            f" {m['paper_trial']['seconds']:.0f} s"
+            for name, m in report["models"].items()
+        )
+        + f" on {report['device']}"
+    )
 
 
 if __name__ == "__main__":

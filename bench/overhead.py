@@ -1,8 +1,8 @@
 """What Ray Train costs raybone: its worker loop in a real TorchTrainer versus a plain PyTorch loop.
 
 Both sides train GoogLeNet from scratch on the phantom demo atlas (72 px images, 64 px crops), batch 32, the
-same number of iterations, with raybone's own step (`raybone.engine.train_step`: Kornia augmentation, L2CE,
-Adam), the same seeds and the same torch thread count. The Ray side is `raybone.train.train_loop_per_worker`
+same number of iterations, with raybone's own step (`raybone.core.engine.train_step`: Kornia augmentation, L2CE,
+Adam), the same seeds and the same torch thread count. The Ray side is `raybone.tuning.worker.train_loop_per_worker`
 itself, unchanged, in a `TorchTrainer` with one worker of all the CPUs; a thin wrapper only clocks its
 evaluations and reports. Training is split into windows of `eval_every` iterations: raybone reports
 `images_per_s` per window (its evaluation and checkpoint excluded), and windows 2.. give the steady rate, as
@@ -29,12 +29,12 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
+from raybone.core.engine import train_step
+from raybone.core.loss import create_loss
+from raybone.core.model import create_model, parameter_groups
 from raybone.data import prepare
-from raybone.engine import train_step
-from raybone.loss import create_loss
-from raybone.model import create_model, parameter_groups
-from raybone.search import _arrays as search_arrays  # the exact dict a search puts in the object store
 from raybone.spec import TrainConfig
+from raybone.tuning.trial import trial_arrays  # the exact dict a search puts in the object store
 
 NAME = "overhead"
 SEED = 0
@@ -51,7 +51,7 @@ def instrumented_loop(loop_config: dict) -> None:
 
     import ray.train
 
-    import raybone.train as worker
+    import raybone.tuning.worker as worker
 
     events: dict = {"worker_start": time.time(), "reports": []}
     real_report, real_predict = ray.train.report, worker.predict_probs
@@ -67,8 +67,15 @@ def instrumented_loop(loop_config: dict) -> None:
     def report(metrics, checkpoint=None, **kwargs):
         enter = time.time()
         real_report(metrics, checkpoint=checkpoint, **kwargs)
-        events["reports"].append({"iteration": metrics["iteration"], "images_per_s": metrics["images_per_s"],
-                                  "eval_s": pending.pop("eval_s", 0.0), "enter": enter, "exit": time.time()})
+        events["reports"].append(
+            {
+                "iteration": metrics["iteration"],
+                "images_per_s": metrics["images_per_s"],
+                "eval_s": pending.pop("eval_s", 0.0),
+                "enter": enter,
+                "exit": time.time(),
+            }
+        )
 
     ray.train.report, worker.predict_probs = report, predict
     try:
@@ -83,11 +90,19 @@ def ray_run(cfg: TrainConfig, data_ref, threads: int, storage: Path, index: int)
     events_path = storage / f"events-{index}.json"
     trainer = TorchTrainer(
         instrumented_loop,
-        train_loop_config={"train": cfg.model_dump(), "data": [data_ref], "seed": SEED, "threads": threads,
-                           "bench_events": str(events_path)},
+        train_loop_config={
+            "train": cfg.model_dump(),
+            "data": [data_ref],
+            "seed": SEED,
+            "threads": threads,
+            "bench_events": str(events_path),
+        },
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": threads}),
-        run_config=ray.train.RunConfig(name=f"overhead-{index}", storage_path=str(storage),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
+        run_config=ray.train.RunConfig(
+            name=f"overhead-{index}",
+            storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+        ),
     )
     fit_start = time.time()
     trainer.fit()
@@ -95,8 +110,9 @@ def ray_run(cfg: TrainConfig, data_ref, threads: int, storage: Path, index: int)
     return _decompose(json.loads(events_path.read_text()), fit_start, fit_end, cfg)
 
 
-def ray_run_retried(cfg: TrainConfig, data_ref, threads: int, storage: Path, index: int, failures: list,
-                    attempts: int = 3) -> dict:
+def ray_run_retried(
+    cfg: TrainConfig, data_ref, threads: int, storage: Path, index: int, failures: list, attempts: int = 3
+) -> dict:
     """A run that fails is run again from scratch (and the failure recorded), never resumed: a resumed run
     would mix two worker starts into one measurement."""
     for attempt in range(attempts):
@@ -162,9 +178,13 @@ def plain_run(cfg: TrainConfig, arrays: dict, threads: int) -> dict:
             losses, started = [], time.perf_counter()
     steady_images = (cfg.iterations - cfg.eval_every) * cfg.batch_size
     rates = [cfg.eval_every * cfg.batch_size / s for s in window_s]
-    return {"steady_images_per_s": steady_images / sum(window_s[1:]), "best_window_images_per_s": max(rates[1:]),
-            "window_images_per_s": rates,
-            "setup_s": setup(), "training_s": sum(window_s)}
+    return {
+        "steady_images_per_s": steady_images / sum(window_s[1:]),
+        "best_window_images_per_s": max(rates[1:]),
+        "window_images_per_s": rates,
+        "setup_s": setup(),
+        "training_s": sum(window_s),
+    }
 
 
 def main() -> None:
@@ -173,12 +193,20 @@ def main() -> None:
     threads = common.cpu_count()
     iterations, eval_every, order = (40, 10, "PR") if args.quick else (120, 10, "PRRP")
     image_size, input_size = 72, 64
-    cfg = TrainConfig(model="googlenet", weights="none", loss="l2ce", lr=1e-3, batch_size=32,
-                      iterations=iterations, eval_every=eval_every, input_size=input_size,
-                      crop_fraction=input_size / image_size)  # the worker then crops the 72 px images as they are
+    cfg = TrainConfig(
+        model="googlenet",
+        weights="none",
+        loss="l2ce",
+        lr=1e-3,
+        batch_size=32,
+        iterations=iterations,
+        eval_every=eval_every,
+        input_size=input_size,
+        crop_fraction=input_size / image_size,
+    )  # the worker then crops the 72 px images as they are
     assert getattr(cfg, "image_size", image_size) == image_size
     data = prepare("demo", image_size=image_size, progress=False)
-    arrays = search_arrays(data)
+    arrays = trial_arrays(data)
 
     plain, raybone_runs, failures = [], [], []
     with common.local_ray(threads), tempfile.TemporaryDirectory(prefix="raybone-overhead-") as storage:
@@ -200,9 +228,18 @@ def main() -> None:
     fixed = common.median(r["fixed_cost_s"] for r in raybone_runs)
     wall_minus = common.median(r["wall_minus_steady_s"] for r in raybone_runs)
     results = {
-        "settings": {"model": cfg.model, "image_size": image_size, "input_size": cfg.input_size, "batch_size": cfg.batch_size,
-                     "iterations": iterations, "eval_every": eval_every, "threads": threads, "order": order,
-                     "train_images": int(arrays["is_train"].sum()), "val_images": int((~arrays["is_train"]).sum())},
+        "settings": {
+            "model": cfg.model,
+            "image_size": image_size,
+            "input_size": cfg.input_size,
+            "batch_size": cfg.batch_size,
+            "iterations": iterations,
+            "eval_every": eval_every,
+            "threads": threads,
+            "order": order,
+            "train_images": int(arrays["is_train"].sum()),
+            "val_images": int((~arrays["is_train"]).sum()),
+        },
         "plain_images_per_s": plain_best,
         "raybone_images_per_s": ray_best,
         "raybone_over_plain": speed,
@@ -217,11 +254,13 @@ def main() -> None:
         "raybone_runs": raybone_runs,
         "failed_ray_runs": failures,
     }
-    summary = (f"overhead: raybone {ray_best:.1f} img/s vs plain {plain_best:.1f} img/s (best windows) ="
-               f" {common.fmt_ratio(speed, 3)} (goal >= 0.95x {'met' if results['goal_met'] else 'MISSED'}; medians"
-               f" {ray_ips:.1f} vs {plain_ips:.1f} = {common.fmt_ratio(median_ratio, 2)}); fixed cost per trial {fixed:.1f} s"
-               f" (wall - steady training = {wall_minus:.1f} s incl. {len(raybone_runs[0]['window_images_per_s'])}"
-               f" evals+checkpoints)" + (f"; {len(failures)} failed Ray run(s) rerun" if failures else ""))
+    summary = (
+        f"overhead: raybone {ray_best:.1f} img/s vs plain {plain_best:.1f} img/s (best windows) ="
+        f" {common.fmt_ratio(speed, 3)} (goal >= 0.95x {'met' if results['goal_met'] else 'MISSED'}; medians"
+        f" {ray_ips:.1f} vs {plain_ips:.1f} = {common.fmt_ratio(median_ratio, 2)}); fixed cost per trial {fixed:.1f} s"
+        f" (wall - steady training = {wall_minus:.1f} s incl. {len(raybone_runs[0]['window_images_per_s'])}"
+        f" evals+checkpoints)" + (f"; {len(failures)} failed Ray run(s) rerun" if failures else "")
+    )
     common.finish(NAME, args, results, summary, started)
 
 

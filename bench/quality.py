@@ -21,18 +21,26 @@ from pathlib import Path
 import pandas as pd
 import ray
 import yaml
-
 from _common import finish, parse_args, shared_folder
-from raybone.checkpoint import load_trained_model
+
+from raybone.core.engine import predict_trained
+from raybone.core.metrics import classification_metrics
 from raybone.data import prepare
 from raybone.data.prepare import stratified_split
-from raybone.engine import predict_trained
-from raybone.metrics import classification_metrics
-from raybone.search import best_row, run_search, start_local_ray
+from raybone.experiments.experiment import best_row, load_trained_model
 from raybone.spec import load_spec
+from raybone.tuning.cluster import start_local_ray
+from raybone.tuning.run import run_search
 
-COMMON = {"model": "googlenet", "weights": "none", "finetune": "full", "input_size": 88, "crop_fraction": 0.88,
-          "batch_size": 32, "loss": "l2ce"}
+COMMON = {
+    "model": "googlenet",
+    "weights": "none",
+    "finetune": "full",
+    "input_size": 88,
+    "crop_fraction": 0.88,
+    "batch_size": 32,
+    "loss": "l2ce",
+}
 PAPER = {**COMMON, "lr": 1e-4, "decay_steps": 500, "l2_weight": 1.0, "weight_decay": 0.1, "readout": "argmax"}
 CONCURRENT = 2  # trials at once: two 1-CPU workers on 2 cores, or two half-GPU workers
 SEARCHED = {
@@ -68,12 +76,17 @@ def spec_file(work: Path, name: str, train: dict, args, iterations: int, samples
     takes all of it."""
     gpu, single = args.device == "cuda", samples == 1
     spec = {
-        "seed": 0, "metric": "val_rmse", "mode": "min", "num_samples": samples,
+        "seed": 0,
+        "metric": "val_rmse",
+        "mode": "min",
+        "num_samples": samples,
         "data": {"source": str(work / "prepared"), "image_size": 100},
         "train": {**train, "iterations": iterations, "eval_every": rung},
         "scheduler": {"type": "none"} if single else {"type": "asha", "grace_period": rung, "reduction_factor": 3},
-        "resources": {"cpus_per_worker": (8 if gpu else 2) if single else (4 if gpu else 1),
-                      "gpus_per_worker": (1 if single else 0.5) if gpu else 0},
+        "resources": {
+            "cpus_per_worker": (8 if gpu else 2) if single else (4 if gpu else 1),
+            "gpus_per_worker": (1 if single else 0.5) if gpu else 0,
+        },
     }
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -84,8 +97,14 @@ def score(checkpoint: str, test, device: str) -> tuple[dict, dict[str, float]]:
     """The checkpoint's values of the searched hyperparameters, and its six-crop metrics on images no arm has seen."""
     model, cfg, _ = load_trained_model(checkpoint)
     m = classification_metrics(predict_trained(model, cfg, test.images, test.sex_code, device), test.labels)
-    metrics = {"top1": m["top1"], "top2": m["top2"], "rmse_argmax": m["rmse"], "rmse_expected": m["rmse_expected"],
-               "mae_months_argmax": 12 * m["mae"], "mae_months_expected": 12 * m["mae_expected"]}
+    metrics = {
+        "top1": m["top1"],
+        "top2": m["top2"],
+        "rmse_argmax": m["rmse"],
+        "rmse_expected": m["rmse_expected"],
+        "mae_months_argmax": 12 * m["mae"],
+        "mae_months_expected": 12 * m["mae_expected"],
+    }
     return cfg.model_dump(include=set(SEARCHED), mode="json"), metrics
 
 
@@ -107,24 +126,35 @@ def main() -> None:
     # or second rung (rungs max_t/9, max_t/3), which lands the spend near the budget for about 10 trials.
     max_t = max(90, args.budget // (CONCURRENT + 2))
     rung = max_t // 9
-    search = run_search(load_spec(spec_file(work, "search", {**COMMON, **SEARCHED, "readout": "expected"}, args,
-                                            rung * 9, args.trials, rung)), name="search", results_dir=work,
-                        resume=(work / "search" / "trials.parquet").is_file())  # --work: a finished search is kept
+    search = run_search(
+        load_spec(
+            spec_file(work, "search", {**COMMON, **SEARCHED, "readout": "expected"}, args, rung * 9, args.trials, rung)
+        ),
+        name="search",
+        results_dir=work,
+        resume=(work / "search" / "trials.parquet").is_file(),
+    )  # --work: a finished search is kept
     spent = int(search.trials.training_iteration.sum())
-    paper = run_search(load_spec(spec_file(work, "paper", PAPER, args, spent, 1, max(50, spent // 6))),
-                       name="paper", results_dir=work)
+    paper = run_search(
+        load_spec(spec_file(work, "paper", PAPER, args, spent, 1, max(50, spent // 6))), name="paper", results_dir=work
+    )
     arms = {"paper_recipe": paper, "raybone_search": search}
     results = {"test_images": len(test.labels), "budget_trial_iterations": spent, "arms": {}}
     for arm, outcome in arms.items():
         config, metrics = score(best_row(outcome.trials, "val_rmse", "min").checkpoint_path, test, args.device)
-        results["arms"][arm] = {"trial_iterations": int(outcome.trials.training_iteration.sum()), "config": config,
-                                "test": metrics}
+        results["arms"][arm] = {
+            "trial_iterations": int(outcome.trials.training_iteration.sum()),
+            "config": config,
+            "test": metrics,
+        }
     a, b = (results["arms"][k]["test"] for k in arms)
-    summary = (f"quality on {len(test.labels)} held-out RSNA hands, {spent} trial-iterations each: paper recipe "
-               f"top-1 {a['top1']:.3f} top-2 {a['top2']:.3f} RMSE {a['rmse_argmax']:.2f}/{a['rmse_expected']:.2f} y "
-               f"MAE {a['mae_months_expected']:.1f} mo | raybone search top-1 {b['top1']:.3f} top-2 {b['top2']:.3f} "
-               f"RMSE {b['rmse_argmax']:.2f}/{b['rmse_expected']:.2f} y MAE {b['mae_months_expected']:.1f} mo "
-               f"(RMSE arg-max/expected)")
+    summary = (
+        f"quality on {len(test.labels)} held-out RSNA hands, {spent} trial-iterations each: paper recipe "
+        f"top-1 {a['top1']:.3f} top-2 {a['top2']:.3f} RMSE {a['rmse_argmax']:.2f}/{a['rmse_expected']:.2f} y "
+        f"MAE {a['mae_months_expected']:.1f} mo | raybone search top-1 {b['top1']:.3f} top-2 {b['top2']:.3f} "
+        f"RMSE {b['rmse_argmax']:.2f}/{b['rmse_expected']:.2f} y MAE {b['mae_months_expected']:.1f} mo "
+        f"(RMSE arg-max/expected)"
+    )
     ray.shutdown()
     finish("quality", args, results, summary, started)
 

@@ -1,12 +1,12 @@
 """Search efficiency on real radiographs: ASHA + TPE (raybone's default) versus random search without early
 stopping, the same number of trials, the same space, the same trial seeds.
 
-Both searches run `raybone.search.run_search` on ../shared/data/rsna-100 (skipped with a message where absent)
+Both searches run `raybone.tuning.run.run_search` on ../shared/data/rsna-100 (skipped with a message where absent)
 at a small size: 40 px images, 32 px crops, GoogLeNet from scratch, batch 32, the space of
 search_spaces/quick.yaml (lr, decay_steps, l2_weight, weight_decay), validation every 20 iterations on 5 % of
 the images (six crops each, so a report stays cheap). Random search is spec override `scheduler.type=none`
 plus Optuna's RandomSampler: raybone has no searcher option yet, so this script swaps the sampler of
-`raybone.search.searcher`'s result (seeded as TPE is, so both draw the same configs until TPE's start-up
+`raybone.tuning.searcher.searcher`'s result (seeded as TPE is, so both draw the same configs until TPE's start-up
 trials are used up).
 
 Compute is counted in trial-iterations. "To within 5 %": ASHA+TPE's reports in time order (Tune's per-trial
@@ -30,7 +30,8 @@ import optuna
 import pandas as pd
 from rich.console import Console
 
-import raybone.search
+import raybone.tuning.run
+import raybone.tuning.searcher
 from raybone.spec import TrainConfig, load_spec
 
 NAME = "search"
@@ -40,11 +41,25 @@ TOLERANCE = 1.05
 
 
 def spec_for(source: Path, scheduler: str, trials: int, iterations: int) -> object:
-    overrides = [f"data.source={source}", "data.format=rsna", "data.image_size=40", "data.val_fraction=0.05",
-                 "model=googlenet", "weights=none", "input_size=32", "batch_size=32",
-                 f"iterations={iterations}", "eval_every=20", f"num_samples={trials}",
-                 f"scheduler.type={scheduler}", "scheduler.grace_period=20", "scheduler.reduction_factor=2",
-                 "resources.num_workers=1", "resources.cpus_per_worker=1", "seed=0"]
+    overrides = [
+        f"data.source={source}",
+        "data.format=rsna",
+        "data.image_size=40",
+        "data.val_fraction=0.05",
+        "model=googlenet",
+        "weights=none",
+        "input_size=32",
+        "batch_size=32",
+        f"iterations={iterations}",
+        "eval_every=20",
+        f"num_samples={trials}",
+        f"scheduler.type={scheduler}",
+        "scheduler.grace_period=20",
+        "scheduler.reduction_factor=2",
+        "resources.num_workers=1",
+        "resources.cpus_per_worker=1",
+        "seed=0",
+    ]
     if "crop_fraction" in TrainConfig.model_fields:
         overrides.append("crop_fraction=0.8")  # 32 of 40 px: the workers crop the prepared images as they are
     return load_spec(QUICK_YAML, overrides)
@@ -52,33 +67,39 @@ def spec_for(source: Path, scheduler: str, trials: int, iterations: int) -> obje
 
 @contextmanager
 def random_sampler():
-    """raybone.search.searcher, with Optuna's RandomSampler in place of TPE (same seed, same study)."""
-    tpe_searcher = raybone.search.searcher
+    """raybone's searcher, with Optuna's RandomSampler in place of TPE (same seed, same study)."""
+    tpe_searcher = raybone.tuning.run.searcher
 
     def searcher(spec, path):
         search = tpe_searcher(spec, path)
         if not isinstance(getattr(search, "_sampler", None), optuna.samplers.TPESampler):
-            raise RuntimeError("raybone.search.searcher no longer returns an OptunaSearch with a TPE sampler; "
-                               "update bench/search.py")
+            raise RuntimeError(
+                "raybone.tuning.searcher.searcher no longer returns an OptunaSearch with a TPE sampler; "
+                "update bench/search.py"
+            )
         search._sampler = optuna.samplers.RandomSampler(seed=spec.seed)
         return search
 
-    raybone.search.searcher = searcher
+    raybone.tuning.run.searcher = searcher
     try:
         yield
     finally:
-        raybone.search.searcher = tpe_searcher
+        raybone.tuning.run.searcher = tpe_searcher
 
 
 def search(spec, name: str, results_dir: Path) -> dict:
     with common.stopwatch() as elapsed:
-        outcome = raybone.search.run_search(spec, name=name, results_dir=results_dir, console=Console(quiet=True))
+        outcome = raybone.tuning.run.run_search(spec, name=name, results_dir=results_dir, console=Console(quiet=True))
     trials = outcome.trials
     reports = _reports(trials)
-    return {"trials": trials, "reports": reports, "wall_s": elapsed(),
-            "trial_iterations": int(trials.training_iteration.sum()),
-            "best_val_rmse": float(trials.val_rmse.min()),
-            "statuses": trials.status.value_counts().to_dict()}
+    return {
+        "trials": trials,
+        "reports": reports,
+        "wall_s": elapsed(),
+        "trial_iterations": int(trials.training_iteration.sum()),
+        "best_val_rmse": float(trials.val_rmse.min()),
+        "statuses": trials.status.value_counts().to_dict(),
+    }
 
 
 def _reports(trials: pd.DataFrame) -> pd.DataFrame:
@@ -86,15 +107,26 @@ def _reports(trials: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for trial in trials.itertuples():
         result_json = Path(trial.trial_path) / "result.json"
-        lines = [json.loads(line) for line in result_json.read_text().splitlines()
-                 if line.strip()] if result_json.is_file() else []
+        lines = (
+            [json.loads(line) for line in result_json.read_text().splitlines() if line.strip()]
+            if result_json.is_file()
+            else []
+        )
         if not lines:  # a trial that failed before its first report
             continue
         start = min(r["timestamp"] - r["time_total_s"] for r in lines)
-        rows += [{"trial_id": trial.trial_id, "iteration": r["iteration"], "val_rmse": r["val_rmse"],
-                  "time": start + r["time_total_s"]} for r in lines]
+        rows += [
+            {
+                "trial_id": trial.trial_id,
+                "iteration": r["iteration"],
+                "val_rmse": r["val_rmse"],
+                "time": start + r["time_total_s"],
+            }
+            for r in lines
+        ]
     return pd.DataFrame(rows, columns=["trial_id", "iteration", "val_rmse", "time"]).sort_values(
-        ["time", "iteration"], ignore_index=True)
+        ["time", "iteration"], ignore_index=True
+    )
 
 
 def compute_to_reach(reports: pd.DataFrame, target: float) -> dict | None:
@@ -105,8 +137,12 @@ def compute_to_reach(reports: pd.DataFrame, target: float) -> dict | None:
         latest[row.trial_id] = max(latest.get(row.trial_id, 0), row.iteration)
         best = min(best, row.val_rmse)
         if best <= target:
-            return {"trial_iterations": sum(latest.values()), "seconds": row.time - start, "val_rmse": best,
-                    "trials_started": len(latest)}
+            return {
+                "trial_iterations": sum(latest.values()),
+                "seconds": row.time - start,
+                "val_rmse": best,
+                "trials_started": len(latest),
+            }
     return None
 
 
@@ -127,12 +163,22 @@ def main() -> None:
     target = TOLERANCE * rand["best_val_rmse"]
     reached = compute_to_reach(asha["reports"], target)
     fraction = common.ratio(reached["trial_iterations"], rand["trial_iterations"]) if reached else None
-    startup = raybone.search.startup_trials(trials)
+    startup = raybone.tuning.searcher.startup_trials(trials)
     results = {
-        "settings": {"source": str(source), "trials": trials, "iterations": iterations, "eval_every": 20,
-                     "image_size": 40, "input_size": 32, "model": "googlenet", "batch_size": 32,
-                     "val_fraction": 0.05, "asha": {"grace_period": 20, "reduction_factor": 2},
-                     "concurrent_trials": threads, "tpe_startup_trials": startup},
+        "settings": {
+            "source": str(source),
+            "trials": trials,
+            "iterations": iterations,
+            "eval_every": 20,
+            "image_size": 40,
+            "input_size": 32,
+            "model": "googlenet",
+            "batch_size": 32,
+            "val_fraction": 0.05,
+            "asha": {"grace_period": 20, "reduction_factor": 2},
+            "concurrent_trials": threads,
+            "tpe_startup_trials": startup,
+        },
         "asha_tpe": {k: v for k, v in asha.items() if k not in ("trials", "reports")},
         "random": {k: v for k, v in rand.items() if k not in ("trials", "reports")},
         "target_val_rmse": target,
@@ -141,15 +187,25 @@ def main() -> None:
         "iterations_asha_tpe_over_random": common.ratio(asha["trial_iterations"], rand["trial_iterations"]),
         "goal": "asha_tpe_to_target_over_random_iterations <= 1/3",
         "goal_met": fraction is not None and fraction <= 1 / 3,
-        "trials": {label: run["trials"].drop(columns=["trial_path", "checkpoint_path"], errors="ignore")
-                   .to_dict(orient="records") for label, run in (("asha_tpe", asha), ("random", rand))},
+        "trials": {
+            label: run["trials"]
+            .drop(columns=["trial_path", "checkpoint_path"], errors="ignore")
+            .to_dict(orient="records")
+            for label, run in (("asha_tpe", asha), ("random", rand))
+        },
     }
-    reach = (f"within 5 % of random's best after {reached['trial_iterations']} trial-iterations ="
-             f" {common.fmt_ratio(fraction)} of random's" if reached else "never within 5 % of random's best")
-    summary = (f"search ({trials} trials x {iterations} it): ASHA+TPE {asha['trial_iterations']} trial-iterations,"
-               f" best val_rmse {asha['best_val_rmse']:.3f}, {asha['wall_s']:.0f} s vs random"
-               f" {rand['trial_iterations']}, best {rand['best_val_rmse']:.3f}, {rand['wall_s']:.0f} s; ASHA+TPE {reach}"
-               f" (goal <= 0.33x {'met' if results['goal_met'] else 'MISSED'})")
+    reach = (
+        f"within 5 % of random's best after {reached['trial_iterations']} trial-iterations ="
+        f" {common.fmt_ratio(fraction)} of random's"
+        if reached
+        else "never within 5 % of random's best"
+    )
+    summary = (
+        f"search ({trials} trials x {iterations} it): ASHA+TPE {asha['trial_iterations']} trial-iterations,"
+        f" best val_rmse {asha['best_val_rmse']:.3f}, {asha['wall_s']:.0f} s vs random"
+        f" {rand['trial_iterations']}, best {rand['best_val_rmse']:.3f}, {rand['wall_s']:.0f} s; ASHA+TPE {reach}"
+        f" (goal <= 0.33x {'met' if results['goal_met'] else 'MISSED'})"
+    )
     common.finish(NAME, args, results, summary, started)
 
 

@@ -7,7 +7,7 @@ import sys
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich import box
@@ -32,7 +32,7 @@ def _quiet_decoders() -> None:
 
     warnings.filterwarnings("ignore", module=r"(pydicom|PIL)(\.|$)")
 
-DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "quick.yaml"
+
 RESULTS = Path("results")
 
 
@@ -57,38 +57,55 @@ def _user_errors(fn):
 @app.command()
 @_user_errors
 def search(
-    config: Annotated[Path, typer.Option(help="search-space YAML")] = DEFAULT_SPACE,
-    data: Annotated[Optional[str], typer.Option(help="prepared dataset, source folder/CSV, or 'demo'")] = None,
-    name: Annotated[Optional[str], typer.Option(help="experiment name (default: <config>-<time>)")] = None,
-    num_samples: Annotated[Optional[int], typer.Option(help="number of trials")] = None,
-    address: Annotated[Optional[str], typer.Option(help="existing Ray cluster, e.g. auto")] = None,
-    resume: Annotated[Optional[str], typer.Option(help="continue the experiment NAME")] = None,
-    set_: Annotated[list[str], typer.Option("--set", help="override, e.g. --set lr.high=1e-3")] = [],
-    storage: Annotated[str, typer.Option("--storage", "--results-dir", help=(
-        "where experiments are written: a folder, or s3://bucket/prefix, gs://..., file:///abs/path "
-        "(a URI keeps optuna.db in ./results/<name>/)"))] = str(RESULTS),
-    shared_storage: Annotated[bool, typer.Option(
-        "--shared-storage", help="the --storage folder is shared by every node (NFS): allow it on a multi-node cluster")] = False,
+    config: Annotated[
+        str, typer.Option(help="search-space YAML, or a packaged space: quick, paper, gpu, rsna")
+    ] = "quick",
+    data: Annotated[str | None, typer.Option(help="prepared dataset, source folder/CSV, or 'demo'")] = None,
+    name: Annotated[str | None, typer.Option(help="experiment name (default: <config>-<time>)")] = None,
+    num_samples: Annotated[int | None, typer.Option(help="number of trials")] = None,
+    address: Annotated[str | None, typer.Option(help="existing Ray cluster, e.g. auto")] = None,
+    resume: Annotated[str | None, typer.Option(help="continue the experiment NAME")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set lr.high=1e-3")] = None,
+    storage: Annotated[
+        str,
+        typer.Option(
+            "--storage",
+            "--results-dir",
+            help=(
+                "where experiments are written: a folder, or s3://bucket/prefix, gs://..., file:///abs/path "
+                "(a URI keeps optuna.db in ./results/<name>/)"
+            ),
+        ),
+    ] = str(RESULTS),
+    shared_storage: Annotated[
+        bool,
+        typer.Option(
+            "--shared-storage",
+            help="the --storage folder is shared by every node (NFS): allow it on a multi-node cluster",
+        ),
+    ] = False,
 ):
-    """Run a hyperparameter search (default: the demo atlas with search_spaces/quick.yaml)."""
-    from raybone import results
-    from raybone.search import run_search
-    from raybone.spec import load_spec
+    """Run a hyperparameter search (default: the demo atlas with the packaged space quick)."""
+    from raybone.experiments.storage import HISTORY, TRIALS, join
+    from raybone.tuning.run import run_search, search_spec
 
-    overrides = list(set_) + [f"data.source={data}"] * bool(data) + [f"num_samples={num_samples}"] * bool(num_samples)
-    name = resume or name or f"{config.stem}-{datetime.now():%Y%m%d-%H%M%S}"
-    saved = results.join(storage, name, "spec.yaml")
-    if resume and not results.exists(saved):
-        raise RayboneError(f"cannot resume {name!r}: no raybone experiment at {results.join(storage, name)}")
-    if resume and results.is_uri(storage):  # load_spec reads local files: keep a copy beside the local optuna.db
-        results.copy_file(saved, results.study_dir(storage, name) / "spec.yaml")
-        saved = results.study_dir(storage, name) / "spec.yaml"
-    spec = load_spec(saved if resume else config, overrides)
-    outcome = run_search(spec, name=name, results_dir=storage, address=address, resume=bool(resume),
-                         shared_storage=shared_storage, console=console)
+    overrides = (
+        list(set_ or []) + [f"data.source={data}"] * bool(data) + [f"num_samples={num_samples}"] * bool(num_samples)
+    )
+    spec = search_spec(config, overrides, storage, resume)
+    name = resume or name or f"{Path(config).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    outcome = run_search(
+        spec,
+        name=name,
+        results_dir=storage,
+        address=address,
+        resume=bool(resume),
+        shared_storage=shared_storage,
+        console=console,
+    )
     _print_best(outcome.best, spec.metric)
-    _say(f"trials:  {results.join(outcome.path, results.TRIALS)}")
-    _say(f"history: {results.join(outcome.path, results.HISTORY)}")
+    _say(f"trials:  {join(outcome.path, TRIALS)}")
+    _say(f"history: {join(outcome.path, HISTORY)}")
 
 
 @data_app.command("prepare")
@@ -96,8 +113,8 @@ def search(
 def data_prepare(
     source: Annotated[str, typer.Argument(help="source folder or CSV, or 'demo'")],
     format: Annotated[str, typer.Option(help="rsna | dha | manifest | auto")] = "auto",
-    labels: Annotated[Optional[Path], typer.Option(help="label CSV, if not the source's own")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="artifact folder (default: the cache)")] = None,
+    labels: Annotated[Path | None, typer.Option(help="label CSV, if not the source's own")] = None,
+    out: Annotated[Path | None, typer.Option(help="artifact folder (default: the cache)")] = None,
     image_size: Annotated[int, typer.Option(help="side of the warped square images")] = 256,
     num_classes: Annotated[int, typer.Option(help="classes = whole years 0..N-1")] = 20,
     seed: Annotated[int, typer.Option(help="seed of the stratified split")] = 0,
@@ -106,8 +123,16 @@ def data_prepare(
     """Decode, grey, warp and split a data set once, for every later search."""
     from raybone.data import prepare
 
-    prepared = prepare(source, format=format, labels=labels, out=out, image_size=image_size,
-                       num_classes=num_classes, seed=seed, force=force)
+    prepared = prepare(
+        source,
+        format=format,
+        labels=labels,
+        out=out,
+        image_size=image_size,
+        num_classes=num_classes,
+        seed=seed,
+        force=force,
+    )
     _say(f"prepared: {prepared.path}")
 
 
@@ -125,19 +150,21 @@ class Device(str, Enum):
 @app.command()
 @_user_errors
 def best(
-    name: Annotated[Optional[str], typer.Argument(help="experiment (default: the most recent)")] = None,
-    metric: Annotated[Optional[str], typer.Option(help="rank by this metric (default: the search's)")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="min | max (default: the metric's own)")] = None,
-    export: Annotated[Optional[Path], typer.Option(help="write the model folder here (replaced atomically)")] = None,
-    results_dir: Annotated[Path, typer.Option(help="where experiments are written")] = RESULTS,
+    name: Annotated[str | None, typer.Argument(help="experiment (default: the most recent)")] = None,
+    metric: Annotated[str | None, typer.Option(help="rank by this metric (default: the search's)")] = None,
+    mode: Annotated[str | None, typer.Option(help="min | max (default: the metric's own)")] = None,
+    export: Annotated[Path | None, typer.Option(help="write the model folder here (replaced atomically)")] = None,
+    results_dir: Annotated[str, typer.Option(help="where experiments are written: a folder or a URI")] = str(RESULTS),
     force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
 ):
     """Show an experiment's best trial; with --export, write it as a self-contained model folder."""
-    from raybone.export import export_model, find_best
+    from raybone.experiments import Experiment
 
-    trial = find_best(results_dir, name, metric, mode)
-    _print_best(trial.summary(), f"{trial.metric} ({trial.mode}) in {trial.experiment}")
+    trial = Experiment.open(results_dir, name).best(metric, mode)
+    _print_best(trial.summary(), f"{trial.metric} ({trial.mode}) in {trial.experiment.name}")
     if export is not None:
+        from raybone.modelfolder.export import export_model
+
         _say(f"exported: {export_model(trial, export, force=force)}")
 
 
@@ -149,14 +176,15 @@ def predict(
     format: Annotated[OutputFormat, typer.Option(help="table | json | csv")] = OutputFormat.table,
     device: Annotated[Device, typer.Option(help="cpu | cuda")] = Device.cpu,
     batch_size: Annotated[int, typer.Option(help="images per batch")] = 32,
-    sex: Annotated[Optional[str], typer.Option(help="the patients' sex, male|female, for models with sex input")] = None,
-    sex_csv: Annotated[Optional[Path], typer.Option(help="sidecar CSV: file, sex (M/F) per image")] = None,
+    sex: Annotated[str | None, typer.Option(help="the patients' sex, male|female, for models with sex input")] = None,
+    sex_csv: Annotated[Path | None, typer.Option(help="sidecar CSV: file, sex (M/F) per image")] = None,
 ):
     """Predict bone-age classes; unusable files are reported on stderr and skipped (exit 1)."""
-    from raybone.predict import predict_inputs, predictions_csv, predictions_json
+    from raybone.modelfolder.predict import predict_inputs, predictions_csv, predictions_json
 
-    predictions, failures, predictor = predict_inputs(model_dir, inputs, device.value, batch_size, Console(stderr=True),
-                                                      sex, sex_csv)
+    predictions, failures, predictor = predict_inputs(
+        model_dir, inputs, device.value, batch_size, Console(stderr=True), sex, sex_csv
+    )
     if format is OutputFormat.json:
         typer.echo(predictions_json(predictions))
     elif format is OutputFormat.csv:
@@ -172,13 +200,15 @@ def predict(
 def evaluate(
     model_dir: Annotated[Path, typer.Argument(help="model folder from `raybone best --export`")],
     data: Annotated[str, typer.Option(help="prepared dataset, labelled source folder/CSV, or 'demo'")],
-    split: Annotated[Optional[str], typer.Option(help="val | train | all (default: val on the training data, else all)")] = None,
-    json_file: Annotated[Optional[Path], typer.Option("--json", help="also write the results here")] = None,
+    split: Annotated[
+        str | None, typer.Option(help="val | train | all (default: val on the training data, else all)")
+    ] = None,
+    json_file: Annotated[Path | None, typer.Option("--json", help="also write the results here")] = None,
     device: Annotated[Device, typer.Option(help="cpu | cuda")] = Device.cpu,
 ):
     """Top-1/2, RMSE, MAE and the confusion matrix of an exported model on labelled radiographs."""
-    from raybone.predict import check_evaluation_file, write_evaluation
-    from raybone.predict import evaluate as run_evaluation
+    from raybone.modelfolder.predict import check_evaluation_file, write_evaluation
+    from raybone.modelfolder.predict import evaluate as run_evaluation
 
     if json_file is not None:
         check_evaluation_file(json_file)  # before the work, not after it
@@ -192,11 +222,11 @@ def evaluate(
 @app.command()
 @_user_errors
 def report(
-    name: Annotated[Optional[str], typer.Argument(help="experiment (default: the most recent)")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="report folder (default: results/<name>/report)")] = None,
+    name: Annotated[str | None, typer.Argument(help="experiment (default: the most recent)")] = None,
+    out: Annotated[Path | None, typer.Option(help="report folder (default: results/<name>/report)")] = None,
     samples: Annotated[int, typer.Option(min=1, max=32, help="images in each gallery")] = 8,
     device: Annotated[Device, typer.Option(help="cpu | cuda")] = Device.cpu,
-    results_dir: Annotated[Path, typer.Option(help="where experiments are written")] = RESULTS,
+    results_dir: Annotated[str, typer.Option(help="where experiments are written: a folder or a URI")] = str(RESULTS),
     force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
 ):
     """Write an HTML report with figures: confusion matrix, learning curves, hyperparameters, errors, Grad-CAM."""
@@ -233,27 +263,42 @@ def _print_predictions(predictions) -> None:
     for p in predictions:
         r = p.record()
         top2 = ", ".join(f"{c} ({r['probabilities'][c]:.3f})" for c in (r["predicted_years"], r["second_years"]))
-        table.add_row(Text(r["file"]), str(r["predicted_years"]), top2,
-                      f"{r['expected_age_years']:.2f} y ({r['expected_age_months']:.0f} mo)")
+        table.add_row(
+            Text(r["file"]),
+            str(r["predicted_years"]),
+            top2,
+            f"{r['expected_age_years']:.2f} y ({r['expected_age_months']:.0f} mo)",
+        )
     console.print(table)
 
 
 def _print_evaluation(result: dict) -> None:
     m = result["metrics"]
-    _say(f"model {result['model']} (trial {result['trial_id']}) on the {result['split']} split of "
-         f"{result['data']}: {result['images']} images")
+    _say(
+        f"model {result['model']} (trial {result['trial_id']}) on the {result['split']} split of "
+        f"{result['data']}: {result['images']} images"
+    )
     table = Table("metric", "years", "months")
     table.add_row("top-1", f"{m['top1']:.4f}", "")
     table.add_row("top-2", f"{m['top2']:.4f}", "")
-    for key, label in (("rmse_argmax", "RMSE, class"), ("mae_argmax", "MAE, class"),
-                       ("rmse_expected", "RMSE, expected age"), ("mae_expected", "MAE, expected age")):
+    for key, label in (
+        ("rmse_argmax", "RMSE, class"),
+        ("mae_argmax", "MAE, class"),
+        ("rmse_expected", "RMSE, expected age"),
+        ("mae_expected", "MAE, expected age"),
+    ):
         table.add_row(label, f"{m[key]:.4f}", f"{m[key + '_months']:.2f}")
     console.print(table)
     console.print(f"(the trial's val_rmse / val_mae score the {result['readout']} readout)", highlight=False)
     matrix = result["confusion_matrix"]
     used = [c for c in result["classes"] if sum(matrix[c]) or sum(row[c] for row in matrix)]
-    confusion = Table(title="confusion matrix: rows true, columns predicted class (years)", title_justify="left",
-                      box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)
+    confusion = Table(
+        title="confusion matrix: rows true, columns predicted class (years)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1, 0, 0),
+        pad_edge=False,
+    )
     for header in ["true", *map(str, used)]:
         confusion.add_column(header, justify="right", no_wrap=True)
     for c in used:
@@ -271,46 +316,55 @@ class ImportanceEvaluator(str, Enum):
 @app.command()
 @_user_errors
 def results(
-    name: Annotated[Optional[str], typer.Argument(help="experiment (default: the most recent)")] = None,
-    top: Annotated[Optional[int], typer.Option(min=1, help="only the N best trials")] = None,
-    format: Annotated[OutputFormat, typer.Option(help="table | json | csv (json/csv: trials only, on stdout)")] = OutputFormat.table,
+    name: Annotated[str | None, typer.Argument(help="experiment (default: the most recent)")] = None,
+    top: Annotated[int | None, typer.Option(min=1, help="only the N best trials")] = None,
+    format: Annotated[
+        OutputFormat, typer.Option(help="table | json | csv (json/csv: trials only, on stdout)")
+    ] = OutputFormat.table,
     list_: Annotated[bool, typer.Option("--list", help="list the experiments instead")] = False,
-    importance_evaluator: Annotated[ImportanceEvaluator, typer.Option(help="fanova | mdi | ped")] = ImportanceEvaluator.fanova,
-    results_dir: Annotated[Path, typer.Option(help="where experiments are written")] = RESULTS,
+    importance_evaluator: Annotated[
+        ImportanceEvaluator, typer.Option(help="fanova | mdi | ped")
+    ] = ImportanceEvaluator.fanova,
+    results_dir: Annotated[str, typer.Option(help="where experiments are written: a folder or a URI")] = str(RESULTS),
 ):
     """An experiment's trials ranked by its metric, then its hyperparameter importances; --list: all experiments."""
-    from raybone import analysis
+    from raybone.experiments import Experiment, importances, summaries
+    from raybone.spec import METRICS
 
     if list_:
-        table = analysis.experiments_summary(results_dir)
+        table = summaries(results_dir)
         if not table["error"].notna().any():
             table = table.drop(columns="error")
         return _print_frame(table, format, title=f"experiments in {results_dir}")
-    path = analysis.resolve(results_dir, name)
-    spec = analysis.experiment_spec(path)
-    ranked = analysis.ranked_trials(path)
+    experiment = Experiment.open(results_dir, name)
+    spec, ranked = experiment.spec, experiment.ranked()
     trials = ranked.head(top) if top else ranked
     if format is not OutputFormat.table:
         return _print_frame(trials, format)
-    from raybone.results import METRIC_COLUMNS
-
     metrics = list(dict.fromkeys([spec.metric, "val_top1", "val_top2", "val_rmse", "val_mae"]))
-    columns = ["rank", "trial_id", "status", *spec.searched(), *metrics, "training_iteration", "wall_time_s"]
+    columns = ["rank", "trial_id", "status", *spec.searched(), *metrics, "iteration", "wall_time_s"]
     shown = trials[[c for c in columns if c in trials.columns]].rename(
-        columns={"training_iteration": "iterations", "wall_time_s": "wall (s)"})
-    _print_frame(shown, format, title=f"{path.name}: {f'best {len(trials)} of ' if len(trials) < len(ranked) else ''}"
-                                          f"{len(ranked)} trials by {spec.metric} ({spec.mode})")
-    hidden = [c for c in METRIC_COLUMNS if c not in metrics]
-    console.print(f"more metrics ({', '.join(hidden)}): --format csv or json", highlight=False)
-    _print_importances(analysis.importances(path, importance_evaluator.value))
-    _say(f"live view: optuna-dashboard sqlite:///{path / analysis.STUDY}")
+        columns={"iteration": "iterations", "wall_time_s": "wall (s)"}
+    )
+    _print_frame(
+        shown,
+        format,
+        title=f"{experiment.name}: {f'best {len(trials)} of ' if len(trials) < len(ranked) else ''}"
+        f"{len(ranked)} trials by {spec.metric} ({spec.mode})",
+    )
+    hidden = [c for c in METRICS if c not in metrics]
+    _say(f"more metrics ({', '.join(hidden)}): --format csv or json")
+    _print_importances(importances(experiment, importance_evaluator.value))
+    study = experiment.study()
+    if study is not None:
+        _say(f"live view: optuna-dashboard sqlite:///{study}")
 
 
 def _print_frame(df, format: OutputFormat, title: str | None = None) -> None:
     """json / csv on stdout and nothing else; a table through rich."""
     import json
 
-    from raybone.analysis import records
+    from raybone.experiments.experiment import records
 
     if format is OutputFormat.json:
         typer.echo(json.dumps(records(df), indent=2, default=str))

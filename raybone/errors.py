@@ -40,7 +40,8 @@ def _escape(match: re.Match) -> str:
     return f"\\u{code:04x}" if code > 0xFF else f"\\x{code:02x}"
 
 
-def one_line(err) -> str:
-    """An exception's (or any text's) message on one line: libraries' messages span lines."""
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
+def one_line(err, limit: int = 400) -> str:
+    """An exception's (or any text's) message on one line. Libraries' messages span lines (a YAML position, each
+    DICOM plugin's reason, a Ray traceback); a long one keeps its start and its end, where the cause usually is."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else f"{text[: limit // 2]} ... {text[-limit // 2 :]}"

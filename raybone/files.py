@@ -23,15 +23,20 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from raybone.errors import RayboneError
 
 MARKER = ".raybone.json"
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
-_FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-               stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+_FILE_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a folder",
+}
 
 
 # ---------------------------------------------------------------- reading
@@ -92,21 +97,32 @@ def check_replaceable(target: Path, kind: str, force: bool = False, legacy: Lega
         return
     found_kind, written = _written(target, legacy, kind)
     if found_kind is None:
-        raise RayboneError(f"{target}: exists and was not written by raybone (it holds {_some(present)}); "
-                           "choose another output folder")
+        raise RayboneError(
+            f"{target}: exists and was not written by raybone (it holds {_some(present)}); choose another output folder"
+        )
     if force:
         return
     if found_kind != kind:
-        raise RayboneError(f"{target}: holds a raybone {found_kind}, not a {kind}; choose another output folder "
-                           "or pass --force to replace it")
+        raise RayboneError(
+            f"{target}: holds a raybone {found_kind}, not a {kind}; choose another output folder "
+            "or pass --force to replace it"
+        )
     if foreign := sorted(present - written - {MARKER}):
-        raise RayboneError(f"{target}: holds files raybone did not write ({_some(foreign)}); move them, choose "
-                           "another output folder, or pass --force to replace the folder")
+        raise RayboneError(
+            f"{target}: holds files raybone did not write ({_some(foreign)}); move them, choose "
+            "another output folder, or pass --force to replace the folder"
+        )
 
 
 @contextmanager
-def atomic_folder(target: Path, kind: str, *, force: bool = False, legacy: Legacy | None = None,
-                  keep_existing: Callable[[], bool] = lambda: False) -> Iterator[Path]:
+def atomic_folder(
+    target: Path,
+    kind: str,
+    *,
+    force: bool = False,
+    legacy: Legacy | None = None,
+    keep_existing: Callable[[], bool] = lambda: False,
+) -> Iterator[Path]:
     """Yield an empty staging folder; when the block succeeds it replaces `target` in one rename.
 
     A crash leaves the previous `target` (or nothing), never half a folder; what a killed run left behind is
@@ -144,8 +160,12 @@ def _some(names) -> str:
 def _mark(folder: Path, kind: str, files: set[str] = frozenset()) -> None:
     from raybone import __version__
 
-    marker = {"kind": kind, "files": sorted(files), "raybone_version": __version__,
-              "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    marker = {
+        "kind": kind,
+        "files": sorted(files),
+        "raybone_version": __version__,
+        "written": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 

@@ -12,18 +12,35 @@ Every trial resolves the distributions to one `TrainConfig`, which is what the T
 
 from __future__ import annotations
 
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from raybone.errors import SpecError
-from raybone.loss import LOSSES
-from raybone.model import MODELS
+from raybone.core.loss import LOSSES
+from raybone.core.model import MODELS
+from raybone.errors import SpecError, one_line
 
-METRICS = ("val_rmse", "val_mae", "val_mae_months", "val_top1", "val_top2", "val_rmse_argmax", "val_mae_argmax",
-           "val_rmse_expected", "val_mae_expected")
+if TYPE_CHECKING:
+    from raybone.data import PreparedData
+
+# Every validation metric a trial reports, with the direction that makes it better. val_rmse / val_mae score
+# the spec's readout; the _argmax / _expected columns score each readout by name.
+METRICS = {
+    "val_rmse": "min",
+    "val_mae": "min",
+    "val_mae_months": "min",
+    "val_top1": "max",
+    "val_top2": "max",
+    "val_rmse_argmax": "min",
+    "val_mae_argmax": "min",
+    "val_rmse_expected": "min",
+    "val_mae_expected": "min",
+}
+DEFAULT_SPACE = "quick"
 
 
 class _Strict(BaseModel):
@@ -56,8 +73,8 @@ class TrainConfig(_Strict):
     compile: bool = False  # torch.compile the model (minutes of compile time per trial)
 
     @property
-    def image_size(self) -> int:
-        """The side images are warped to before cropping: input_size / crop_fraction."""
+    def resize_to(self) -> int:
+        """The side a trial re-warps the prepared images to before cropping: input_size / crop_fraction."""
         return round(self.input_size / self.crop_fraction)
 
     @field_validator("model", "loss")
@@ -117,7 +134,7 @@ class Resources(_Strict):
 
 class Spec(_Strict):
     seed: int = 0
-    metric: Literal[METRICS] = "val_rmse"  # type: ignore[valid-type]
+    metric: Literal[tuple(METRICS)] = "val_rmse"  # type: ignore[valid-type]
     mode: Literal["min", "max"] = "min"
     num_samples: int = Field(8, ge=1)
     data: DataSpec = DataSpec()
@@ -141,12 +158,12 @@ class Spec(_Strict):
     @model_validator(mode="after")
     def _grace_fits_iterations(self) -> Spec:
         fixed = self.fixed()
-        if "iterations" in fixed and self.scheduler.type == "asha":
-            if self.scheduler.grace_period > fixed["iterations"]:
-                raise ValueError(
-                    f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds train.iterations"
-                    f" ({fixed['iterations']})"
-                )
+        asha = "iterations" in fixed and self.scheduler.type == "asha"
+        if asha and self.scheduler.grace_period > fixed["iterations"]:
+            raise ValueError(
+                f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds train.iterations"
+                f" ({fixed['iterations']})"
+            )
         return self
 
     @model_validator(mode="after")
@@ -155,8 +172,10 @@ class Spec(_Strict):
         for i, point in enumerate(self.start_from):
             where = f"start_from.{i}"
             if unknown := sorted(set(point) - set(searched)):
-                raise ValueError(f"{where}: {', '.join(unknown)} not searched (fixed in train or unknown); a start "
-                                 f"point names the searched hyperparameters only: {', '.join(searched) or 'none'}")
+                raise ValueError(
+                    f"{where}: {', '.join(unknown)} not searched (fixed in train or unknown); a start "
+                    f"point names the searched hyperparameters only: {', '.join(searched) or 'none'}"
+                )
             if missing := sorted(set(searched) - set(point)):
                 raise ValueError(f"{where}: name every searched hyperparameter; missing {', '.join(missing)}")
             for name, value in point.items():
@@ -178,6 +197,20 @@ class Spec(_Strict):
     @property
     def iterations(self) -> int:
         return self.train_config(_first_values(self.searched())).iterations
+
+    def prepare_data(self) -> PreparedData:
+        """The data this spec trains on, prepared once (or found in the cache)."""
+        from raybone.data import prepare
+
+        return prepare(
+            self.data.source,
+            format=self.data.format,
+            labels=self.data.labels,
+            image_size=self.data.image_size,
+            num_classes=self.data.num_classes,
+            seed=self.seed,
+            val_fraction=self.data.val_fraction,
+        )
 
 
 def _parse_param(name: str, value: Any) -> Param:
@@ -229,26 +262,51 @@ def _cast(name: str, value: float) -> Any:
     return int(value) if TrainConfig.model_fields[name].annotation is int else value
 
 
-def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:
+def search_space(config: str | Path) -> Path | Traversable:
+    """A search-space file: `config` itself if it is a file, else the space packaged with raybone by that name
+    (`quick`, `paper`, `gpu`, `rsna`, with or without `.yaml`)."""
+    if Path(config).is_file():
+        return Path(config)
+    packaged = files("raybone.search_spaces")
+    name = Path(config).name.removesuffix(".yaml") + ".yaml"
+    if Path(config).parent == Path(".") and packaged.joinpath(name).is_file():
+        return packaged.joinpath(name)
+    known = ", ".join(sorted(p.name.removesuffix(".yaml") for p in packaged.iterdir() if p.name.endswith(".yaml")))
+    raise SpecError(f"{config}: no such search-space file, and no packaged space of that name (packaged: {known})")
+
+
+def load_spec(path: str | Path | Traversable, overrides: list[str] = ()) -> Spec:
     """Read and validate a search-space YAML, applying `key.sub=value` overrides first."""
-    path = Path(path)
+    path = Path(path) if isinstance(path, str) else path
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
     except FileNotFoundError:
         raise SpecError(f"{path}: no such search-space file") from None
+    return parse_spec(text, str(path), overrides)
+
+
+def parse_spec(text: str, origin: str, overrides: list[str] = ()) -> Spec:
+    """Validate a search space given as YAML text; `origin` names it in errors."""
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML ({_one_line(err)})") from None
+        raise SpecError(f"{origin}: not valid YAML ({one_line(err)})") from None
     if not isinstance(raw, dict):
-        raise SpecError(f"{path}: expected a mapping of keys, got {type(raw).__name__}")
+        raise SpecError(f"{origin}: expected a mapping of keys, got {type(raw).__name__}")
     for item in overrides:
-        _apply_override(raw, item, path)
+        _apply_override(raw, item, origin)
     try:
         return Spec(**raw)
     except ValidationError as err:
-        raise SpecError(f"{path}: {_describe(err)}") from None
+        raise SpecError(f"{origin}: {_describe(err)}") from None
 
 
-def _apply_override(raw: dict, item: str, path: Path) -> None:
+def dump_spec(spec: Spec) -> str:
+    """The resolved spec as YAML, as an experiment's spec.yaml holds it."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def _apply_override(raw: dict, item: str, origin: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lr.high=1e-3")
@@ -259,7 +317,7 @@ def _apply_override(raw: dict, item: str, path: Path) -> None:
     for part in keys[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise SpecError(f"--set {item!r}: {'.'.join(keys[:-1])} in {path} is a fixed value, not a mapping")
+            raise SpecError(f"--set {item!r}: {'.'.join(keys[:-1])} in {origin} is a fixed value, not a mapping")
     node[keys[-1]] = yaml.safe_load(text)
 
 
@@ -269,7 +327,3 @@ def _describe(err: ValidationError) -> str:
     message = first["msg"].removeprefix("Value error, ")
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{where}: {message}{more}" if where else f"{message}{more}"
-
-
-def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())

@@ -10,8 +10,15 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
 # A real search in seconds: 40 px images, 32 px crops, 4 iterations of 8, two trials.
-TINY = ["data.image_size=40", "input_size=32", "batch_size=8", "iterations=4",
-        "eval_every=2", "scheduler.grace_period=2", "num_samples=2"]
+TINY = [
+    "data.image_size=40",
+    "input_size=32",
+    "batch_size=8",
+    "iterations=4",
+    "eval_every=2",
+    "scheduler.grace_period=2",
+    "num_samples=2",
+]
 
 
 @pytest.fixture
@@ -24,7 +31,7 @@ def shared_data():
 @pytest.fixture(scope="module")
 def local_ray():
     """A real local Ray cluster with the dashboard (Train-in-Tune needs it to release placement groups)."""
-    from raybone.search import start_local_ray
+    from raybone.tuning.cluster import start_local_ray
 
     yield start_local_ray(num_cpus=2)
     ray.shutdown()
@@ -33,8 +40,9 @@ def local_ray():
 @pytest.fixture(scope="session")
 def tiny_experiment(tmp_path_factory):
     """(results folder, SearchOutcome) of one TINY search, shared by the modules that only read it."""
-    from raybone.search import run_search, start_local_ray
     from raybone.spec import load_spec
+    from raybone.tuning.cluster import start_local_ray
+    from raybone.tuning.run import run_search
 
     own_ray = not ray.is_initialized()  # a module's local_ray may already be up
     if own_ray:
@@ -52,14 +60,23 @@ def tiny_experiment(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_experiment, tmp_path_factory):
     """The tiny experiment's best trial, exported as a model folder."""
-    from raybone.export import export_model, find_best
+    from raybone.experiments import Experiment
+    from raybone.modelfolder.export import export_model
 
     results, _ = tiny_experiment
-    return export_model(find_best(results, "tiny"), tmp_path_factory.mktemp("export") / "model")
+    return export_model(Experiment.open(results, "tiny").best(), tmp_path_factory.mktemp("export") / "model")
 
 
-def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=12, rescale=None, window=None,
-                 syntax=ExplicitVRLittleEndian, pixel_data=None):
+def write_dicom(
+    path,
+    pixels,
+    photometric="MONOCHROME2",
+    bits_stored=12,
+    rescale=None,
+    window=None,
+    syntax=ExplicitVRLittleEndian,
+    pixel_data=None,
+):
     """A real DICOM file written with pydicom; pixels [rows, cols] or [frames, rows, cols]; pixel_data: None (the
     pixels), raw bytes, or "none" (header only)."""
     meta = FileMetaDataset()

@@ -8,14 +8,13 @@ import re
 import optuna
 import pandas as pd
 import pytest
+from conftest import QUICK, TINY
 from typer.testing import CliRunner
 
-from raybone.analysis import importances, ranked_trials
 from raybone.cli import app
-from raybone.search import run_search
+from raybone.experiments import Experiment, importances
 from raybone.spec import load_spec
-
-from conftest import QUICK, TINY
+from raybone.tuning.run import run_search
 
 SEARCHED = ("lr", "decay_steps", "l2_weight", "weight_decay")
 NAME = "ana"
@@ -68,8 +67,9 @@ def test_csv_parses_and_the_name_defaults_to_the_latest(experiment):
     assert result.exit_code == 0, result.output
     table = pd.read_csv(io.StringIO(result.stdout))
     assert len(table) == 4 and table.val_rmse.is_monotonic_increasing
-    assert {"trial_id", "status", *SEARCHED, "training_iteration", "wall_time_s"} <= set(table.columns)
-    assert table.equals(pd.read_csv(io.StringIO(ranked_trials(experiment[1]).to_csv(index=False))))
+    assert {"trial_id", "status", *SEARCHED, "iteration", "wall_time_s"} <= set(table.columns)
+    ranked = Experiment.open(results, NAME).ranked()
+    assert table.equals(pd.read_csv(io.StringIO(ranked.to_csv(index=False))))
 
 
 def test_table_shows_trials_and_importances_of_the_four_hyperparameters(experiment):
@@ -77,10 +77,10 @@ def test_table_shows_trials_and_importances_of_the_four_hyperparameters(experime
     result = _results(results, NAME)
     assert result.exit_code == 0, result.output
     assert "hyperparameter importances (fanova, 4 finished trials from optuna.db)" in result.output
-    section = result.output[result.output.index("hyperparameter importances"):]
+    section = result.output[result.output.index("hyperparameter importances") :]
     shown = {name: float(re.search(rf"\b{name}\b\W+([01]\.\d{{3}})", section).group(1)) for name in SEARCHED}
     assert sum(shown.values()) == pytest.approx(1, abs=0.01)
-    computed = importances(path)
+    computed = importances(Experiment.open(results, NAME))
     assert computed.source == "optuna.db" and set(computed.values) == set(SEARCHED)
     assert math.isclose(sum(computed.values.values()), 1) and all(v >= 0 for v in computed.values.values())
     for trial_id in pd.read_parquet(path / "trials.parquet").trial_id:
@@ -90,15 +90,15 @@ def test_table_shows_trials_and_importances_of_the_four_hyperparameters(experime
 def test_importances_from_trials_parquet_when_the_study_is_gone(experiment, tmp_path):
     import shutil
 
-    results, path = experiment
+    _, path = experiment
     copy = tmp_path / NAME
     copy.mkdir()
     for name in ("trials.parquet", "spec.yaml"):
         shutil.copy(path / name, copy / name)
-    fallback = importances(copy, "ped")
+    fallback = importances(Experiment.open(tmp_path, NAME), "ped")
     assert fallback.source.startswith("trials.parquet") and fallback.trials == 4
     assert set(fallback.values) == set(SEARCHED) and math.isclose(sum(fallback.values.values()), 1)
-    assert set(importances(copy, "mdi").values) == set(SEARCHED)
+    assert set(importances(Experiment.open(tmp_path, NAME), "mdi").values) == set(SEARCHED)
 
 
 def test_list_shows_the_experiment(experiment):
@@ -119,18 +119,26 @@ def test_unknown_experiment_is_one_line_and_exit_2(experiment):
     assert len(lines) == 1 and "'nope'" in lines[0] and NAME in lines[0] and "Traceback" not in result.output
 
 
-def _fake_experiment(folder, rows):
-    """An experiment folder with the quick spec and hand-written trials (no Ray)."""
+def _fake_experiment(folder, rows) -> Experiment:
+    """An experiment folder with the quick spec and hand-written trials (no Ray), as raybone before 0.2 wrote them:
+    `training_iteration` for `iteration`."""
     import yaml
 
     folder.mkdir(parents=True)
     spec = load_spec(QUICK)
     (folder / "spec.yaml").write_text(yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False))
-    base = {"status": "completed", "lr": 1e-3, "decay_steps": 60, "l2_weight": 0.1, "weight_decay": 0.01,
-            "training_iteration": 120, "wall_time_s": 1.0}
+    base = {
+        "status": "completed",
+        "lr": 1e-3,
+        "decay_steps": 60,
+        "l2_weight": 0.1,
+        "weight_decay": 0.01,
+        "training_iteration": 120,
+        "wall_time_s": 1.0,
+    }
     frame = pd.DataFrame([{**base, "trial_id": f"t{i}", "trial_index": i, **row} for i, row in enumerate(rows)])
     frame.to_parquet(folder / "trials.parquet", index=False)
-    return folder
+    return Experiment.open(folder.parent, folder.name)
 
 
 def test_importances_explain_why_they_are_missing(tmp_path):
@@ -138,19 +146,33 @@ def test_importances_explain_why_they_are_missing(tmp_path):
     assert one.values == {} and "at least 2 finished trials" in one.note and "has 1" in one.note
     same = importances(_fake_experiment(tmp_path / "same", [{"val_rmse": 2.0}, {"val_rmse": 3.0}]))
     assert same.values == {} and "never varied" in same.note
-    partly = importances(_fake_experiment(tmp_path / "partly", [{"val_rmse": v, "lr": lr} for v, lr in
-                                                                ((2.0, 1e-3), (3.0, 2e-3), (2.5, 5e-4))]), "ped")
+    partly = importances(
+        _fake_experiment(
+            tmp_path / "partly", [{"val_rmse": v, "lr": lr} for v, lr in ((2.0, 1e-3), (3.0, 2e-3), (2.5, 5e-4))]
+        ),
+        "ped",
+    )
     assert set(partly.values) == {"lr"} and partly.constant == ["decay_steps", "l2_weight", "weight_decay"]
     result = _results(tmp_path, "partly")
-    assert result.exit_code == 0 and "never varied" in result.output and "trials.parquet (no optuna.db)" in result.output
+    assert (
+        result.exit_code == 0 and "never varied" in result.output and "trials.parquet (no optuna.db)" in result.output
+    )
 
 
 def test_ranking_follows_the_mode_and_puts_failed_trials_last(tmp_path):
-    folder = _fake_experiment(tmp_path / "max", [{"val_rmse": 2.0}, {"val_rmse": None, "status": "error"},
-                                                 {"val_rmse": 3.0}])
-    assert list(ranked_trials(folder).trial_id) == ["t0", "t2", "t1"]
-    spec = (folder / "spec.yaml").read_text().replace("metric: val_rmse", "metric: val_top1").replace("mode: min", "mode: max")
+    experiment = _fake_experiment(
+        tmp_path / "max", [{"val_rmse": 2.0}, {"val_rmse": None, "status": "error"}, {"val_rmse": 3.0}]
+    )
+    assert list(experiment.ranked().trial_id) == ["t0", "t2", "t1"]
+    assert (experiment.trials().iteration == 120).all()  # an older table's training_iteration, read as iteration
+    folder = experiment.location
+    spec = (
+        (folder / "spec.yaml")
+        .read_text()
+        .replace("metric: val_rmse", "metric: val_top1")
+        .replace("mode: min", "mode: max")
+    )
     (folder / "spec.yaml").write_text(spec)
     trials = pd.read_parquet(folder / "trials.parquet").assign(val_top1=[0.2, None, 0.5])
     trials.to_parquet(folder / "trials.parquet", index=False)
-    assert list(ranked_trials(folder).trial_id) == ["t2", "t0", "t1"]
+    assert list(Experiment.open(tmp_path, "max").ranked().trial_id) == ["t2", "t0", "t1"]

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from raybone import augment
+from raybone.core import augment
 
 SIZE, CROP = 72, 64
 

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from conftest import write_dicom
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000Lossless
@@ -25,8 +26,6 @@ from typer.testing import CliRunner
 
 from raybone import files
 from raybone.cli import app
-
-from conftest import write_dicom
 
 GOOD = {f"g{i}": 24 * i + 6 for i in range(8)}  # id -> bone age in months, four whole-year classes
 
@@ -66,18 +65,23 @@ def _dicom_bytes(with_pixels: bool = True, syntax=ExplicitVRLittleEndian) -> byt
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     if with_pixels:
-        ds.PixelData = ((_hand().astype(np.uint16) * 16).tobytes() if syntax == ExplicitVRLittleEndian
-                        else pydicom.encaps.encapsulate([b"\0" * 64]))
+        ds.PixelData = (
+            (_hand().astype(np.uint16) * 16).tobytes()
+            if syntax == ExplicitVRLittleEndian
+            else pydicom.encaps.encapsulate([b"\0" * 64])
+        )
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
 
 
-def _rsna(folder: Path, extra_images: dict[str, bytes] = {}, extra_rows: str = "", header: str = "id,boneage,male"):
+def _rsna(
+    folder: Path, extra_images: dict[str, bytes] | None = None, extra_rows: str = "", header: str = "id,boneage,male"
+):
     (folder / "images").mkdir(parents=True)
     for image_id in GOOD:
         (folder / "images" / f"{image_id}.png").write_bytes(_png_bytes(_hand(len(image_id))))
-    for name, data in extra_images.items():
+    for name, data in (extra_images or {}).items():
         (folder / "images" / name).write_bytes(data)
     rows = "".join(f"{i},{m},True\n" for i, m in GOOD.items())
     (folder / "boneage.csv").write_text(f"{header}\n{rows}{extra_rows}")
@@ -94,19 +98,31 @@ DATA_CASES = [
     ("truncated JPEG", _image_case("bad.jpg", _jpeg_bytes()[:200]), "skipped", "bad.jpg"),
     ("text named .png", _image_case("bad.png", b"this is not an image\n"), "skipped", "bad.png"),
     ("DICOM without pixels", _image_case("bad.dcm", _dicom_bytes(with_pixels=False)), "skipped", "pixel data"),
-    ("DICOM JPEG 2000 without plugin", _image_case("bad.dcm", _dicom_bytes(syntax=JPEG2000Lossless)), "skipped",
-     "openjpeg"),
+    (
+        "DICOM JPEG 2000 without plugin",
+        _image_case("bad.dcm", _dicom_bytes(syntax=JPEG2000Lossless)),
+        "skipped",
+        "openjpeg",
+    ),
     ("1x1 image", _image_case("bad.png", _png_bytes(np.zeros((1, 1), np.uint8))), "skipped", "1x1"),
     ("20000x20000 image", _image_case("bad.png", _huge_png()), "skipped", "20000x20000"),
     ("RGB image", _image_case("bad.png", _png_bytes(np.stack([_hand()] * 3, -1))), "accepted", ""),
-    ("RGBA image", _image_case("bad.png", _png_bytes(np.dstack([_hand()] * 3 + [np.full((48, 48), 255, np.uint8)]))),
-     "accepted", ""),
+    (
+        "RGBA image",
+        _image_case("bad.png", _png_bytes(np.dstack([_hand()] * 3 + [np.full((48, 48), 255, np.uint8)]))),
+        "accepted",
+        "",
+    ),
     ("16-bit PNG", _image_case("bad.png", _png_bytes(_hand().astype(np.uint16) * 257)), "accepted", ""),
     ("non-numeric age", lambda f: _rsna(f, {"x.png": _png_bytes(_hand())}, "x,ten,True\n"), "skipped", "ten"),
     ("negative age", lambda f: _rsna(f, {"x.png": _png_bytes(_hand())}, "x,-5,True\n"), "skipped", "-5"),
     ("age over 240 months", lambda f: _rsna(f, {"x.png": _png_bytes(_hand())}, "x,300,True\n"), "skipped", "300"),
-    ("duplicate id", lambda f: _rsna(f, {"x.png": _png_bytes(_hand())}, "x,50,True\nx,60,True\n"), "skipped",
-     "appears 2 times"),
+    (
+        "duplicate id",
+        lambda f: _rsna(f, {"x.png": _png_bytes(_hand())}, "x,50,True\nx,60,True\n"),
+        "skipped",
+        "appears 2 times",
+    ),
     ("id with no image", lambda f: _rsna(f, {}, "ghost,50,True\n"), "skipped", "ghost"),
     ("image with no id", lambda f: _rsna(f, {"orphan.png": _png_bytes(_hand())}), "skipped", "orphan.png"),
     ("CSV missing a column", lambda f: _rsna(f, header="id,age,male"), "error", "boneage"),
@@ -189,14 +205,16 @@ def _valid_png16_of_zeros(side: int = 11999) -> bytes:
 
 def _deflated_dicom_bomb(path: Path, side: int = 12000) -> None:
     """A deflated DICOM (about 300 KB) whose dataset inflates to side x side x 2 zero bytes (275 MiB)."""
-    write_dicom(path, np.zeros((1, 1), np.uint16), syntax=DeflatedExplicitVRLittleEndian,
-                pixel_data=bytes(side * side * 2))
+    write_dicom(
+        path, np.zeros((1, 1), np.uint16), syntax=DeflatedExplicitVRLittleEndian, pixel_data=bytes(side * side * 2)
+    )
 
 
 def _write(name: str, data: bytes):
     def build(folder: Path) -> Path:
         (folder / name).write_bytes(data)
         return folder / name
+
     return build
 
 
@@ -204,6 +222,7 @@ def _with(name: str, make):
     def build(folder: Path) -> Path:
         make(folder / name)
         return folder / name
+
     return build
 
 
@@ -216,8 +235,11 @@ PREDICT_CASES = [
     ("16-bit PNG of 11999 x 11999 px", _write("huge16.png", _valid_png16_of_zeros()), "30-megapixel limit"),
     ("PNG header claiming 20000 px", _write("claims.png", _huge_png()), "20000x20000"),
     ("deflated DICOM bomb", _with("bomb.dcm", _deflated_dicom_bomb), "inflates to more than 256 MiB"),
-    ("multi-frame DICOM", _with("frames.dcm", lambda p: write_dicom(p, np.zeros((3, 48, 48), np.uint16))),
-     "holds 3 frames; raybone reads single-frame radiographs"),
+    (
+        "multi-frame DICOM",
+        _with("frames.dcm", lambda p: write_dicom(p, np.zeros((3, 48, 48), np.uint16))),
+        "holds 3 frames; raybone reads single-frame radiographs",
+    ),
     ("FIFO named .png", _with("pipe.png", os.mkfifo), "is a FIFO, not a file"),
     ("GIF file", _with("scan.gif", _gif), ".gif images are not read"),
     ("GIF bytes named .png", _with("scan.png", _gif), "GIF image; raybone reads PNG, JPEG and DICOM"),
@@ -262,8 +284,9 @@ def test_predict_refuses_a_device_or_fifo_named_as_input(tiny_model, good_folder
     if device == "fifo":
         named = good_folder.parent / "named-fifo"
         os.mkfifo(named)
-    result = runner.invoke(app, ["predict", str(tiny_model), str(named), str(good_folder / "good0.png"),
-                                 "--format", "csv"])
+    result = runner.invoke(
+        app, ["predict", str(tiny_model), str(named), str(good_folder / "good0.png"), "--format", "csv"]
+    )
     assert result.exit_code == 1
     _one_error_line(result, named, "a FIFO" if device == "fifo" else "a character device")
     assert "good0.png" in result.stdout
@@ -278,8 +301,7 @@ NAMES = [  # (case, file name as bytes, how every output must show it)
 
 @pytest.mark.parametrize("case, raw, shown", NAMES, ids=[n[0] for n in NAMES])
 @pytest.mark.parametrize("format", ["csv", "json", "table"])
-def test_odd_file_names_are_predicted_and_shown_escaped(tiny_model, good_folder, case, raw, shown, format,
-                                                        monkeypatch):
+def test_odd_file_names_are_predicted_and_shown_escaped(tiny_model, good_folder, case, raw, shown, format, monkeypatch):
     Path(os.fsdecode(os.fsencode(good_folder) + b"/" + raw)).write_bytes(_png_bytes(_hand(5)))
     monkeypatch.chdir(good_folder)  # short relative paths: the table does not wrap them
     result = runner.invoke(app, ["predict", str(tiny_model), ".", "--format", format])
@@ -297,19 +319,32 @@ def test_csv_cells_cannot_start_a_formula(tiny_model, good_folder, monkeypatch):
     for name in ("=HYPERLINK(1).png", "+1.png", "-1.png", "@SUM(1).png"):
         (good_folder / name).write_bytes(_png_bytes(_hand()))
     monkeypatch.chdir(good_folder)
-    result = runner.invoke(app, ["predict", str(tiny_model), "--format", "csv", "--", "=HYPERLINK(1).png", "+1.png",
-                                 "-1.png", "@SUM(1).png", "good0.png"])
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(tiny_model),
+            "--format",
+            "csv",
+            "--",
+            "=HYPERLINK(1).png",
+            "+1.png",
+            "-1.png",
+            "@SUM(1).png",
+            "good0.png",
+        ],
+    )
     assert result.exit_code == 0, result.output
     files = pd.read_csv(io.StringIO(result.stdout)).file.tolist()
     assert files == ["'=HYPERLINK(1).png", "'+1.png", "'-1.png", "'@SUM(1).png", "good0.png"]
 
 
 def test_prepare_with_odd_file_names_writes_its_tables(tmp_path):
-    _rsna(tmp_path / "source", {os.fsdecode(b"stray-\xff.png"): _png_bytes(_hand())},
-          extra_rows='"bad\nid",50,True\n')
+    _rsna(tmp_path / "source", {os.fsdecode(b"stray-\xff.png"): _png_bytes(_hand())}, extra_rows='"bad\nid",50,True\n')
     (tmp_path / "source" / "images" / "old.gif").write_bytes(b"GIF89a")
-    result = runner.invoke(app, ["data", "prepare", str(tmp_path / "source"), "--out", str(tmp_path / "p"),
-                                 "--image-size", "32"])
+    result = runner.invoke(
+        app, ["data", "prepare", str(tmp_path / "source"), "--out", str(tmp_path / "p"), "--image-size", "32"]
+    )
     assert result.exit_code == 0, result.output
     skipped = pd.read_csv(tmp_path / "p" / "skipped.csv")
     reasons = dict(zip(skipped.file.map(lambda f: Path(f).name), skipped.reason))
@@ -326,6 +361,7 @@ def _model_json(change: dict):
     def tamper(model: Path) -> None:
         meta = json.loads((model / "model.json").read_text())
         (model / "model.json").write_text(json.dumps({**meta, **change}))
+
     return tamper
 
 
@@ -333,12 +369,16 @@ def _zero_weights(model: Path) -> None:
     weights = model / "weights.safetensors"
     raw = bytearray(weights.read_bytes())
     (header_size,) = struct.unpack("<Q", raw[:8])
-    raw[8 + header_size:] = bytes(len(raw) - 8 - header_size)
+    raw[8 + header_size :] = bytes(len(raw) - 8 - header_size)
     weights.write_bytes(bytes(raw))
 
 
 MODEL_CASES = [
-    ("format_version as a string", _model_json({"format_version": "1"}), "format_version: Input should be a valid integer"),
+    (
+        "format_version as a string",
+        _model_json({"format_version": "1"}),
+        "format_version: Input should be a valid integer",
+    ),
     ("newer format", _model_json({"format_version": 99}), "model format 99 is newer than this raybone"),
     ("unknown model", _model_json({"model": "resnet"}), "unknown model 'resnet'"),
     ("non-numeric image_size", _model_json({"image_size": "big"}), "image_size: Input should be a valid integer"),
@@ -373,6 +413,7 @@ def _truncate(name: str, keep: int):
     def tamper(experiment: Path) -> None:
         table = experiment / name
         table.write_bytes(table.read_bytes()[:keep])
+
     return tamper
 
 
@@ -422,8 +463,7 @@ def test_report_refuses_a_folder_it_did_not_write(tiny_experiment, tmp_path, mon
     results, _ = tiny_experiment
     before = _mine(tmp_path / "home")
     monkeypatch.chdir(tmp_path / "home")
-    result = runner.invoke(app, ["report", "tiny", "--results-dir", str(results), "--out", ".",
-                                 *["--force"] * force])
+    result = runner.invoke(app, ["report", "tiny", "--results-dir", str(results), "--out", ".", *["--force"] * force])
     _refused(result, tmp_path / "home", "exists and was not written by raybone")
     _still(tmp_path / "home", before)
 
@@ -443,8 +483,9 @@ def test_export_keeps_a_users_file_in_an_earlier_model_folder(tiny_experiment, t
 def test_prepare_refuses_to_put_a_dataset_over_a_file(tmp_path):
     _rsna(tmp_path / "source")
     (tmp_path / "scan.png").write_bytes(b"my radiograph")
-    result = runner.invoke(app, ["data", "prepare", str(tmp_path / "source"), "--out", str(tmp_path / "scan.png"),
-                                 "--image-size", "32"])
+    result = runner.invoke(
+        app, ["data", "prepare", str(tmp_path / "source"), "--out", str(tmp_path / "scan.png"), "--image-size", "32"]
+    )
     _refused(result, tmp_path / "scan.png", "exists and is not a folder")
     assert (tmp_path / "scan.png").read_bytes() == b"my radiograph"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -452,7 +493,9 @@ def test_prepare_refuses_to_put_a_dataset_over_a_file(tmp_path):
 
 def test_evaluate_refuses_to_overwrite_a_users_file(tiny_model, tmp_path):
     (tmp_path / "thesis.json").write_text('{"chapter": 1}')
-    result = runner.invoke(app, ["evaluate", str(tiny_model), "--data", "demo", "--json", str(tmp_path / "thesis.json")])
+    result = runner.invoke(
+        app, ["evaluate", str(tiny_model), "--data", "demo", "--json", str(tmp_path / "thesis.json")]
+    )
     _refused(result, tmp_path / "thesis.json", "exists and was not written by raybone evaluate")
     assert (tmp_path / "thesis.json").read_text() == '{"chapter": 1}'
 
@@ -468,8 +511,9 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path):
     (leftover / files.MARKER).write_text('{"kind": "prepared dataset", "files": []}')
     foreign = tmp_path / ".prepared.tmp-elsewhere-1-0123abcd"  # not raybone's marker: never touched
     foreign.mkdir()
-    result = runner.invoke(app, ["data", "prepare", str(tmp_path / "source"), "--out", str(tmp_path / "prepared"),
-                                 "--image-size", "32"])
+    result = runner.invoke(
+        app, ["data", "prepare", str(tmp_path / "source"), "--out", str(tmp_path / "prepared"), "--image-size", "32"]
+    )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == [foreign.name, "prepared", "source"]
 
@@ -493,8 +537,15 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(small_disk, tin
     (small_disk / "filler").write_bytes(bytes(2 * 2**20 - 64 * 1024))  # leave 64 KiB
     _rsna(tmp_path / "source")
     runs = {  # what is written: the command
-        small_disk / "prepared": ["data", "prepare", str(tmp_path / "source"), "--out", str(small_disk / "prepared"),
-                                  "--image-size", "64"],
+        small_disk / "prepared": [
+            "data",
+            "prepare",
+            str(tmp_path / "source"),
+            "--out",
+            str(small_disk / "prepared"),
+            "--image-size",
+            "64",
+        ],
         small_disk / "model": ["best", "tiny", "--results-dir", str(results), "--export", str(small_disk / "model")],
         small_disk / "e.json": ["evaluate", str(tiny_model), "--data", "demo", "--json", str(small_disk / "e.json")],
     }
@@ -504,7 +555,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(small_disk, tin
         assert result.exit_code == 1, (written, result.output)
         (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert line == f"error: {written}: No space left on device", result.stderr
-        assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "filler2"], name
+        assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "filler2"], written
 
 
 def test_decoder_warnings_stay_off_stderr(tiny_model, good_folder):
@@ -519,16 +570,21 @@ def test_decoder_warnings_stay_off_stderr(tiny_model, good_folder):
 def test_evaluate_on_an_unlabelled_folder_says_what_to_do(tiny_model, good_folder):
     result = runner.invoke(app, ["evaluate", str(tiny_model), "--data", str(good_folder)])
     assert result.exit_code == 2
-    assert result.stderr == (f"error: {good_folder}: no label CSV found (expected boneage.csv); name the label CSV "
-                             "itself instead of the folder\n")
+    assert result.stderr == (
+        f"error: {good_folder}: no label CSV found (expected boneage.csv); name the label CSV "
+        "itself instead of the folder\n"
+    )
 
 
 @pytest.mark.timeout(600)  # a hang (a FIFO opened) fails; the tiny search may build first
 @pytest.mark.parametrize("option", ["--labels", "--sex-csv"])
 def test_a_device_as_a_csv_is_refused(tiny_model, good_folder, tmp_path, option):
     _rsna(tmp_path / "source")
-    args = (["data", "prepare", str(tmp_path / "source"), "--labels", "/dev/zero", "--out", str(tmp_path / "p")]
-            if option == "--labels" else ["predict", str(tiny_model), str(good_folder), "--sex-csv", "/dev/zero"])
+    args = (
+        ["data", "prepare", str(tmp_path / "source"), "--labels", "/dev/zero", "--out", str(tmp_path / "p")]
+        if option == "--labels"
+        else ["predict", str(tiny_model), str(good_folder), "--sex-csv", "/dev/zero"]
+    )
     result = runner.invoke(app, args)
     _refused(result, Path("/dev/zero"), "is a character device, not a file")
     assert not (tmp_path / "p").exists()

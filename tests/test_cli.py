@@ -8,8 +8,9 @@ runner = CliRunner()
 
 
 def test_data_prepare_reports_every_usable_real_radiograph(shared_data, tmp_path):
-    result = runner.invoke(app, ["data", "prepare", str(shared_data / "rsna-raw"), "--out", str(tmp_path / "raw"),
-                                 "--image-size", "48"])
+    result = runner.invoke(
+        app, ["data", "prepare", str(shared_data / "rsna-raw"), "--out", str(tmp_path / "raw"), "--image-size", "48"]
+    )
     assert result.exit_code == 0, result.output
     assert "300 usable" in result.output
     assert (tmp_path / "raw" / "manifest.parquet").is_file()

@@ -73,7 +73,9 @@ def _open_ray_ports(node) -> list:
     """
     found = []
     if isinstance(node, dict):
-        cidrs = {r.get("CidrIp") for r in node.get("IpRanges", [])} | {r.get("CidrIpv6") for r in node.get("Ipv6Ranges", [])}
+        cidrs = {r.get("CidrIp") for r in node.get("IpRanges", [])} | {
+            r.get("CidrIpv6") for r in node.get("Ipv6Ranges", [])
+        }
         if cidrs & ANYWHERE:
             every = str(node.get("IpProtocol")) == "-1"
             if any(every or _covers(node.get("FromPort"), node.get("ToPort"), p) for p in RAY_PORTS):
@@ -128,9 +130,16 @@ def _name_a_missing_head_type(config):
 
 
 @pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
-@pytest.mark.parametrize("breakage", [_set_max_workers_to_words, _add_unknown_top_level_key,
-                                      _give_a_node_type_a_fractional_cpu, _misspell_a_node_type_key,
-                                      _name_a_missing_head_type])
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        _set_max_workers_to_words,
+        _add_unknown_top_level_key,
+        _give_a_node_type_a_fractional_cpu,
+        _misspell_a_node_type_key,
+        _name_a_missing_head_type,
+    ],
+)
 def test_a_broken_copy_fails_validation(name, breakage):
     config = _load(name)
     breakage(config)
@@ -139,12 +148,18 @@ def test_a_broken_copy_fails_validation(name, breakage):
 
 
 def test_the_port_check_catches_open_rules():
-    aws = {"IpPermissions": [{"IpProtocol": "tcp", "FromPort": 8000, "ToPort": 9000,
-                              "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}
+    aws = {
+        "IpPermissions": [
+            {"IpProtocol": "tcp", "FromPort": 8000, "ToPort": 9000, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}
+        ]
+    }
     aws_all = {"IpPermissions": [{"IpProtocol": "-1", "Ipv6Ranges": [{"CidrIpv6": "::/0"}]}]}
     gcp = {"sourceRanges": ["0.0.0.0/0"], "allowed": [{"IPProtocol": "tcp", "ports": ["10001"]}]}
-    ssh_office = {"IpPermissions": [{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
-                                     "IpRanges": [{"CidrIp": "203.0.113.7/32"}]}]}
+    ssh_office = {
+        "IpPermissions": [
+            {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "203.0.113.7/32"}]}
+        ]
+    }
     ssh_world = {"sourceRanges": ["0.0.0.0/0"], "allowed": [{"IPProtocol": "tcp", "ports": ["22"]}]}
     assert _open_ray_ports(aws) and _open_ray_ports(aws_all) and _open_ray_ports(gcp)
     assert not _open_ray_ports(ssh_office) and not _open_ray_ports(ssh_world)
@@ -266,8 +281,11 @@ def test_kuberay_head_is_not_exposed(kuberay):
 
 def test_kuberay_pods_share_the_results_volume(kuberay):
     spec = _ray_cluster(kuberay)["spec"]
-    claims = {d["metadata"]["name"] for d in kuberay if d["kind"] == "PersistentVolumeClaim"
-              and "ReadWriteMany" in d["spec"]["accessModes"]}
+    claims = {
+        d["metadata"]["name"]
+        for d in kuberay
+        if d["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in d["spec"]["accessModes"]
+    }
     for pod in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
         volumes = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["spec"]["volumes"]}
         mounts = {m["mountPath"]: m["name"] for c in pod["spec"]["containers"] for m in c.get("volumeMounts", [])}

@@ -4,14 +4,13 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import write_dicom
 from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
 from raybone.data import decode_image, warp_image
 from raybone.errors import DataError
-
-from conftest import write_dicom
 
 RAMP_12_BIT = np.tile(np.linspace(0, 4095, 64).round().astype(np.uint16), (48, 1))  # [48, 64], 0..4095
 

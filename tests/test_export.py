@@ -12,21 +12,21 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import QUICK
 from PIL import Image
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-import raybone.export
-from raybone.augment import test_crops
-from raybone.checkpoint import load_trained_model, read_checkpoint
+import raybone.modelfolder.export
 from raybone.cli import app
+from raybone.core.augment import test_crops
+from raybone.core.checkpoint import read_checkpoint
+from raybone.core.model import create_model
 from raybone.data import load_prepared
 from raybone.errors import RayboneError
-from raybone.model import create_model
-from raybone.export import export_model, find_best, resolve_location
+from raybone.experiments import Experiment, load_trained_model
+from raybone.modelfolder.export import export_model
 from raybone.spec import load_spec
-
-from conftest import QUICK
 
 FILES = {"weights.safetensors", "model.ts", "model.onnx", "model.json", "README.md", ".raybone.json"}
 runner = CliRunner()
@@ -74,7 +74,7 @@ def test_export_writes_the_whole_folder_and_replaces_the_old_one(exported):
 
 
 def test_best_prints_the_trial_with_its_config_and_metrics(experiment, exported):
-    results, outcome = experiment
+    _, outcome = experiment
     _, output = exported
     best = outcome.trials.loc[outcome.trials.val_rmse.idxmin()]
     assert f"best trial {best.trial_id} by val_rmse (min) in tiny" in output
@@ -83,17 +83,18 @@ def test_best_prints_the_trial_with_its_config_and_metrics(experiment, exported)
 
 
 def test_model_json_describes_model_preprocessing_and_provenance(experiment, exported, checkpoint_model):
-    results, outcome = experiment
+    _, outcome = experiment
     model, _ = exported
     row, _, cfg, num_classes = checkpoint_model
     meta = json.loads((model / "model.json").read_text())
     environment = json.loads((outcome.path / "environment.json").read_text())
     assert meta["format"] == "raybone-model" and meta["model"] == "googlenet"
     assert meta["classes"] == list(range(20)) and meta["num_classes"] == num_classes == 20
-    assert meta["input_size"] == 32 and meta["image_size"] == 40 and meta["resize_to"] == cfg.image_size
+    assert meta["input_size"] == 32 and meta["image_size"] == 40 and meta["resize_to"] == cfg.resize_to
     assert meta["train_config"] == cfg.model_dump()
-    assert meta["hyperparameters"] == {name: pytest.approx(row[name]) for name in ("lr", "decay_steps", "l2_weight",
-                                                                                   "weight_decay")}
+    assert meta["hyperparameters"] == {
+        name: pytest.approx(row[name]) for name in ("lr", "decay_steps", "l2_weight", "weight_decay")
+    }
     for name in ("val_top1", "val_top2", "val_rmse", "val_mae", "val_rmse_expected", "val_mae_expected"):
         assert meta["metrics"][name] == pytest.approx(row[name], abs=1e-12)
     assert meta["data"]["fingerprint"] == environment["data_fingerprint"]
@@ -144,9 +145,9 @@ def test_failed_export_leaves_the_previous_folder_untouched(experiment, exported
     target = tmp_path / "model"
     shutil.copytree(model, target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
-    monkeypatch.setattr(raybone.export, "TOLERANCE", 0.0)  # no export can agree that closely
+    monkeypatch.setattr(raybone.modelfolder.export, "TOLERANCE", 0.0)  # no export can agree that closely
     with pytest.raises(RayboneError, match="TorchScript export disagrees with PyTorch: class probabilities differ"):
-        export_model(find_best(results, "tiny"), target)
+        export_model(Experiment.open(results, "tiny").best(), target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
@@ -162,25 +163,28 @@ def test_export_refuses_to_replace_a_folder_that_is_not_a_model(experiment, tmp_
 
 def test_best_by_another_metric_and_the_most_recent_experiment(experiment):
     results, outcome = experiment
-    by_top1 = find_best(results, metric="val_top1")
+    by_top1 = Experiment.open(results).best(metric="val_top1")
     assert by_top1.mode == "max" and by_top1.row.val_top1 == outcome.trials.val_top1.max()
-    worst = find_best(results, "tiny", metric="val_rmse", mode="max")
+    worst = Experiment.open(results, "tiny").best(metric="val_rmse", mode="max")
     assert worst.row.val_rmse == outcome.trials.val_rmse.max()
     later = results / "later"
     later.mkdir()
     shutil.copy(outcome.path / "spec.yaml", later)
     pd.read_parquet(outcome.path / "trials.parquet").to_parquet(later / "trials.parquet")
     try:
-        assert find_best(results).experiment == "later"
+        assert Experiment.open(results).name == "later"
     finally:
         shutil.rmtree(later)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["nope"], "no experiment named 'nope'"),
-    (["tiny", "--metric", "accuracy"], "unknown metric 'accuracy'"),
-    (["tiny", "--mode", "up"], "unknown mode 'up'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["nope"], "no experiment named 'nope'"),
+        (["tiny", "--metric", "accuracy"], "unknown metric 'accuracy'"),
+        (["tiny", "--mode", "up"], "unknown mode 'up'"),
+    ],
+)
 def test_best_usage_errors_are_one_line(experiment, args, message):
     results, _ = experiment
     result = runner.invoke(app, ["best", *args, "--results-dir", str(results)])
@@ -195,13 +199,13 @@ def test_best_without_experiments_says_so(tmp_path):
 
 
 def test_a_moved_or_copied_experiment_reads_its_own_checkpoints(tmp_path):
-    experiment = tmp_path / "copy" / "tiny"
-    (experiment / "train" / "trial-1" / "checkpoint_0").mkdir(parents=True)
-    moved = resolve_location("/elsewhere/results/tiny/train/trial-1/checkpoint_0", experiment)
-    assert moved == experiment / "train" / "trial-1" / "checkpoint_0"
+    copy = Experiment(tmp_path / "copy", "tiny")
+    (copy.location / "train" / "trial-1" / "checkpoint_0").mkdir(parents=True)
+    moved = copy.resolve("/elsewhere/results/tiny/train/trial-1/checkpoint_0")
+    assert moved == copy.location / "train" / "trial-1" / "checkpoint_0"
     original = tmp_path / "tiny" / "train" / "trial-1" / "checkpoint_0"
     original.mkdir(parents=True)  # the original still exists: the copy reads its own all the same
-    assert resolve_location(str(original), experiment) == experiment / "train" / "trial-1" / "checkpoint_0"
+    assert copy.resolve(str(original)) == copy.location / "train" / "trial-1" / "checkpoint_0"
 
 
 def test_export_reads_an_experiment_on_uri_storage(experiment, tmp_path, monkeypatch):
@@ -211,15 +215,17 @@ def test_export_reads_an_experiment_on_uri_storage(experiment, tmp_path, monkeyp
     bucket = tmp_path / "bucket"
     shutil.copytree(results / "tiny", bucket / "tiny")
     trials = pd.read_parquet(bucket / "tiny" / "trials.parquet")  # as a search on a URI storage records them
-    trials["checkpoint_path"] = [f"file://{bucket}/tiny/{Path(p).relative_to(results / 'tiny')}"
-                                 for p in trials.checkpoint_path]
+    trials["checkpoint_path"] = [
+        f"file://{bucket}/tiny/{Path(p).relative_to(results / 'tiny')}" for p in trials.checkpoint_path
+    ]
     trials.to_parquet(bucket / "tiny" / "trials.parquet")
     monkeypatch.setenv("RAYBONE_CACHE", str(tmp_path / "cache"))
 
-    best = find_best(f"file://{bucket}", "tiny")
+    best = Experiment.open(f"file://{bucket}", "tiny").best()
     model = export_model(best, tmp_path / "model")
 
-    assert best.path.is_relative_to(tmp_path / "cache") and best.path.name == "tiny"
+    local = best.experiment.local()
+    assert local.is_relative_to(tmp_path / "cache") and local.name == "tiny"
     mirrored = {p.parent.name for p in (tmp_path / "cache").rglob("checkpoint.pt")}
     assert mirrored == {Path(outcome.best.checkpoint_path).name}  # the other trials' checkpoints stay remote
     meta = json.loads((model / "model.json").read_text())
@@ -241,19 +247,25 @@ def test_a_model_with_sex_input_exports_with_a_sex_input(tmp_path):
     network = create_model(cfg.model, 20, sex_input=True)
     with torch.no_grad():
         network.head.weight[:, -1].normal_()  # trained models use the sex column; a fresh one ignores it
-    torch.save({"model": network.state_dict(), "config": cfg.model_dump(), "num_classes": 20, "iteration": 1},
-               checkpoint / "checkpoint.pt")
-    pd.DataFrame([{"trial_id": "t", "status": "completed", **searched, "val_rmse": 1.0,
-                   "checkpoint_path": str(checkpoint)}]).to_parquet(experiment / "trials.parquet")
+    torch.save(
+        {"model": network.state_dict(), "config": cfg.model_dump(), "num_classes": 20, "iteration": 1},
+        checkpoint / "checkpoint.pt",
+    )
+    pd.DataFrame(
+        [{"trial_id": "t", "status": "completed", **searched, "val_rmse": 1.0, "checkpoint_path": str(checkpoint)}]
+    ).to_parquet(experiment / "trials.parquet")
 
-    model = export_model(find_best(tmp_path / "results"), tmp_path / "model")  # checks TorchScript and ONNX itself
+    model = export_model(
+        Experiment.open(tmp_path / "results").best(), tmp_path / "model"
+    )  # checks TorchScript and ONNX itself
     meta = json.loads((model / "model.json").read_text())
     assert meta["sex_input"] and meta["preprocessing"]["network_sex_input"]["name"] == "sex"
     session = onnxruntime.InferenceSession(str(model / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["crops", "sex"]
     crops = test_crops(torch.randint(0, 256, (2, 37, 37), dtype=torch.uint8), 32).flatten(0, 1)
-    male, female = (session.run(["logits"], {"crops": crops.numpy(), "sex": np.full(12, s, np.float32)})[0]
-                    for s in (1.0, -1.0))
+    male, female = (
+        session.run(["logits"], {"crops": crops.numpy(), "sex": np.full(12, s, np.float32)})[0] for s in (1.0, -1.0)
+    )
     assert np.abs(male - female).max() > 1e-3
 
     radiograph = tmp_path / "hand.png"
@@ -261,7 +273,41 @@ def test_a_model_with_sex_input_exports_with_a_sex_input(tmp_path):
     needs_sex = CliRunner().invoke(app, ["predict", str(model), str(radiograph)])
     assert needs_sex.exit_code == 2 and "takes the patient's sex as an input; pass --sex" in needs_sex.output
     (tmp_path / "sex.csv").write_text("file,sex\nhand.png,F\n")
-    runs = {how: CliRunner().invoke(app, ["predict", str(model), str(radiograph), "--format", "json", *how])
-            for how in (("--sex", "male"), ("--sex", "female"), ("--sex-csv", str(tmp_path / "sex.csv")))}
+    runs = {
+        how: CliRunner().invoke(app, ["predict", str(model), str(radiograph), "--format", "json", *how])
+        for how in (("--sex", "male"), ("--sex", "female"), ("--sex-csv", str(tmp_path / "sex.csv")))
+    }
     probs = {how[-1]: json.loads(run.stdout)[0]["probabilities"] for how, run in runs.items()}
     assert probs["male"] != probs["female"] and probs[str(tmp_path / "sex.csv")] == probs["female"]
+
+
+def test_every_reading_command_works_on_a_file_uri(experiment, tmp_path, monkeypatch):
+    """results, --list, best, --export, report and evaluate read a file:// storage through the same pyarrow layer
+    that serves s3:// and gs:// (the experiment is copied as a search on a URI storage leaves it)."""
+    results, outcome = experiment
+    bucket = tmp_path / "bucket"
+    shutil.copytree(results / "tiny", bucket / "tiny", ignore=shutil.ignore_patterns("report"))
+    trials = pd.read_parquet(bucket / "tiny" / "trials.parquet")
+    trials["checkpoint_path"] = [
+        f"file://{bucket}/tiny/{Path(p).relative_to(results / 'tiny')}" for p in trials.checkpoint_path
+    ]
+    trials.to_parquet(bucket / "tiny" / "trials.parquet")
+    monkeypatch.setenv("RAYBONE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    storage = ["--results-dir", f"file://{bucket}"]
+
+    ranked = runner.invoke(app, ["results", "tiny", "--format", "json", *storage])
+    assert ranked.exit_code == 0, ranked.output
+    assert next(r["trial_id"] for r in json.loads(ranked.stdout)) == outcome.best.trial_id
+    listed = runner.invoke(app, ["results", "--list", "--format", "json", *storage])
+    assert listed.exit_code == 0 and [r["name"] for r in json.loads(listed.stdout)] == ["tiny"]
+    table = runner.invoke(app, ["results", *storage])
+    assert table.exit_code == 0 and "hyperparameter importances" in table.stdout, table.output
+    best = runner.invoke(app, ["best", *storage, "--export", str(tmp_path / "model")])
+    assert best.exit_code == 0 and outcome.best.trial_id in best.stdout, best.output
+    report = runner.invoke(app, ["report", *storage, "--samples", "2"])
+    assert report.exit_code == 0 and (tmp_path / "report-tiny" / "index.html").is_file(), report.output
+    data_path = json.loads((bucket / "tiny" / "environment.json").read_text())["data_path"]
+    evaluated = runner.invoke(app, ["evaluate", str(tmp_path / "model"), "--data", data_path, "--json", "e.json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads((tmp_path / "e.json").read_text())["trial_id"] == outcome.best.trial_id

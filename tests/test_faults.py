@@ -11,14 +11,22 @@ import pytest
 import torch
 from ray.util.state import list_actors
 
-from raybone.search import run_search
 from raybone.spec import load_spec
+from raybone.tuning.run import run_search
 
 pytestmark = pytest.mark.slow
 
 QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
-LONG_TRIAL = ["data.image_size=40", "input_size=32", "batch_size=8", "iterations=400", "eval_every=20",
-              "scheduler.type=none", "num_samples=1", "resources.max_failures=2"]
+LONG_TRIAL = [
+    "data.image_size=40",
+    "input_size=32",
+    "batch_size=8",
+    "iterations=400",
+    "eval_every=20",
+    "scheduler.type=none",
+    "num_samples=1",
+    "resources.max_failures=2",
+]
 
 
 def _checkpointed_iteration(experiment: Path) -> int:
@@ -33,8 +41,9 @@ def _checkpointed_iteration(experiment: Path) -> int:
 
 def _train_worker_pids(dashboard_url: str) -> list[int]:
     # Ask this test's own cluster: another Ray instance on the machine must not make the query ambiguous.
-    actors = list_actors(address=f"http://{dashboard_url}",
-                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    actors = list_actors(
+        address=f"http://{dashboard_url}", filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    )
     return [actor.pid for actor in actors]
 
 
@@ -52,7 +61,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(local_ray, tmp_path):
     search.join(timeout=600)
 
     (row,) = outcome["run"].trials.itertuples()
-    assert row.status == "completed" and row.training_iteration == 400 and row.val_rmse > 0
+    assert row.status == "completed" and row.iteration == 400 and row.val_rmse > 0
     history = pd.read_parquet(outcome["run"].path / "history.parquet")
     assert history.iteration.is_unique and history.iteration.is_monotonic_increasing
     first_run, restarted = history[history.resumed_from == 0], history[history.resumed_from > 0]

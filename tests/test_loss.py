@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from raybone.loss import LOSSES, create_loss, l2ce
+from raybone.core.loss import LOSSES, create_loss, l2ce
 
 # Two samples, three classes (ages 0, 1, 2 years).
 LOGITS = [[1.0, 0.0, -1.0], [0.0, 0.0, 0.0]]

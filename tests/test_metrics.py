@@ -3,15 +3,17 @@ import math
 import numpy as np
 import pytest
 
-from raybone.metrics import classification_metrics, confusion_matrix, expected_age
+from raybone.core.metrics import classification_metrics, confusion_matrix, expected_age
 
 # Four samples, four classes (ages 0..3).
-PROBS = np.array([
-    [0.1, 0.6, 0.3, 0.0],  # label 1: arg-max 1 (hit), expected age 1.2
-    [0.5, 0.4, 0.1, 0.0],  # label 1: arg-max 0, second choice 1 (top-2 hit), expected age 0.6
-    [0.0, 0.1, 0.2, 0.7],  # label 0: arg-max 3 (miss, top-2 miss), expected age 2.6
-    [0.0, 0.0, 0.5, 0.5],  # label 3: tie, arg-max 2 (lower class), top-2 hit, expected age 2.5
-])
+PROBS = np.array(
+    [
+        [0.1, 0.6, 0.3, 0.0],  # label 1: arg-max 1 (hit), expected age 1.2
+        [0.5, 0.4, 0.1, 0.0],  # label 1: arg-max 0, second choice 1 (top-2 hit), expected age 0.6
+        [0.0, 0.1, 0.2, 0.7],  # label 0: arg-max 3 (miss, top-2 miss), expected age 2.6
+        [0.0, 0.0, 0.5, 0.5],  # label 3: tie, arg-max 2 (lower class), top-2 hit, expected age 2.5
+    ]
+)
 LABELS = np.array([1, 1, 0, 3])
 
 

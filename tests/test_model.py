@@ -4,8 +4,8 @@ import pytest
 import torch
 import torchvision
 
+from raybone.core.model import MODELS, create_model, parameter_groups
 from raybone.errors import WeightsError
-from raybone.model import MODELS, create_model, parameter_groups
 
 # (first conv weight, final classifier layer prefix, fully connected part prefix) per model
 LAYOUT = {
@@ -14,9 +14,7 @@ LAYOUT = {
 }
 TORCHVISION_BUILDERS = {
     "vgg16": lambda: torchvision.models.vgg16(weights=None),
-    "googlenet": lambda: torchvision.models.googlenet(
-        weights=None, aux_logits=True, init_weights=True
-    ),
+    "googlenet": lambda: torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True),
 }
 
 
@@ -83,7 +81,9 @@ def test_parameter_groups_decay_only_linear_weights(random_models):
 
     assert decay["weight_decay"] == 0.01 and rest["weight_decay"] == 0.0
     assert {names[id(p)] for p in decay["params"]} == {
-        "classifier.0.weight", "classifier.3.weight", "classifier.6.weight"
+        "classifier.0.weight",
+        "classifier.3.weight",
+        "classifier.6.weight",
     }
     assert len(decay["params"]) + len(rest["params"]) == len(names)
 
@@ -121,9 +121,8 @@ def test_unknown_choices_list_valid_ones():
         create_model("googlenet", finetune="last")
 
 
-
 def test_train_mode_keeps_frozen_batch_norm_statistics():
-    from raybone.model import train_mode
+    from raybone.core.model import train_mode
 
     model = create_model("googlenet", num_classes=5, finetune="head")
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -137,7 +136,7 @@ def test_train_mode_keeps_frozen_batch_norm_statistics():
 
 @pytest.mark.parametrize("name", MODELS)
 def test_sex_input_reaches_the_final_layer(name):
-    from raybone.model import sex_feature
+    from raybone.core.model import sex_feature
 
     torch.manual_seed(0)
     model = create_model(name, num_classes=5, sex_input=True).eval()

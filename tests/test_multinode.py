@@ -11,10 +11,10 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from raybone.checkpoint import read_checkpoint
+from raybone.core.checkpoint import read_checkpoint
 from raybone.errors import RayboneError
-from raybone.search import run_search
 from raybone.spec import load_spec
+from raybone.tuning.run import run_search
 
 pytestmark = pytest.mark.slow
 
@@ -33,13 +33,22 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def cluster():
     """A head and a second node, one CPU each; the head runs the dashboard Train-in-Tune needs."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
-                                                            "dashboard_host": "127.0.0.1", "dashboard_port": _free_port()})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": _free_port(),
+        },
+    )
     second = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     # Train's placement-group cleaner asks the state API for "the" cluster: with other Ray instances on this
     # machine (parallel test runs) it must be told which one, or the trials' placement groups leak.
-    ray.init(address=cluster.address, configure_logging=False, runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
+    ray.init(
+        address=cluster.address, configure_logging=False, runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}}
+    )
     yield cluster, cluster.head_node.node_id, second
     ray.shutdown()
     cluster.shutdown()
@@ -54,9 +63,12 @@ def in_tmp(tmp_path, monkeypatch):
 def test_a_local_folder_is_refused_on_two_nodes(cluster, in_tmp):
     spec = load_spec(QUICK, SMALL + ["iterations=2", "eval_every=2", "num_samples=2"])
     for storage in (in_tmp / "local", f"file://{in_tmp}/local"):
-        with pytest.raises(RayboneError, match=r"^this cluster has 2 nodes but results go to the local folder "
-                                               rf"{in_tmp}/local, which the other nodes cannot reach; pass "
-                                               r"--storage s3://\.\.\. or an NFS path with --shared-storage$"):
+        with pytest.raises(
+            RayboneError,
+            match=r"^this cluster has 2 nodes but results go to the local folder "
+            rf"{in_tmp}/local, which the other nodes cannot reach; pass "
+            r"--storage s3://\.\.\. or an NFS path with --shared-storage$",
+        ):
             run_search(spec, name="refused", results_dir=storage)
     assert not any(in_tmp.iterdir()), "a refused search wrote something"
 
@@ -69,7 +81,7 @@ def test_trials_spread_over_both_nodes_into_shared_storage(cluster, in_tmp):
     assert outcome.path == f"file://{in_tmp}/shared/spread"
     trials = pd.read_parquet(in_tmp / "shared" / "spread" / "trials.parquet")
     assert len(trials) == 4 and trials.trial_id.is_unique
-    assert (trials.status == "completed").all() and (trials.training_iteration == 4).all()
+    assert (trials.status == "completed").all() and (trials.iteration == 4).all()
     assert trials.val_rmse.notna().all()
     assert set(trials.node) == {head, second.node_id}
     for checkpoint in trials.checkpoint_path:  # URIs of the storage's scheme, files where they say
@@ -116,7 +128,7 @@ def test_a_node_that_leaves_mid_search_costs_no_trial(cluster, in_tmp):
     assert "error" not in outcome, outcome.get("error")
 
     trials = outcome["run"].trials
-    assert len(trials) == 2 and (trials.status == "completed").all() and (trials.training_iteration == 120).all()
+    assert len(trials) == 2 and (trials.status == "completed").all() and (trials.iteration == 120).all()
     assert (trials.node == head).all()  # the last report of every trial came from the head
     history = pd.read_parquet(in_tmp / "shared" / "leave" / "history.parquet")
     moved = history[history.trial_id.isin(history[history.node == second.node_id].trial_id)]

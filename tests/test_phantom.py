@@ -60,8 +60,15 @@ def test_atlas_has_rsna_layout_and_balanced_ages(tmp_path):
 
 def test_bone_area_rises_with_age():
     # One seed gives the same exposure, position and rotation at every age, so areas compare directly.
-    areas = np.array([[_bone_area(render_hand(years * 12, seed % 2 == 0, np.random.default_rng(seed), 128))
-                       for years in (2, 8, 15)] for seed in range(6)])
+    areas = np.array(
+        [
+            [
+                _bone_area(render_hand(years * 12, seed % 2 == 0, np.random.default_rng(seed), 128))
+                for years in (2, 8, 15)
+            ]
+            for seed in range(6)
+        ]
+    )
     assert np.all(np.diff(areas, axis=1) > 0)
     mean = areas.mean(axis=0)
     assert mean[1] > 1.3 * mean[0] and mean[2] > 1.2 * mean[1]
@@ -84,8 +91,18 @@ def test_growth_plate_closes_in_adolescence():
 
     def pieces(years: float) -> int:
         canvas = np.zeros((256, 256), dtype=np.float32)
-        phantom._draw_long_bone(canvas, _fixed_frame(), start, start + (0.0, ray.lengths[1]), ray.radii[1],
-                                years, ray.appear[1], ray.fuse[1], False, False)
+        phantom._draw_long_bone(
+            canvas,
+            _fixed_frame(),
+            start,
+            start + (0.0, ray.lengths[1]),
+            ray.radii[1],
+            years,
+            ray.appear[1],
+            ray.fuse[1],
+            False,
+            False,
+        )
         return ndimage.label(canvas > 0.5)[1]
 
     assert pieces(0.5) == 1  # shaft only: the epiphysis has not ossified yet

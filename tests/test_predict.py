@@ -8,16 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import write_dicom
 from PIL import Image
 from typer.testing import CliRunner
 
-from raybone.checkpoint import load_trained_model
-from raybone.engine import predict_probs, resize
 from raybone.cli import app
+from raybone.core.engine import predict_probs, resize
 from raybone.data import render_hand, warp_image
-from raybone.predict import Predictor, evaluate, find_images
-
-from conftest import write_dicom
+from raybone.experiments import load_trained_model
+from raybone.modelfolder.predict import Predictor, evaluate, find_images
 
 runner = CliRunner()
 
@@ -54,11 +53,13 @@ def _json_output(result) -> list[dict]:
     return json.loads(result.stdout)
 
 
-def test_every_format_of_the_same_pixels_gets_the_checkpoints_prediction(tiny_experiment, model, best_row, hand, tmp_path):
+def test_every_format_of_the_same_pixels_gets_the_checkpoints_prediction(
+    tiny_experiment, model, best_row, hand, tmp_path
+):
     files = _write_formats(tmp_path / "in", hand)
     # The reference: the trial's own checkpoint, through the training code's resize and six-crop evaluation.
     network, cfg, _ = load_trained_model(best_row.checkpoint_path)
-    warped = resize(torch.from_numpy(np.array(warp_image(hand, 40)[None])), cfg.image_size)
+    warped = resize(torch.from_numpy(np.array(warp_image(hand, 40)[None])), cfg.resize_to)
     reference = predict_probs(network, warped, cfg.input_size, 8, torch.device("cpu"))[0]
 
     result = runner.invoke(app, ["predict", str(model), *map(str, files.values()), "--format", "json"])
@@ -92,11 +93,13 @@ def test_bad_files_are_reported_one_line_each_and_the_rest_predicted(model, hand
     assert result.exit_code == 1
     assert sorted(r["file"] for r in _json_output(result)) == sorted(map(str, good.values()))
     errors = [line for line in result.stderr.splitlines() if line.strip()]
-    assert sorted(errors) == sorted([
-        f"error: {folder / 'empty.jpg'}: file is empty (0 bytes)",
-        f"error: {folder / 'header-only.dcm'}: DICOM file has no pixel data",
-        f"error: {folder / 'text.png'}: not a readable PNG, JPEG or DICOM image",
-    ])
+    assert sorted(errors) == sorted(
+        [
+            f"error: {folder / 'empty.jpg'}: file is empty (0 bytes)",
+            f"error: {folder / 'header-only.dcm'}: DICOM file has no pixel data",
+            f"error: {folder / 'text.png'}: not a readable PNG, JPEG or DICOM image",
+        ]
+    )
 
 
 def test_csv_and_table_output(model, hand, tmp_path, monkeypatch):
@@ -104,8 +107,13 @@ def test_csv_and_table_output(model, hand, tmp_path, monkeypatch):
     result = runner.invoke(app, ["predict", str(model), str(tmp_path / "in"), "--format", "csv"])
     assert result.exit_code == 0, result.output
     table = pd.read_csv(io.StringIO(result.stdout))
-    assert list(table.columns[:5]) == ["file", "predicted_years", "second_years", "expected_age_years",
-                                       "expected_age_months"]
+    assert list(table.columns[:5]) == [
+        "file",
+        "predicted_years",
+        "second_years",
+        "expected_age_years",
+        "expected_age_months",
+    ]
     assert list(table.columns[5:]) == [f"p_{j}" for j in range(20)]
     assert sorted(table.file) == sorted(map(str, files.values()))
     np.testing.assert_allclose(table.filter(like="p_").sum(axis=1), 1, atol=1e-5)
@@ -128,10 +136,13 @@ def test_predictor_loads_without_unpickling_and_matches_the_checkpoint(model, be
         assert torch.equal(predictor.model.state_dict()[name], tensor), name
 
 
-@pytest.mark.parametrize("args, message", [
-    (["nowhere", "x.png"], "nowhere: no such model folder"),
-    ([".", "x.png"], "not a raybone model folder (model.json missing)"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["nowhere", "x.png"], "nowhere: no such model folder"),
+        ([".", "x.png"], "not a raybone model folder (model.json missing)"),
+    ],
+)
 def test_missing_model_folder_is_a_usage_error(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["predict", *args])
@@ -151,8 +162,17 @@ def test_evaluate_reproduces_the_trials_validation_metrics(tiny_experiment, mode
     assert evaluation["split"] == "val" and evaluation["same_data_as_training"]
     assert evaluation["images"] == 160 and evaluation["trial_id"] == best_row.trial_id
     metrics = evaluation["metrics"]
-    for name in ("top1", "top2", "rmse", "mae", "rmse_expected", "mae_expected", "rmse_argmax", "mae_argmax",
-                 "mae_months"):
+    for name in (
+        "top1",
+        "top2",
+        "rmse",
+        "mae",
+        "rmse_expected",
+        "mae_expected",
+        "rmse_argmax",
+        "mae_argmax",
+        "mae_months",
+    ):
         if f"val_{name}" in best_row:
             assert metrics[name] == pytest.approx(best_row[f"val_{name}"], abs=1e-6), name
     assert metrics["rmse_months"] == pytest.approx(12 * metrics["rmse"])
@@ -173,10 +193,11 @@ def test_evaluate_on_other_data_takes_all_of_it_by_default(model, hand, tmp_path
     source = tmp_path / "other"
     (source / "images").mkdir(parents=True)
     ages = [30, 30, 90, 90, 150, 150, 200, 200]  # months
-    for image_id, age in enumerate(ages, start=1):
+    for image_id, _ in enumerate(ages, start=1):
         Image.fromarray(np.roll(hand, 3 * image_id, axis=1)).save(source / "images" / f"{image_id}.png")
-    pd.DataFrame({"id": range(1, 9), "boneage": ages, "male": [True, False] * 4}).to_csv(source / "boneage.csv",
-                                                                                          index=False)
+    pd.DataFrame({"id": range(1, 9), "boneage": ages, "male": [True, False] * 4}).to_csv(
+        source / "boneage.csv", index=False
+    )
     result = runner.invoke(app, ["evaluate", str(model), "--data", str(source), "--json", str(tmp_path / "e.json")])
     assert result.exit_code == 0, result.output
     everything = json.loads((tmp_path / "e.json").read_text())

@@ -45,7 +45,12 @@ def collection(tmp_path):
 def test_prepare_writes_a_complete_artifact(collection, tmp_path):
     data = prepare(collection, out=tmp_path / "prepared", image_size=16, progress=False)
     assert {p.name for p in (tmp_path / "prepared").iterdir()} == {
-        "images.npy", "manifest.parquet", "skipped.csv", "prepared.json", ".raybone.json"}
+        "images.npy",
+        "manifest.parquet",
+        "skipped.csv",
+        "prepared.json",
+        ".raybone.json",
+    }
     assert data.images.dtype == np.uint8 and data.images.shape == (10, 16, 16)
     assert list(data.manifest.columns) == ["id", "label", "age_months", "sex", "split", "source", "checksum"]
     expected = {image_id: months // 12 for image_id, months in AGES.items()}

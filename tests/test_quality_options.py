@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from raybone.augment import train_augment
-from raybone.engine import resize
-from raybone.loss import balanced_class_weights, create_loss
+from raybone.core.augment import train_augment
+from raybone.core.engine import resize
+from raybone.core.loss import balanced_class_weights, create_loss
 from raybone.spec import TrainConfig
-from raybone.train import _sampler, _Split, validate
+from raybone.tuning.worker import _sampler, _Split, validate
 
 
 def test_contrast_jitter_changes_exposure_only_when_asked():
@@ -53,7 +53,9 @@ def test_resize_rewarps_uint8_images():
     out = resize(images, 37)
     assert out.shape == (2, 37, 37) and out.dtype == torch.uint8 and (out == 200).all()
     assert resize(images, 40) is images
-    assert TrainConfig(input_size=224).image_size == 256 and TrainConfig(input_size=88, crop_fraction=0.88).image_size == 100
+    assert (
+        TrainConfig(input_size=224).resize_to == 256 and TrainConfig(input_size=88, crop_fraction=0.88).resize_to == 100
+    )
 
 
 class _Fixed(nn.Module):
@@ -71,7 +73,9 @@ def test_readout_decides_what_val_rmse_scores(readout, rmse):
     cfg = TrainConfig(input_size=32, readout=readout, eval_batch_size=2)
     metrics = validate(_Fixed(), val, cfg, torch.device("cpu"))
     assert metrics["val_rmse"] == pytest.approx(rmse, abs=1e-6)
-    assert metrics["val_rmse_argmax"] == pytest.approx(1.0) and metrics["val_rmse_expected"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["val_rmse_argmax"] == pytest.approx(1.0) and metrics["val_rmse_expected"] == pytest.approx(
+        0.0, abs=1e-6
+    )
     assert metrics["val_mae_months"] == pytest.approx(12 * metrics["val_mae"])
 
 
@@ -91,10 +95,12 @@ def test_new_options_are_searchable_and_validated(tmp_path):
     from raybone.spec import load_spec
 
     path = tmp_path / "space.yaml"
-    path.write_text("scheduler: {type: none}\ntrain:\n  sex_input: {choices: [true, false]}\n"
-                    "  contrast: {distribution: uniform, low: 0.0, high: 0.4}\n"
-                    "  class_balance: {choices: [none, sampling, loss]}\n  readout: expected\n"
-                    "  input_size: {choices: [96, 128, 224]}\n")
+    path.write_text(
+        "scheduler: {type: none}\ntrain:\n  sex_input: {choices: [true, false]}\n"
+        "  contrast: {distribution: uniform, low: 0.0, high: 0.4}\n"
+        "  class_balance: {choices: [none, sampling, loss]}\n  readout: expected\n"
+        "  input_size: {choices: [96, 128, 224]}\n"
+    )
     spec = load_spec(path)
     assert set(spec.searched()) == {"sex_input", "contrast", "class_balance", "input_size"}
     path.write_text("train:\n  class_balance: {choices: [none, oversample]}\n")

@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from raybone.augment import test_crops
 from raybone.cli import app
+from raybone.core.augment import test_crops
+from raybone.core.model import create_model
+from raybone.core.saliency import grad_cam
 from raybone.data.phantom import render_hand
-from raybone.model import create_model
 from raybone.report import PAGE, write_report
-from raybone.saliency import grad_cam
 
 
 def _figures(page: str) -> list[str]:
@@ -27,8 +27,14 @@ def test_report_references_figures_that_exist(tiny_experiment, tmp_path):
     folder = write_report(results, "tiny", tmp_path / "report", samples=4)
     page = (folder / PAGE).read_text()
     names = _figures(page)
-    assert {"confusion.png", "learning_curves.png", "hyperparameters.png", "worst_errors.png",
-            "probabilities.png", "gradcam.png"} <= set(names)
+    assert {
+        "confusion.png",
+        "learning_curves.png",
+        "hyperparameters.png",
+        "worst_errors.png",
+        "probabilities.png",
+        "gradcam.png",
+    } <= set(names)
     for name in names:
         with Image.open(folder / name) as png:  # a real, non-trivial picture, not an empty file
             assert png.format == "PNG" and min(png.size) > 200
@@ -77,13 +83,21 @@ def test_report_command(tiny_experiment, tmp_path):
     assert missing.exit_code == 2 and "no experiment named 'nope'" in missing.output
 
 
-@pytest.mark.parametrize("arch, size, layer", [("vgg16", 64, "features.29"), ("googlenet", 64, "inception4e"),
-                                               ("googlenet", 32, "inception3b"),
-                                               ("googlenet", 224, "inception5b")])
+@pytest.mark.parametrize(
+    "arch, size, layer",
+    [
+        ("vgg16", 64, "features.29"),
+        ("googlenet", 64, "inception4e"),
+        ("googlenet", 32, "inception3b"),
+        ("googlenet", 224, "inception5b"),
+    ],
+)
 def test_grad_cam_has_the_input_shape_and_varies(arch, size, layer):
     torch.manual_seed(0)
     model = create_model(arch, num_classes=20)
-    hands = np.stack([render_hand(12 * age, True, np.random.default_rng(int(age)), size + 8) for age in (3.0, 9.0, 15.0)])
+    hands = np.stack(
+        [render_hand(12 * age, True, np.random.default_rng(int(age)), size + 8) for age in (3.0, 9.0, 15.0)]
+    )
     crops = test_crops(torch.from_numpy(hands), size)[4]
 
     maps, used = grad_cam(model, arch, crops)

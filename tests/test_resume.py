@@ -12,14 +12,35 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-ARGS = ["--set", "data.image_size=40", "--set", "input_size=32", "--set", "batch_size=8", "--set", "iterations=6",
-        "--set", "eval_every=2", "--set", "scheduler.type=none", "--set", "num_samples=3",
-        "--set", "resources.cpus_per_worker=2"]  # one trial at a time on 2 cores: the kill lands between trials
+ARGS = [
+    "--set",
+    "data.image_size=40",
+    "--set",
+    "input_size=32",
+    "--set",
+    "batch_size=8",
+    "--set",
+    "iterations=6",
+    "--set",
+    "eval_every=2",
+    "--set",
+    "scheduler.type=none",
+    "--set",
+    "num_samples=3",
+    "--set",
+    "resources.cpus_per_worker=2",
+]  # one trial at a time on 2 cores: the kill lands between trials
 
 
 def _raybone(*args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "raybone", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "raybone", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
 
 
 def test_search_resumes_after_sigkill(tmp_path):
@@ -42,15 +63,20 @@ def test_search_resumes_after_sigkill(tmp_path):
     assert resumed.returncode == 0, output
     trials = pd.read_parquet(experiment / "trials.parquet")
     assert len(trials) == 3 and trials.trial_id.is_unique
-    assert (trials.status == "completed").all() and (trials.training_iteration == 6).all()
+    assert (trials.status == "completed").all() and (trials.iteration == 6).all()
     history = pd.read_parquet(experiment / "history.parquet")
     for trial_id, rows in history.groupby("trial_id"):
         assert rows.iteration.is_unique, f"trial {trial_id} trained an iteration twice"
     for path, mtime in done_before.items():
         assert path.stat().st_mtime == mtime, f"finished trial {path} was trained again"
 
-    again = subprocess.run([sys.executable, "-m", "raybone", "search", "--resume", "killed", "--results-dir",
-                            str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "raybone", "search", "--resume", "killed", "--results-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert again.returncode == 0 and "already finished (3 trials); nothing to resume" in again.stdout
 
 
@@ -71,7 +97,11 @@ def _completed_checkpoints(experiment: Path) -> dict[Path, float]:
 def test_resume_refuses_a_folder_raybone_did_not_create(tmp_path):
     (tmp_path / "stranger").mkdir()
     (tmp_path / "stranger" / "spec.yaml").write_text("seed: 0\n")
-    result = subprocess.run([sys.executable, "-m", "raybone", "search", "--resume", "stranger", "--results-dir",
-                             str(tmp_path)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "raybone", "search", "--resume", "stranger", "--results-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "is not a raybone experiment" in result.stderr

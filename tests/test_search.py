@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import QUICK, TINY
 
 from raybone.errors import SpecError
-from raybone.search import concurrent_trials, run_search, trial_seed
 from raybone.spec import load_spec
-
-from conftest import QUICK, TINY
+from raybone.tuning.cluster import concurrent_trials
+from raybone.tuning.run import run_search
+from raybone.tuning.trial import trial_seed
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def test_search_writes_one_row_per_trial(tiny_search):
         low, high = spec.train[name].low, spec.train[name].high
         assert trials[name].between(low, high).all(), name
     assert set(trials.status) <= {"completed", "stopped_early"}
-    assert (trials.training_iteration >= 2).all() and (trials.training_iteration <= 4).all()
+    assert (trials.iteration >= 2).all() and (trials.iteration <= 4).all()
     assert trials.val_top1.between(0, 1).all() and (trials.val_top2 >= trials.val_top1).all()
     assert (trials.val_rmse >= 0).all() and (trials.wall_time_s > 0).all()
     for checkpoint in trials.checkpoint_path:
@@ -59,7 +60,7 @@ def test_search_trains_on_real_radiographs(local_ray, shared_data, tmp_path, mon
     spec = load_spec(QUICK, TINY + [f"data.source={shared_data / folder}", "num_samples=1", "scheduler.type=none"])
     outcome = run_search(spec, name=folder, results_dir=tmp_path / "results")
     (row,) = outcome.trials.itertuples()
-    assert row.status == "completed" and row.training_iteration == 4
+    assert row.status == "completed" and row.iteration == 4
     assert 0 <= row.val_top1 <= row.val_top2 <= 1 and row.val_rmse > 0
 
 
@@ -69,10 +70,15 @@ def test_concurrency_is_bounded_by_the_cluster():
     assert concurrent_trials(spec, {"CPU": 3}) == 1
     gpu = load_spec(QUICK, ["resources.gpus_per_worker=0.25", "resources.cpus_per_worker=1", "num_samples=100"])
     assert concurrent_trials(gpu, {"CPU": 16, "GPU": 2}) == 8
-    with pytest.raises(SpecError, match="one trial needs 2 CPUs and 2 GPUs but the cluster has 2 CPUs and 1 GPUs"
-                                        ".*on an autoscaling cluster set resources.max_concurrent_trials"):
-        concurrent_trials(load_spec(QUICK, ["resources.gpus_per_worker=1", "resources.num_workers=2",
-                                            "resources.cpus_per_worker=1"]), {"CPU": 2, "GPU": 1})
+    with pytest.raises(
+        SpecError,
+        match="one trial needs 2 CPUs and 2 GPUs but the cluster has 2 CPUs and 1 GPUs"
+        ".*on an autoscaling cluster set resources.max_concurrent_trials",
+    ):
+        concurrent_trials(
+            load_spec(QUICK, ["resources.gpus_per_worker=1", "resources.num_workers=2", "resources.cpus_per_worker=1"]),
+            {"CPU": 2, "GPU": 1},
+        )
 
 
 def test_autoscaling_clusters_set_the_concurrency_and_trials_wait_for_nodes():
@@ -94,11 +100,11 @@ def test_trial_seeds_differ_by_index_and_follow_the_experiment_seed():
 
 
 def _sampled(spec, folder, count):
-    from raybone.search import _tune_space, searcher
+    from raybone.tuning.searcher import searcher, tune_space
 
     folder.mkdir()
     search = searcher(spec, folder)
-    search.set_search_properties(spec.metric, spec.mode, _tune_space(spec))
+    search.set_search_properties(spec.metric, spec.mode, tune_space(spec))
     return [search.suggest(f"t{i}") for i in range(count)]
 
 
@@ -114,14 +120,14 @@ def test_one_seed_gives_one_sequence_of_sampled_configs(tmp_path):
 @pytest.mark.parametrize("samples, models_third_trial", [(6, True), (30, False)])
 def test_tpe_models_results_after_a_third_of_a_small_search(tmp_path, samples, models_third_trial):
     """Optuna's 10 random start-up trials would make a search of 10 trials or fewer plain random search."""
-    from raybone.search import _tune_space, searcher
+    from raybone.tuning.searcher import searcher, tune_space
 
     spec = load_spec(QUICK, [f"num_samples={samples}"])
     thirds = []
     for name, values in (("a", (1.0, 5.0)), ("b", (5.0, 1.0))):  # the same two trials, opposite results
         (tmp_path / name).mkdir()
         search = searcher(spec, tmp_path / name)
-        search.set_search_properties(spec.metric, spec.mode, _tune_space(spec))
+        search.set_search_properties(spec.metric, spec.mode, tune_space(spec))
         for i, value in enumerate(values):
             search.suggest(f"t{i}")
             search.on_trial_complete(f"t{i}", {spec.metric: value, "training_iteration": 1})
@@ -129,32 +135,44 @@ def test_tpe_models_results_after_a_third_of_a_small_search(tmp_path, samples, m
     assert (thirds[0] != thirds[1]) == models_third_trial
 
 
-RECIPES = "start_from=[{lr: 1.0e-4, decay_steps: 100, l2_weight: 1.0, weight_decay: 0.1}, " \
-          "{lr: 3.0e-3, decay_steps: 30, l2_weight: 1.0e-3, weight_decay: 1.0e-4}]"
+RECIPES = (
+    "start_from=[{lr: 1.0e-4, decay_steps: 100, l2_weight: 1.0, weight_decay: 0.1}, "
+    "{lr: 3.0e-3, decay_steps: 30, l2_weight: 1.0e-3, weight_decay: 1.0e-4}]"
+)
 
 
 def test_a_search_starts_from_the_given_configurations_once(tmp_path):
-    from raybone.search import _tune_space, searcher
+    from raybone.tuning.searcher import searcher, tune_space
 
     spec = load_spec(QUICK, [RECIPES])
     first = searcher(spec, tmp_path)
-    first.set_search_properties(spec.metric, spec.mode, _tune_space(spec))
+    first.set_search_properties(spec.metric, spec.mode, tune_space(spec))
     assert first.suggest("t0") == {**spec.start_from[0], "trial_index": 0}
     # Resumed (a new searcher on the same study): the second recipe is still due, the first is not run again.
     again = searcher(spec, tmp_path)
-    again.set_search_properties(spec.metric, spec.mode, _tune_space(spec))
+    again.set_search_properties(spec.metric, spec.mode, tune_space(spec))
     assert again.suggest("t1") == {**spec.start_from[1], "trial_index": 1}
     sampled = again.suggest("t2")
     assert sampled["trial_index"] == 2 and {k: sampled[k] for k in spec.searched()} not in spec.start_from
 
 
-@pytest.mark.parametrize("point, message", [
-    ("{lr: 1.0e-4}", "start_from.0: name every searched hyperparameter; missing decay_steps, l2_weight, weight_decay"),
-    ("{lr: 1.0e-2, decay_steps: 100, l2_weight: 1.0, weight_decay: 0.1}",
-     "start_from.0.lr: 0.01 is outside the searched range [0.0001, 0.003]"),
-    ("{lr: 1.0e-4, decay_steps: 100, l2_weight: 1.0, weight_decay: 0.1, batch_size: 8}",
-     "start_from.0: batch_size not searched"),
-])
+@pytest.mark.parametrize(
+    "point, message",
+    [
+        (
+            "{lr: 1.0e-4}",
+            "start_from.0: name every searched hyperparameter; missing decay_steps, l2_weight, weight_decay",
+        ),
+        (
+            "{lr: 1.0e-2, decay_steps: 100, l2_weight: 1.0, weight_decay: 0.1}",
+            "start_from.0.lr: 0.01 is outside the searched range [0.0001, 0.003]",
+        ),
+        (
+            "{lr: 1.0e-4, decay_steps: 100, l2_weight: 1.0, weight_decay: 0.1, batch_size: 8}",
+            "start_from.0: batch_size not searched",
+        ),
+    ],
+)
 def test_a_start_point_outside_the_search_is_refused_before_ray_starts(point, message):
     with pytest.raises(SpecError, match=rf"quick.yaml: {re.escape(message)}"):
         load_spec(QUICK, [f"start_from=[{point}]"])
@@ -162,7 +180,7 @@ def test_a_start_point_outside_the_search_is_refused_before_ray_starts(point, me
 
 def test_a_spec_that_searches_nothing_repeats_its_fixed_configuration(tmp_path):
     fixed = ["lr=1.0e-3", "decay_steps=100", "l2_weight=0.1", "weight_decay=0.01"]
-    from raybone.search import searcher
+    from raybone.tuning.searcher import searcher
 
     spec = load_spec(QUICK, fixed)
     (tmp_path / "fixed").mkdir()
@@ -179,8 +197,17 @@ def test_a_search_of_one_fixed_configuration_runs(local_ray, tmp_path):
 
 
 def test_asha_stops_weak_trials_early(local_ray, tmp_path):
-    spec = load_spec(QUICK, TINY + ["num_samples=4", "iterations=8", "scheduler.reduction_factor=3",
-                                     "lr={distribution: loguniform, low: 1.0e-6, high: 0.3}", RECIPES])
+    spec = load_spec(
+        QUICK,
+        TINY
+        + [
+            "num_samples=4",
+            "iterations=8",
+            "scheduler.reduction_factor=3",
+            "lr={distribution: loguniform, low: 1.0e-6, high: 0.3}",
+            RECIPES,
+        ],
+    )
     outcome = run_search(spec, name="asha", results_dir=tmp_path)
     first = outcome.trials.sort_values("trial_index").head(2)  # the recipes ran first, on the real cluster
     assert first[list(spec.searched())].to_dict("records") == spec.start_from
@@ -189,5 +216,5 @@ def test_asha_stops_weak_trials_early(local_ray, tmp_path):
     stopped = outcome.trials[outcome.trials.status == "stopped_early"]
     assert len(stopped) >= 1 and (outcome.trials.status == "completed").any()
     for row in stopped.itertuples():
-        assert reports[row.trial_id] == row.training_iteration < 8
+        assert reports[row.trial_id] == row.iteration < 8
     assert reports.max() == 8

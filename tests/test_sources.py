@@ -32,17 +32,20 @@ def rsna(tmp_path):
         _image(root / "images" / f"{image_id}.png")
     _image(root / "8.jpg")  # the top level is searched too
     _image(root / "images" / "orphan.png")  # no row in the CSV: reported, not fatal
-    _csv(root / "boneage.csv", "id,boneage,male\n"
-         "1,150,True\n"  # 12.5 years
-         "2,11,False\n"
-         "3,abc,True\n"
-         "4,-5,True\n"
-         "5,300,False\n"
-         "6,40,True\n"
-         "6,41,True\n"  # duplicate id
-         "7,,True\n"
-         "8,24,False\n"
-         "10,60,True\n")  # no image
+    _csv(
+        root / "boneage.csv",
+        "id,boneage,male\n"
+        "1,150,True\n"  # 12.5 years
+        "2,11,False\n"
+        "3,abc,True\n"
+        "4,-5,True\n"
+        "5,300,False\n"
+        "6,40,True\n"
+        "6,41,True\n"  # duplicate id
+        "7,,True\n"
+        "8,24,False\n"
+        "10,60,True\n",
+    )  # no image
     return root
 
 
@@ -97,11 +100,14 @@ def test_dha_requires_both_readings(tmp_path):
         read_dha(tmp_path, csv)
 
 
-@pytest.mark.parametrize("header,row,months", [
-    ("path,age_years,sex", "hands/a.png,7.5,M", 90.0),
-    ("path,age_months,sex", "hands/a.png,90,F", 90.0),
-    ("path,reading1,reading2", "hands/a.png,88,92", 90.0),
-])
+@pytest.mark.parametrize(
+    "header,row,months",
+    [
+        ("path,age_years,sex", "hands/a.png,7.5,M", 90.0),
+        ("path,age_months,sex", "hands/a.png,90,F", 90.0),
+        ("path,reading1,reading2", "hands/a.png,88,92", 90.0),
+    ],
+)
 def test_manifest_age_columns(tmp_path, header, row, months):
     _image(tmp_path / "hands" / "a.png")
     table, skipped = read_manifest(_csv(tmp_path / "manifest.csv", f"{header}\n{row}\n"))
@@ -114,8 +120,10 @@ def test_manifest_age_columns(tmp_path, header, row, months):
 def test_manifest_refuses_paths_outside_its_folder(tmp_path):
     _image(tmp_path / "outside.png")
     _image(tmp_path / "data" / "inside.png")
-    csv = _csv(tmp_path / "data" / "manifest.csv",
-               f"path,age_months\ninside.png,50\n../outside.png,50\n{tmp_path / 'outside.png'},50\nnope.png,50\n")
+    csv = _csv(
+        tmp_path / "data" / "manifest.csv",
+        f"path,age_months\ninside.png,50\n../outside.png,50\n{tmp_path / 'outside.png'},50\nnope.png,50\n",
+    )
     table, skipped = read_manifest(csv)
     assert table["id"].tolist() == ["inside"]
     reasons = _reasons(skipped)

@@ -61,8 +61,11 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_overrides_reach_bare_hyperparameters_and_top_level(tmp_path):
-    path = _write(tmp_path, "train:\n  lr: {distribution: loguniform, low: 1.0e-5, high: 1.0e-4}\n  iterations: 50\n"
-                   "scheduler: {type: none}\n")
+    path = _write(
+        tmp_path,
+        "train:\n  lr: {distribution: loguniform, low: 1.0e-5, high: 1.0e-4}\n  iterations: 50\n"
+        "scheduler: {type: none}\n",
+    )
     spec = load_spec(path, ["lr.high=1e-3", "num_samples=64", "train.iterations=80", "model={choices: [vgg16]}"])
     assert spec.num_samples == 64
     assert spec.train["lr"] == Range(distribution="loguniform", low=1e-5, high=1e-3)

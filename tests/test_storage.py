@@ -10,14 +10,21 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from raybone import results
 from raybone.errors import RayboneError
-from raybone.search import check_storage_reaches_nodes
+from raybone.experiments import Experiment, list_experiments
+from raybone.experiments import storage as results
+from raybone.tuning.cluster import check_storage_reaches_nodes
 
 
 def _trials(n: int) -> pd.DataFrame:
-    return pd.DataFrame({"trial_id": [f"t{i}" for i in range(n)], "status": ["completed"] * n,
-                         "val_rmse": [1.0 + i for i in range(n)], "node": ["a"] * n})
+    return pd.DataFrame(
+        {
+            "trial_id": [f"t{i}" for i in range(n)],
+            "status": ["completed"] * n,
+            "val_rmse": [1.0 + i for i in range(n)],
+            "node": ["a"] * n,
+        }
+    )
 
 
 def test_tables_round_trip_through_a_file_uri(tmp_path):
@@ -31,26 +38,26 @@ def test_tables_round_trip_through_a_file_uri(tmp_path):
     assert sorted(p.name for p in (tmp_path / "shared" / "second").iterdir()) == ["environment.json", "trials.parquet"]
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "shared" / "second" / "trials.parquet"), _trials(3))
     # ...and the readers the other commands use accept the URI.
-    assert results.list_experiments(storage) == ["first", "second"]
-    assert results.experiment_dir(storage, "second") == f"file://{tmp_path}/shared/second"
-    pd.testing.assert_frame_equal(results.load_trials(storage, "second"), _trials(3))
-    assert '"seed": 0' in results.read_text(results.join(storage, "first", "environment.json"))
+    assert list_experiments(storage) == ["first", "second"]
+    assert Experiment.open(storage, "second").location == f"file://{tmp_path}/shared/second"
+    pd.testing.assert_frame_equal(Experiment.open(storage, "second").trials(), _trials(3))
+    assert Experiment.open(storage, "first").environment == {"seed": 0}
     with pytest.raises(RayboneError, match=r"no experiment named 'third' in file://.*\(known: first, second\)"):
-        results.load_trials(storage, "third")
+        Experiment.open(storage, "third")
 
 
 def test_local_folders_keep_returning_paths(tmp_path):
     results.write_parquet(_trials(1), tmp_path / "exp" / results.TRIALS)
-    assert results.experiment_dir(tmp_path, "exp") == tmp_path / "exp"
-    assert results.list_experiments(tmp_path) == ["exp"] and results.list_experiments(tmp_path / "none") == []
-    assert len(results.load_trials(str(tmp_path), "exp")) == 1
+    assert Experiment.open(tmp_path, "exp").location == tmp_path / "exp"
+    assert list_experiments(tmp_path) == ["exp"] and list_experiments(tmp_path / "none") == []
+    assert len(Experiment.open(str(tmp_path), "exp").trials()) == 1
     assert results.study_dir(tmp_path, "exp") == tmp_path / "exp"
 
 
 def test_a_failed_write_leaves_the_previous_table(tmp_path):
     target = f"file://{tmp_path}/exp/trials.parquet"
     results.write_parquet(_trials(2), target)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         results.write_parquet(pd.DataFrame({"bad": [object()]}), target)  # not serialisable
     pd.testing.assert_frame_equal(results.read_parquet(target), _trials(2))
     assert [p.name for p in (tmp_path / "exp").iterdir()] == ["trials.parquet"]
@@ -58,16 +65,19 @@ def test_a_failed_write_leaves_the_previous_table(tmp_path):
 
 def test_uris_keep_their_scheme_and_query(tmp_path):
     assert results.join("s3://bucket/prefix/", "exp", "train") == "s3://bucket/prefix/exp/train"
-    assert (results.join("s3://bucket/p?endpoint_override=localhost:9000", "exp")
-            == "s3://bucket/p/exp?endpoint_override=localhost:9000")
+    assert (
+        results.join("s3://bucket/p?endpoint_override=localhost:9000", "exp")
+        == "s3://bucket/p/exp?endpoint_override=localhost:9000"
+    )
     # A URI that went through pathlib (an option typed Path) has lost a slash: it gets it back.
     assert results.location_text(Path("s3://bucket/prefix")) == "s3://bucket/prefix"
     assert results.location_text("s3://bucket/prefix") == "s3://bucket/prefix"
     assert results.is_local(Path("file:///mnt/x")) and results.is_local("results") and not results.is_local("gs://b")
     assert not results.is_uri("C:/results") and results.is_uri(f"file://{tmp_path}")
     # Ray reports checkpoint paths inside the storage's filesystem, without its scheme.
-    assert (results.as_location(f"{tmp_path}/exp/train/ckpt", f"file://{tmp_path}")
-            == f"file://{tmp_path}/exp/train/ckpt")
+    assert (
+        results.as_location(f"{tmp_path}/exp/train/ckpt", f"file://{tmp_path}") == f"file://{tmp_path}/exp/train/ckpt"
+    )
     assert results.as_location("/elsewhere/ckpt", f"file://{tmp_path}") == "/elsewhere/ckpt"
     assert results.as_location(f"{tmp_path}/ckpt", tmp_path) == f"{tmp_path}/ckpt"
 
@@ -83,8 +93,10 @@ def test_an_unknown_scheme_is_one_line():
 
 
 def test_a_local_folder_is_refused_where_other_nodes_train(tmp_path):
-    refused = f"this cluster has 3 nodes but results go to the local folder {tmp_path}, which the other nodes " \
-              "cannot reach; pass --storage s3://... or an NFS path with --shared-storage"
+    refused = (
+        f"this cluster has 3 nodes but results go to the local folder {tmp_path}, which the other nodes "
+        "cannot reach; pass --storage s3://... or an NFS path with --shared-storage"
+    )
     for local in (tmp_path, f"file://{tmp_path}"):
         with pytest.raises(RayboneError) as err:
             check_storage_reaches_nodes(local, shared=False, nodes=3, trial_fits_now=True)

@@ -86,8 +86,10 @@ def _check_dimensions(width: int, height: int, path: Path) -> None:
     if width > MAX_SIDE or height > MAX_SIDE:
         raise DataError(f"{path}: image is {width}x{height} px; larger than {MAX_SIDE} px on a side")
     if width * height > MAX_PIXELS:
-        raise DataError(f"{path}: image is {width}x{height} px ({width * height / 1e6:.0f} megapixels); larger than "
-                        f"the {MAX_PIXELS / 1e6:.0f}-megapixel limit")
+        raise DataError(
+            f"{path}: image is {width}x{height} px ({width * height / 1e6:.0f} megapixels); larger than "
+            f"the {MAX_PIXELS / 1e6:.0f}-megapixel limit"
+        )
     if width < MIN_SIDE or height < MIN_SIDE:
         raise DataError(f"{path}: image is {width}x{height} px; too small")
 
@@ -249,7 +251,7 @@ def _check_inflated_size(data: bytes, path: Path) -> None:
     # The file meta group starts with its own length (0002,0000) UL; the deflated dataset follows the group.
     if data[132:138] != b"\x02\x00\x00\x00UL":
         raise DataError(f"{path}: deflated DICOM without a file meta group length")
-    pending = data[144 + int.from_bytes(data[140:144], "little"):]
+    pending = data[144 + int.from_bytes(data[140:144], "little") :]
     inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
     try:
         while pending and total <= MAX_FILE_BYTES:

@@ -36,16 +36,45 @@ class _Ray:
 
 
 _RAYS = (
-    _Ray((-0.13, 0.16), -14.0, (0.27, 0.175, 0.105, 0.085), (0.022, 0.021, 0.018, 0.016),
-         (2.0, 1.7, 2.7, 2.4), (15.5, 15.5, 15.8, 14.8), True),  # little
-    _Ray((-0.062, 0.178), -5.0, (0.32, 0.22, 0.14, 0.095), (0.026, 0.025, 0.021, 0.018),
-         (1.9, 1.6, 2.6, 2.3), (15.5, 15.5, 15.8, 14.8), True),  # ring
-    _Ray((0.01, 0.185), 0.0, (0.35, 0.235, 0.145, 0.10), (0.029, 0.027, 0.023, 0.019),
-         (1.8, 1.5, 2.5, 2.2), (15.5, 15.5, 15.8, 14.8), True),  # middle
-    _Ray((0.085, 0.178), 7.0, (0.34, 0.215, 0.125, 0.095), (0.028, 0.026, 0.021, 0.018),
-         (1.7, 1.5, 2.5, 2.2), (15.5, 15.5, 15.8, 14.8), True),  # index
-    _Ray((0.16, 0.125), 38.0, (0.22, 0.16, 0.12), (0.032, 0.028, 0.024),
-         (2.8, 2.5, 2.5), (15.2, 15.3, 14.8), False),  # thumb: no middle phalanx
+    _Ray(
+        (-0.13, 0.16),
+        -14.0,
+        (0.27, 0.175, 0.105, 0.085),
+        (0.022, 0.021, 0.018, 0.016),
+        (2.0, 1.7, 2.7, 2.4),
+        (15.5, 15.5, 15.8, 14.8),
+        True,
+    ),  # little
+    _Ray(
+        (-0.062, 0.178),
+        -5.0,
+        (0.32, 0.22, 0.14, 0.095),
+        (0.026, 0.025, 0.021, 0.018),
+        (1.9, 1.6, 2.6, 2.3),
+        (15.5, 15.5, 15.8, 14.8),
+        True,
+    ),  # ring
+    _Ray(
+        (0.01, 0.185),
+        0.0,
+        (0.35, 0.235, 0.145, 0.10),
+        (0.029, 0.027, 0.023, 0.019),
+        (1.8, 1.5, 2.5, 2.2),
+        (15.5, 15.5, 15.8, 14.8),
+        True,
+    ),  # middle
+    _Ray(
+        (0.085, 0.178),
+        7.0,
+        (0.34, 0.215, 0.125, 0.095),
+        (0.028, 0.026, 0.021, 0.018),
+        (1.7, 1.5, 2.5, 2.2),
+        (15.5, 15.5, 15.8, 14.8),
+        True,
+    ),  # index
+    _Ray(
+        (0.16, 0.125), 38.0, (0.22, 0.16, 0.12), (0.032, 0.028, 0.024), (2.8, 2.5, 2.5), (15.2, 15.3, 14.8), False
+    ),  # thumb: no middle phalanx
 )
 
 # name: centre, adult semi-axes (across, along), tilt (deg), ossification age (male years). Gaps are
@@ -177,8 +206,9 @@ def _draw_ray(bone: np.ndarray, frame: _Frame, ray: _Ray, maturity: float, rng: 
         end = start + direction * length
         epiphysis_at_head = ray.head_epiphysis and index == 0
         is_tuft = index == len(ray.lengths) - 1
-        _draw_long_bone(bone, frame, start, end, radius, maturity, ray.appear[index], ray.fuse[index],
-                        epiphysis_at_head, is_tuft)
+        _draw_long_bone(
+            bone, frame, start, end, radius, maturity, ray.appear[index], ray.fuse[index], epiphysis_at_head, is_tuft
+        )
         start = end + direction * _JOINT
 
 
@@ -227,8 +257,9 @@ def _draw_forearm(bone: np.ndarray, frame: _Frame, maturity: float) -> None:
     for joint, distal_radius, shaft_radius, appear, fuse in _FOREARM:
         joint = np.asarray(joint)
         cap_max = 0.4 * distal_radius
-        metaphysis = _draw_epiphysis(bone, frame, joint, axis, cartilage, distal_radius * width, cap_max,
-                                     maturity, appear, fuse)
+        metaphysis = _draw_epiphysis(
+            bone, frame, joint, axis, cartilage, distal_radius * width, cap_max, maturity, appear, fuse
+        )
         _shaft(bone, frame, metaphysis, joint + axis * 1.3, distal_radius * width, shaft_radius * width)
 
 

@@ -16,7 +16,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import raybone
 from raybone.data.decode import read_radiograph, warp_image
 from raybone.data.phantom import write_phantom_atlas
-from raybone.data.sources import SourceScan, scan_source
+from raybone.data.sources import SEX_CODES, SourceScan, scan_source
 from raybone.errors import DataError, printable
 from raybone.files import Legacy, atomic_folder, check_replaceable, file_sha256
 
@@ -62,8 +62,7 @@ class PreparedData:
     @property
     def sex_code(self) -> np.ndarray:
         """1 male, 0 female, -1 unknown."""
-        sex = self.manifest["sex"].to_numpy(dtype=object)
-        return np.select([sex == "M", sex == "F"], [1, 0], default=-1).astype(np.int8)
+        return self.manifest["sex"].map(SEX_CODES).fillna(-1).to_numpy(dtype=np.int8)
 
     @property
     def fingerprint(self) -> str:
@@ -74,8 +73,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("RAYBONE_CACHE") or Path.home() / ".cache" / "raybone")
 
 
-def prepare(source, *, format: str = "auto", labels=None, out=None, image_size: int = 256, num_classes: int = 20,
-            seed: int = 0, val_fraction: float = 0.25, progress: bool = True, force: bool = False) -> PreparedData:
+def prepare(
+    source,
+    *,
+    format: str = "auto",
+    labels=None,
+    out=None,
+    image_size: int = 256,
+    num_classes: int = 20,
+    seed: int = 0,
+    val_fraction: float = 0.25,
+    progress: bool = True,
+    force: bool = False,
+) -> PreparedData:
     """Decode, label, warp and split a radiograph collection once; reuse the cached artifact afterwards.
 
     `out` is written only where raybone may (see raybone.files); `force` replaces a raybone folder there.
@@ -87,8 +97,13 @@ def prepare(source, *, format: str = "auto", labels=None, out=None, image_size: 
     if (source / META_FILE).is_file():
         return _announce_loaded(load_prepared(source), "Loaded prepared dataset")
     scan = scan_source(source, format, Path(labels) if labels is not None else None)
-    settings = {"format": scan.format, "image_size": image_size, "num_classes": num_classes,
-                "seed": seed, "val_fraction": val_fraction}
+    settings = {
+        "format": scan.format,
+        "image_size": image_size,
+        "num_classes": num_classes,
+        "seed": seed,
+        "val_fraction": val_fraction,
+    }
     table, skipped = _label(scan.table, num_classes)
     fingerprint = _fingerprint(scan, table, settings)
     out = Path(out) if out is not None else cache_root() / "prepared" / f"{_source_name(source)}-{fingerprint[:12]}"
@@ -108,8 +123,10 @@ def load_prepared(path) -> PreparedData:
     manifest = _read_manifest(path / "manifest.parquet")
     size = meta.get("image_size")
     if images.ndim != 3 or images.shape[1:] != (size, size) or len(manifest) != len(images):
-        raise DataError(f"{path}: images.npy {images.shape} does not match manifest.parquet ({len(manifest)} rows) "
-                        f"and image_size {size}; delete the folder and prepare again")
+        raise DataError(
+            f"{path}: images.npy {images.shape} does not match manifest.parquet ({len(manifest)} rows) "
+            f"and image_size {size}; delete the folder and prepare again"
+        )
     return PreparedData(path, images, manifest, meta)
 
 
@@ -144,8 +161,10 @@ def _label(table: pd.DataFrame, num_classes: int) -> tuple[pd.DataFrame, list[tu
     """Bone age class = whole years of the age in months; drop ages beyond the configured classes."""
     labelled = table.assign(label=np.floor(table["age_months"].to_numpy() / 12.0).astype(np.int64))
     beyond = labelled["label"] >= num_classes
-    skipped = [(path, f"age {age:g} months is beyond the {num_classes} configured classes")
-               for path, age in zip(labelled.loc[beyond, "path"], labelled.loc[beyond, "age_months"])]
+    skipped = [
+        (path, f"age {age:g} months is beyond the {num_classes} configured classes")
+        for path, age in zip(labelled.loc[beyond, "path"], labelled.loc[beyond, "age_months"])
+    ]
     kept = labelled.loc[~beyond]
     return kept.iloc[_natural_order(kept["id"].tolist())].reset_index(drop=True), skipped
 
@@ -179,8 +198,9 @@ def _source_name(source: Path) -> str:
 
 def _refuse_inside_source(out: Path, root: Path) -> None:
     if out.resolve().is_relative_to(root.resolve()):
-        raise DataError(f"{out}: the prepared dataset must not be written inside the source folder {root}; "
-                        "choose another out")
+        raise DataError(
+            f"{out}: the prepared dataset must not be written inside the source folder {root}; choose another out"
+        )
 
 
 # ---------------------------------------------------------------- demo atlas
@@ -211,8 +231,16 @@ def _cached(out: Path, fingerprint: str) -> PreparedData | None:
         return None
 
 
-def _build(scan: SourceScan, table: pd.DataFrame, skipped: list, settings: dict, fingerprint: str,
-           out: Path, progress: bool, force: bool) -> PreparedData:
+def _build(
+    scan: SourceScan,
+    table: pd.DataFrame,
+    skipped: list,
+    settings: dict,
+    fingerprint: str,
+    out: Path,
+    progress: bool,
+    force: bool,
+) -> PreparedData:
     images, checksums, problems = _decode_all(table["path"].tolist(), settings["image_size"], progress)
     usable = np.array([not problem for problem in problems], dtype=bool)
     skipped = skipped + [(path, problem) for path, problem in zip(table["path"], problems) if problem]
@@ -252,8 +280,15 @@ def _load_radiograph(path: str, image_size: int) -> tuple[np.ndarray | None, str
 
 
 def _progress_bar(enabled: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=_console, disable=not enabled, transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=_console,
+        disable=not enabled,
+        transient=True,
+    )
 
 
 def _compact(images: np.ndarray, usable: np.ndarray) -> np.ndarray:
@@ -267,38 +302,55 @@ def _compact(images: np.ndarray, usable: np.ndarray) -> np.ndarray:
 def _manifest(table: pd.DataFrame, checksums: np.ndarray, settings: dict) -> pd.DataFrame:
     labels = table["label"].to_numpy(dtype=np.int64)
     is_val = stratified_split(labels, settings["val_fraction"], settings["seed"])
-    return pd.DataFrame({
-        "id": table["id"].astype(str).to_numpy(),
-        "label": labels,
-        "age_months": table["age_months"].to_numpy(dtype=np.float64),
-        "sex": table["sex"].astype(str).to_numpy(),
-        "split": np.where(is_val, "val", "train"),
-        "source": table["path"].map(printable).to_numpy(dtype=object),
-        "checksum": checksums.astype(str),
-    })
+    return pd.DataFrame(
+        {
+            "id": table["id"].astype(str).to_numpy(),
+            "label": labels,
+            "age_months": table["age_months"].to_numpy(dtype=np.float64),
+            "sex": table["sex"].astype(str).to_numpy(),
+            "split": np.where(is_val, "val", "train"),
+            "source": table["path"].map(printable).to_numpy(dtype=object),
+            "checksum": checksums.astype(str),
+        }
+    )
 
 
 def _meta(scan: SourceScan, manifest: pd.DataFrame, n_skipped: int, settings: dict, fingerprint: str) -> dict:
-    per_class = {split: np.bincount(manifest.loc[manifest["split"] == split, "label"],
-                                    minlength=settings["num_classes"]).tolist() for split in ("train", "val")}
+    per_class = {
+        split: np.bincount(
+            manifest.loc[manifest["split"] == split, "label"], minlength=settings["num_classes"]
+        ).tolist()
+        for split in ("train", "val")
+    }
     return {
         "fingerprint": fingerprint,
         **settings,
         "source": str(scan.root.absolute()),
         "labels_csv": str(scan.labels_csv.absolute()),
-        "counts": {"images": len(manifest), "train": int((manifest["split"] == "train").sum()),
-                   "val": int((manifest["split"] == "val").sum()), "skipped": n_skipped, "per_class": per_class},
+        "counts": {
+            "images": len(manifest),
+            "train": int((manifest["split"] == "train").sum()),
+            "val": int((manifest["split"] == "val").sum()),
+            "skipped": n_skipped,
+            "per_class": per_class,
+        },
         "raybone_version": raybone.__version__,
         "data_version": DATA_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
-def _write_artifact(out: Path, images: np.ndarray, manifest: pd.DataFrame, skipped: list, meta: dict,
-                    force: bool) -> PreparedData:
+def _write_artifact(
+    out: Path, images: np.ndarray, manifest: pd.DataFrame, skipped: list, meta: dict, force: bool
+) -> PreparedData:
     # Another process may have finished the same artifact meanwhile; theirs is as good as ours.
-    with atomic_folder(out, KIND, force=force, legacy=_LEGACY,
-                       keep_existing=lambda: _same_fingerprint(out, meta["fingerprint"]) and _intact(out)) as staging:
+    with atomic_folder(
+        out,
+        KIND,
+        force=force,
+        legacy=_LEGACY,
+        keep_existing=lambda: _same_fingerprint(out, meta["fingerprint"]) and _intact(out),
+    ) as staging:
         np.save(staging / "images.npy", images, allow_pickle=False)
         meta = {**meta, "images_sha256": file_sha256(staging / "images.npy")}
         manifest.to_parquet(staging / "manifest.parquet", index=False)
@@ -349,8 +401,9 @@ def _read_verified_images(path: Path, expected_sha256: str) -> np.ndarray:
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err.strerror or err}); prepare the dataset again") from err
     if hashlib.sha256(buffer).hexdigest() != expected_sha256:
-        raise DataError(f"{path}: checksum does not match prepared.json (modified or corrupt); "
-                        "delete the folder and prepare again")
+        raise DataError(
+            f"{path}: checksum does not match prepared.json (modified or corrupt); delete the folder and prepare again"
+        )
     try:
         header = io.BytesIO(bytes(memoryview(buffer)[:65_600]))  # .npy headers are at most 64 KiB
         read_header = _NPY_HEADER_READERS.get(np.lib.format.read_magic(header))
@@ -384,18 +437,24 @@ def _say(text: str, style: str | None = None) -> None:
 
 def _announce_loaded(data: PreparedData, what: str) -> PreparedData:
     counts = data.meta.get("counts", {})
-    _say(f"{what} {data.path}: {len(data.images)} images ({counts.get('train', '?')} train / "
-         f"{counts.get('val', '?')} val)")
+    _say(
+        f"{what} {data.path}: {len(data.images)} images ({counts.get('train', '?')} train / "
+        f"{counts.get('val', '?')} val)"
+    )
     return data
 
 
 def _print_summary(data: PreparedData, skipped: list) -> None:
     counts = data.meta["counts"]
-    _say(f"Prepared {counts['images']} usable radiographs ({counts['train']} train / {counts['val']} val) "
-         f"at {data.meta['image_size']} px -> {data.path}")
+    _say(
+        f"Prepared {counts['images']} usable radiographs ({counts['train']} train / {counts['val']} val) "
+        f"at {data.meta['image_size']} px -> {data.path}"
+    )
     per_class = zip(counts["per_class"]["train"], counts["per_class"]["val"])
-    _console.print("train/val per bone-age year: " + "  ".join(
-        f"{year}: {train}/{val}" for year, (train, val) in enumerate(per_class)))
+    _console.print(
+        "train/val per bone-age year: "
+        + "  ".join(f"{year}: {train}/{val}" for year, (train, val) in enumerate(per_class))
+    )
     if skipped:
         _say(f"Skipped {len(skipped)}: {_first_reasons(skipped, 3)}", style="yellow")
         _say(f"Full list: {data.path / 'skipped.csv'}")

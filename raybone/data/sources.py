@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 import pandas as pd
 
@@ -81,8 +81,9 @@ def find_label_csv(source: Path) -> Path:
     if len(recognised) == 1:
         return recognised[0]
     if not recognised:
-        raise DataError(f"{source}: no label CSV found (expected {RSNA_CSV}); name the label CSV itself "
-                        "instead of the folder")
+        raise DataError(
+            f"{source}: no label CSV found (expected {RSNA_CSV}); name the label CSV itself instead of the folder"
+        )
     names = ", ".join(csv.name for csv in recognised)
     raise DataError(f"{source}: several label CSVs ({names}); name the one to use instead of the folder")
 
@@ -94,7 +95,8 @@ def detect_format(labels_csv: Path) -> str:
     if detected is None:
         raise DataError(
             f"{labels_csv}: cannot tell the label format from columns {sorted(columns)}; expected "
-            "id,boneage (RSNA), id|path + reading1,reading2 (Digital Hand Atlas) or path + age_months|age_years (manifest)"
+            "id,boneage (RSNA), id|path + reading1,reading2 (Digital Hand Atlas) "
+            "or path + age_months|age_years (manifest)"
         )
     return detected
 
@@ -137,8 +139,9 @@ def _read_csv(labels_csv: Path, header_only: bool = False) -> pd.DataFrame:
         regular_file_size(labels_csv, MAX_LABELS_BYTES, DataError)
     try:
         # Everything as text: ids like "0123" must survive, and ages are validated row by row.
-        frame = pd.read_csv(labels_csv, dtype=str, keep_default_na=False, skipinitialspace=True,
-                            nrows=0 if header_only else None)
+        frame = pd.read_csv(
+            labels_csv, dtype=str, keep_default_na=False, skipinitialspace=True, nrows=0 if header_only else None
+        )
     except FileNotFoundError as err:
         raise DataError(f"{labels_csv}: label CSV not found") from err
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, IsADirectoryError) as err:
@@ -229,6 +232,9 @@ def _manifest_age_reader(frame: pd.DataFrame, labels_csv: Path) -> Callable[[dic
     raise DataError(f"{labels_csv}: missing column(s) 'age_months' (or 'age_years', or 'reading1'+'reading2')")
 
 
+SEX_CODES = {"M": 1, "F": 0, "": -1}  # parse_sex's letters as the codes PreparedData and predict carry
+
+
 def parse_sex(record: dict) -> str:
     """'M', 'F' or '' when the CSV does not say."""
     sex = record.get("sex", "").lower()
@@ -272,10 +278,11 @@ class _ImageIndex:
 
     def unclaimed(self, csv_ids: set[str], labels_csv: Path) -> list[tuple[str, str]]:
         """Images nobody labelled, and unsupported ones: reported, never fatal."""
-        return ([(str(path), f"image has no row in {labels_csv.name}")
-                 for stem, path in sorted(self.by_stem.items()) if stem not in csv_ids] +
-                [(str(path), _unsupported(path)) for stem, path in sorted(self.unsupported.items())
-                 if stem not in csv_ids])
+        return [
+            (str(path), f"image has no row in {labels_csv.name}")
+            for stem, path in sorted(self.by_stem.items())
+            if stem not in csv_ids
+        ] + [(str(path), _unsupported(path)) for stem, path in sorted(self.unsupported.items()) if stem not in csv_ids]
 
 
 def _unsupported(path: Path) -> str:

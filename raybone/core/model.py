@@ -9,7 +9,7 @@ from torch import nn
 from torchvision import models
 from torchvision.models import WeightsEnum
 
-from raybone.errors import WeightsError
+from raybone.errors import WeightsError, one_line
 
 FINETUNE = ("full", "head")
 
@@ -120,7 +120,12 @@ def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
 
 def _grey_conv(conv: nn.Conv2d) -> nn.Conv2d:
     grey = nn.Conv2d(
-        1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        1,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
         bias=conv.bias is not None,
     )
     with torch.no_grad():
@@ -139,7 +144,7 @@ def _fetch_state(name: str, arch: _Arch, weights: str) -> tuple[dict, str]:
             state = arch.imagenet.get_state_dict(progress=False)
         except OSError as e:  # urllib's URLError is an OSError
             raise WeightsError(
-                f"could not download ImageNet weights for {name} ({_one_line(e)}); on an offline "
+                f"could not download ImageNet weights for {name} ({one_line(e)}); on an offline "
                 "machine download them elsewhere and pass weights: /path/to/state_dict.pth, "
                 "or use weights: none"
             ) from e
@@ -148,7 +153,7 @@ def _fetch_state(name: str, arch: _Arch, weights: str) -> tuple[dict, str]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # missing, unreadable or not a weights-only pickle: all mean "bad file"
-        raise WeightsError(f"cannot read weights file {path}: {_one_line(e)}") from e
+        raise WeightsError(f"cannot read weights file {path}: {one_line(e)}") from e
     if not isinstance(state, dict):
         raise WeightsError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
     return state, str(path)
@@ -164,8 +169,7 @@ def _load_pretrained(model: nn.Module, name: str, arch: _Arch, state: dict, sour
     problems = _mismatches(model, adapted, skip=head)
     if problems:
         raise WeightsError(
-            f"weights from {source} do not fit {name}: {len(problems)} mismatches, "
-            f"e.g. {'; '.join(problems[:3])}"
+            f"weights from {source} do not fit {name}: {len(problems)} mismatches, e.g. {'; '.join(problems[:3])}"
         )
     model.load_state_dict(adapted, strict=False)  # strict apart from the new head, checked above
 
@@ -180,12 +184,6 @@ def _mismatches(model: nn.Module, state: dict, skip: str) -> list[str]:
         if state[k].shape != own[k]
     ]
     return problems
-
-
-def _one_line(e: Exception) -> str:
-    # Errors from torch.load span many lines; the CLI prints WeightsError on one.
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def train_mode(model: nn.Module) -> nn.Module:

@@ -8,15 +8,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from raybone.augment import test_crops, train_augment
-from raybone.model import sex_feature, train_mode
+from raybone.core.augment import test_crops, train_augment
+from raybone.core.model import sex_feature, train_mode
 
 if TYPE_CHECKING:
     from raybone.spec import TrainConfig
 
 
-def train_step(model: nn.Module, optimizer, loss_fn, images: torch.Tensor, labels: torch.Tensor,
-               cfg: TrainConfig, sex: torch.Tensor | None = None) -> torch.Tensor:
+def train_step(
+    model: nn.Module,
+    optimizer,
+    loss_fn,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    sex: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One optimizer step; returns the loss as a device tensor so the GPU never waits for the host."""
     train_mode(model)
     x = _layout(train_augment(images, cfg.input_size, cfg.contrast), cfg.channels_last)
@@ -29,8 +36,17 @@ def train_step(model: nn.Module, optimizer, loss_fn, images: torch.Tensor, label
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, images: torch.Tensor, input_size: int, batch_size: int, device, *,
-                  sex: torch.Tensor | None = None, amp: bool = False, channels_last: bool = False) -> np.ndarray:
+def predict_probs(
+    model: nn.Module,
+    images: torch.Tensor,
+    input_size: int,
+    batch_size: int,
+    device,
+    *,
+    sex: torch.Tensor | None = None,
+    amp: bool = False,
+    channels_last: bool = False,
+) -> np.ndarray:
     """Class probabilities averaged over the six test-time crops (paper section 4.2)."""
     model.eval()
     out = []
@@ -43,9 +59,18 @@ def predict_probs(model: nn.Module, images: torch.Tensor, input_size: int, batch
     return torch.cat(out).numpy()
 
 
-def predict_images(model: nn.Module, images: np.ndarray, size: int, input_size: int, device, *,
-                   sex_code: np.ndarray | None = None, batch_size: int = 64, amp: bool = False,
-                   channels_last: bool = False) -> np.ndarray:
+def predict_images(
+    model: nn.Module,
+    images: np.ndarray,
+    size: int,
+    input_size: int,
+    device,
+    *,
+    sex_code: np.ndarray | None = None,
+    batch_size: int = 64,
+    amp: bool = False,
+    channels_last: bool = False,
+) -> np.ndarray:
     """Six-crop class probabilities [N, C] for uint8 images [N, S, S] as prepare() stores them, re-warped to
     `size` as the trial was: what the trial's validation computed. sex_code (1 male, 0 female, -1 unknown) is
     given only for a model with sex input.
@@ -54,25 +79,43 @@ def predict_images(model: nn.Module, images: np.ndarray, size: int, input_size: 
     for start in range(0, len(images), 16 * batch_size):  # resize a chunk at a time: floats are 4x the bytes
         chunk = torch.from_numpy(np.array(images[start : start + 16 * batch_size], dtype=np.uint8))
         sex = None if sex_code is None else sex_feature(sex_code[start : start + len(chunk)])
-        out.append(predict_probs(model, resize(chunk.to(device), size), input_size, batch_size, device, sex=sex,
-                                 amp=amp, channels_last=channels_last))
+        out.append(
+            predict_probs(
+                model,
+                resize(chunk.to(device), size),
+                input_size,
+                batch_size,
+                device,
+                sex=sex,
+                amp=amp,
+                channels_last=channels_last,
+            )
+        )
     return np.concatenate(out)
 
 
-def predict_trained(model: nn.Module, cfg: TrainConfig, images: np.ndarray, sex_code: np.ndarray,
-                    device: str) -> np.ndarray:
+def predict_trained(
+    model: nn.Module, cfg: TrainConfig, images: np.ndarray, sex_code: np.ndarray, device: str
+) -> np.ndarray:
     """predict_images for a trial's checkpoint (model and config from checkpoint.load_trained_model)."""
-    return predict_images(model.to(device), images, cfg.image_size, cfg.input_size, torch.device(device),
-                          sex_code=sex_code if cfg.sex_input else None, batch_size=cfg.eval_batch_size,
-                          amp=cfg.amp, channels_last=cfg.channels_last)
+    return predict_images(
+        model.to(device),
+        images,
+        cfg.resize_to,
+        cfg.input_size,
+        torch.device(device),
+        sex_code=sex_code if cfg.sex_input else None,
+        batch_size=cfg.eval_batch_size,
+        amp=cfg.amp,
+        channels_last=cfg.channels_last,
+    )
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """Re-warp a uint8 batch [N,S,S] to size x size (once per trial, when input_size is searched)."""
     if images.shape[-1] == size:
         return images
-    x = torch.nn.functional.interpolate(images.unsqueeze(1).float(), size=(size, size), mode="bilinear",
-                                        antialias=True)
+    x = torch.nn.functional.interpolate(images.unsqueeze(1).float(), size=(size, size), mode="bilinear", antialias=True)
     return x.squeeze(1).round().clamp(0, 255).to(torch.uint8)
 
 

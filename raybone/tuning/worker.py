@@ -10,21 +10,19 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-
 import ray
 import ray.train
 import ray.train.torch
 import torch
 from torch import nn
 
-from raybone.checkpoint import CHECKPOINT_FILE, read_checkpoint
-from raybone.engine import predict_probs, resize, train_step
-from raybone.loss import balanced_class_weights, create_loss
-from raybone.metrics import readout_metrics
-from raybone.model import create_model, parameter_groups, sex_feature
+from raybone.core.checkpoint import read_checkpoint, write_checkpoint
+from raybone.core.engine import predict_probs, resize, train_step
+from raybone.core.loss import balanced_class_weights, create_loss
+from raybone.core.metrics import readout_metrics
+from raybone.core.model import create_model, parameter_groups, sex_feature
 from raybone.spec import TrainConfig
 
 
@@ -48,8 +46,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     placement = {"resumed_from": iteration, "node": ray.get_runtime_context().get_node_id()}
     weights = balanced_class_weights(train.labels, num_classes)
     loss_fn = create_loss(cfg.loss, cfg.l2_weight, weights if cfg.class_balance == "loss" else None)
-    draw = _sampler(train.labels, weights if cfg.class_balance == "sampling" else None, max(1, cfg.batch_size // world),
-                    loop_config["seed"] * 1000 + rank * 100003 + iteration)
+    draw = _sampler(
+        train.labels,
+        weights if cfg.class_balance == "sampling" else None,
+        max(1, cfg.batch_size // world),
+        loop_config["seed"] * 1000 + rank * 100003 + iteration,
+    )
 
     losses, started = [], time.perf_counter()
     while iteration < cfg.iterations:
@@ -58,8 +60,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         schedule.step()
         iteration += 1
         if iteration % cfg.eval_every == 0 or iteration == cfg.iterations:
-            metrics = {"iteration": iteration, "train_loss": torch.stack(losses).mean().item(),
-                       "lr": schedule.get_last_lr()[0], **placement}
+            metrics = {
+                "iteration": iteration,
+                "train_loss": torch.stack(losses).mean().item(),
+                "current_lr": schedule.get_last_lr()[0],
+                **placement,
+            }
             metrics["images_per_s"] = len(losses) * cfg.batch_size / (time.perf_counter() - started)
             if rank == 0:
                 metrics |= validate(_unwrap(model), val, cfg, device)
@@ -69,8 +75,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def validate(model: nn.Module, val: _Split, cfg: TrainConfig, device) -> dict[str, float]:
     """Six-crop validation metrics; val_rmse / val_mae score the readout the spec names."""
-    probs = predict_probs(model, val.images, cfg.input_size, cfg.eval_batch_size, device, sex=val.sex,
-                          amp=cfg.amp, channels_last=cfg.channels_last)
+    probs = predict_probs(
+        model,
+        val.images,
+        cfg.input_size,
+        cfg.eval_batch_size,
+        device,
+        sex=val.sex,
+        amp=cfg.amp,
+        channels_last=cfg.channels_last,
+    )
     return {f"val_{k}": v for k, v in readout_metrics(probs, val.labels.cpu().numpy(), cfg.readout).items()}
 
 
@@ -85,7 +99,7 @@ class _Split:
     @classmethod
     def of(cls, arrays: dict, part: np.ndarray, cfg: TrainConfig, device) -> _Split:
         # The images live on the training device: batches are indexed there, never copied per step.
-        images = resize(torch.from_numpy(arrays["images"][part]).to(device), cfg.image_size)
+        images = resize(torch.from_numpy(arrays["images"][part]).to(device), cfg.resize_to)
         sex = sex_feature(arrays["sex_code"][part]).to(device) if cfg.sex_input else None
         return cls(images, torch.from_numpy(arrays["labels"][part]).to(device), sex)
 
@@ -134,8 +148,9 @@ def _restore(model: nn.Module, optimizer, schedule) -> tuple[int, dict]:
     return state["iteration"], state["metrics"]
 
 
-def _report(metrics: dict, model: nn.Module, optimizer, schedule, cfg: TrainConfig, num_classes: int,
-            rank: int) -> None:
+def _report(
+    metrics: dict, model: nn.Module, optimizer, schedule, cfg: TrainConfig, num_classes: int, rank: int
+) -> None:
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:  # one copy of the weights is enough; DDP keeps replicas identical
@@ -148,6 +163,6 @@ def _report(metrics: dict, model: nn.Module, optimizer, schedule, cfg: TrainConf
                 "num_classes": num_classes,
                 "metrics": metrics,
             }
-            torch.save(state, Path(folder) / CHECKPOINT_FILE)
+            write_checkpoint(state, folder)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)

@@ -32,12 +32,9 @@ import pyarrow.parquet as pq
 
 from raybone.errors import RayboneError, one_line
 
-TRIALS = "trials.parquet"
-HISTORY = "history.parquet"
-STUDY = "optuna.db"
+TRIALS, HISTORY, STUDY = "trials.parquet", "history.parquet", "optuna.db"
+SPEC, ENVIRONMENT = "spec.yaml", "environment.json"
 LOCAL_RESULTS = Path("results")  # the default storage; also where a URI storage's optuna.db stays
-METRIC_COLUMNS = ["val_top1", "val_top2", "val_rmse", "val_mae", "val_mae_months", "val_rmse_argmax",
-                  "val_mae_argmax", "val_rmse_expected", "val_mae_expected"]
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")  # two letters at least: C:/ is a Windows drive
 
@@ -46,9 +43,9 @@ def location_text(location: str | PurePath) -> str:
     """A location as text. A Path that pathlib collapsed from a URI (`s3:/bucket`) gets its `//` back."""
     text = str(location)
     match = _SCHEME.match(text)
-    if match and isinstance(location, PurePath) and not text.startswith(f"{match.group(1)}://"):
-        if match.group(1).lower() != "file":  # file:/abs/path is a valid file URI already
-            text = f"{match.group(1)}://{text[match.end():]}"
+    collapsed = match and isinstance(location, PurePath) and not text.startswith(f"{match.group(1)}://")
+    if collapsed and match.group(1).lower() != "file":  # file:/abs/path is a valid file URI already
+        text = f"{match.group(1)}://{text[match.end() :]}"
     return text
 
 
@@ -75,7 +72,7 @@ def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     try:
         return pafs.FileSystem.from_uri(uri)
     except (pa.ArrowException, ValueError) as err:  # unknown scheme, no credentials, no such bucket
-        raise RayboneError(f"cannot open storage {uri}: {' '.join(str(err).split())}") from None
+        raise RayboneError(f"cannot open storage {uri}: {one_line(err)}") from None
 
 
 def join(location: str | PurePath, *parts: str) -> str | Path:
@@ -98,7 +95,7 @@ def as_location(fs_path: str | None, storage_location: str | PurePath) -> str | 
     if fs_path != root and not fs_path.startswith(root.rstrip("/") + "/"):
         return fs_path
     base, sep, query = text.partition("?")
-    return base.rstrip("/") + fs_path[len(root.rstrip("/")):] + sep + query
+    return base.rstrip("/") + fs_path[len(root.rstrip("/")) :] + sep + query
 
 
 def exists(location: str | PurePath) -> bool:
@@ -191,92 +188,3 @@ def study_dir(results_dir: str | PurePath, name: str) -> Path:
     if is_uri(results_dir):
         return (LOCAL_RESULTS / name).absolute()
     return Path(location_text(results_dir)) / name
-
-
-def trials_table(result_grid, spec, total_iterations: int, storage_location: str | PurePath | None = None) -> pd.DataFrame:
-    """One row per trial from a Tune ResultGrid, columns named as in the search-space YAML.
-
-    With `storage_location` a URI, checkpoint and trial paths are URIs too (Ray reports them without scheme).
-    """
-    def located(fs_path):
-        return fs_path if storage_location is None else as_location(fs_path, storage_location)
-
-    rows = []
-    for result in result_grid:
-        metrics = result.metrics or {}
-        config = result.config or {}
-        iteration = metrics.get("iteration", 0)
-        row = {
-            "trial_id": metrics.get("trial_id") or config.get("__trial_id", ""),
-            "trial_index": config.get("trial_index"),
-            "status": _status(result, iteration, total_iterations),
-            **{name: config.get(name) for name in spec.searched()},
-            **{name: metrics.get(name) for name in METRIC_COLUMNS},
-            "training_iteration": iteration,
-            "wall_time_s": metrics.get("time_total_s"),
-            "node": metrics.get("node"),
-            "checkpoint_path": located(metrics.get("checkpoint_path")),
-            "error": _one_line(result.error) if result.error else None,
-            "trial_path": located(result.path),
-        }
-        rows.append(row)
-    return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True)
-
-
-def history_table(result_grid) -> pd.DataFrame:
-    frames = []
-    for result in result_grid:
-        df = result.metrics_dataframe
-        if df is not None and len(df):
-            frames.append(df[[c for c in _HISTORY_COLUMNS if c in df.columns]])
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=_HISTORY_COLUMNS)
-
-
-_HISTORY_COLUMNS = ["trial_id", "iteration", "train_loss", "lr", "images_per_s", *METRIC_COLUMNS, "time_total_s",
-                    "resumed_from", "node"]
-
-
-def _status(result, iteration: int, total_iterations: int) -> str:
-    if result.error:
-        return "error"
-    return "completed" if iteration >= total_iterations else "stopped_early"
-
-
-def _one_line(err: BaseException) -> str:
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
-
-
-def experiment_dir(results_dir: str | PurePath, name: str, must_exist: bool = True) -> str | Path:
-    """Experiment `name` in a local folder (a Path) or a URI storage (a URI str)."""
-    path = join(results_dir, name)
-    if must_exist and not exists(join(path, TRIALS)):
-        known = ", ".join(list_experiments(results_dir)) or "none yet"
-        raise RayboneError(f"no experiment named {name!r} in {location_text(results_dir)} (known: {known})")
-    return path
-
-
-def latest_experiment(results_dir: str | PurePath) -> str:
-    """The name of the experiment whose trials table was written last."""
-    known = list_experiments(results_dir)
-    if not known:
-        raise RayboneError(f"no experiments in {location_text(results_dir)}; run `raybone search` first")
-    return known[-1]
-
-
-def list_experiments(results_dir: str | PurePath) -> list[str]:
-    """Names of the experiments with a trials table, oldest table first."""
-    fs, path = storage(results_dir)
-    try:
-        folders = [info for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-                   if info.type == pafs.FileType.Directory]
-    except (NotADirectoryError, FileNotFoundError):
-        return []
-    tables = fs.get_file_info([posixpath.join(info.path, TRIALS) for info in folders])
-    found = [(table.mtime, posixpath.basename(folder.path)) for folder, table in zip(folders, tables)
-             if table.type == pafs.FileType.File]
-    return [name for _, name in sorted(found, key=lambda item: (item[0] is not None, item[0] or 0, item[1]))]
-
-
-def load_trials(results_dir: str | PurePath, name: str) -> pd.DataFrame:
-    return read_parquet(join(experiment_dir(results_dir, name), TRIALS))

@@ -16,27 +16,24 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from raybone.core.engine import predict_images
+from raybone.core.metrics import confusion_matrix, readout_metrics
+from raybone.core.model import create_model
 from raybone.data import decode_image, prepare, warp_image
 from raybone.data.decode import IMAGE_SUFFIXES, UNSUPPORTED_SUFFIXES
-from raybone.data.sources import MAX_LABELS_BYTES, parse_sex
+from raybone.data.sources import MAX_LABELS_BYTES, SEX_CODES, parse_sex
 from raybone.errors import DataError, RayboneError, one_line, printable
-from raybone.export import FORMAT_VERSION, MODEL_FORMAT, MODEL_JSON, WEIGHTS
 from raybone.files import read_regular_file, write_file_atomically
-from raybone.metrics import confusion_matrix, readout_metrics
-from raybone.model import MODELS, create_model
-from raybone.engine import predict_images
+from raybone.modelfolder.format import MAX_MODEL_JSON_BYTES, MODEL_JSON, WEIGHTS, read_model_meta
 
 SPLITS = ("val", "train", "all")
-MAX_MODEL_JSON_BYTES = 16 * 2**20
 MAX_WEIGHTS_BYTES = 2 * 2**30  # VGG16's weights are 0.5 GiB
 
 
@@ -56,9 +53,14 @@ class Prediction:
     def record(self) -> dict:
         """One output row: classes are whole years; the expected age is sum_j p_j j."""
         first, second = (int(c) for c in self.ranked[:2])
-        return {"file": printable(self.file), "predicted_years": first, "second_years": second,
-                "expected_age_years": self.expected_age_years, "expected_age_months": self.expected_age_years * 12,
-                "probabilities": [float(p) for p in self.probs]}
+        return {
+            "file": printable(self.file),
+            "predicted_years": first,
+            "second_years": second,
+            "expected_age_years": self.expected_age_years,
+            "expected_age_months": self.expected_age_years * 12,
+            "probabilities": [float(p) for p in self.probs],
+        }
 
 
 class Predictor:
@@ -81,8 +83,9 @@ class Predictor:
         """uint8 [image_size, image_size], as prepare() stores it; DataError '<path>: <reason>' if unusable."""
         return warp_image(decode_image(path), self.image_size)
 
-    def predict_arrays(self, images: np.ndarray, sex_code: np.ndarray | None = None,
-                       batch_size: int | None = None) -> np.ndarray:
+    def predict_arrays(
+        self, images: np.ndarray, sex_code: np.ndarray | None = None, batch_size: int | None = None
+    ) -> np.ndarray:
         """Class probabilities [N, C] for warped uint8 images [N, S, S], as the trial's validation computed them.
 
         sex_code (1 male, 0 female, -1 unknown) is used by models trained with sex_input; unknown by default.
@@ -92,15 +95,26 @@ class Predictor:
         if not len(images):
             return np.zeros((0, self.num_classes), dtype=np.float32)
         sex_code = np.full(len(images), -1) if sex_code is None else sex_code
-        return predict_images(self.model, images, self.resize_to, self.input_size, self.device,
-                              sex_code=sex_code if self.sex_input else None,
-                              batch_size=batch_size or self.eval_batch_size, amp=bool(self.config.get("amp", False)),
-                              channels_last=bool(self.config.get("channels_last", False)))
+        return predict_images(
+            self.model,
+            images,
+            self.resize_to,
+            self.input_size,
+            self.device,
+            sex_code=sex_code if self.sex_input else None,
+            batch_size=batch_size or self.eval_batch_size,
+            amp=bool(self.config.get("amp", False)),
+            channels_last=bool(self.config.get("channels_last", False)),
+        )
 
-    def predict_files(self, paths: Sequence[Path], batch_size: int = 32,
-                      on_error: Callable[[str], None] | None = None,
-                      advance: Callable[[int], None] | None = None,
-                      sex_codes: dict[Path, int] | None = None) -> Iterator[Prediction]:
+    def predict_files(
+        self,
+        paths: Sequence[Path],
+        batch_size: int = 32,
+        on_error: Callable[[str], None] | None = None,
+        advance: Callable[[int], None] | None = None,
+        sex_codes: dict[Path, int] | None = None,
+    ) -> Iterator[Prediction]:
         """Predict file by file in batches; an unusable file goes to on_error('<path>: <reason>') and is skipped.
 
         sex_codes maps each file to 1 (male), 0 (female) or -1 (unknown), for models trained with sex_input.
@@ -129,63 +143,6 @@ class Predictor:
             return None, f"{path}: cannot decode ({type(err).__name__}: {one_line(err)})"
 
 
-class _ModelMeta(BaseModel):
-    """What predict relies on in model.json; the rest is description."""
-
-    model_config = ConfigDict(extra="allow")
-    format: Literal["raybone-model"]
-    format_version: StrictInt = Field(ge=1)
-    model: str
-    num_classes: StrictInt = Field(ge=2)
-    image_size: StrictInt = Field(ge=8)
-    resize_to: StrictInt | None = Field(None, ge=8)
-    input_size: StrictInt = Field(ge=8)
-    train_config: dict = {}
-    sha256: dict[str, str] = {}
-
-    @field_validator("model")
-    @classmethod
-    def _known(cls, model: str) -> str:
-        if model not in MODELS:
-            raise ValueError(f"unknown model {model!r}; this raybone knows {', '.join(MODELS)}")
-        return model
-
-    @model_validator(mode="after")
-    def _crop_fits(self) -> "_ModelMeta":
-        if self.format_version > FORMAT_VERSION:
-            raise ValueError(f"model format {self.format_version} is newer than this raybone understands "
-                             f"({FORMAT_VERSION}); upgrade raybone")
-        if self.input_size > (self.resize_to or self.image_size):
-            raise ValueError(f"input_size {self.input_size} is larger than the image ({self.resize_to or self.image_size} px)")
-        if self.format_version >= 2 and WEIGHTS not in self.sha256:
-            raise ValueError(f"sha256 of {WEIGHTS} missing")
-        return self
-
-
-def read_model_meta(model_dir: Path) -> dict:
-    """model.json of a model folder, validated: a one-line RayboneError naming the file and the problem."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise RayboneError(f"{model_dir}: no such model folder; create one with `raybone best --export {model_dir}`")
-    path = model_dir / MODEL_JSON
-    if not path.exists():
-        raise RayboneError(f"{model_dir}: not a raybone model folder ({MODEL_JSON} missing); "
-                           "create one with `raybone best --export DIR`")
-    try:
-        meta = json.loads(read_regular_file(path, MAX_MODEL_JSON_BYTES))
-    except ValueError as err:
-        raise RayboneError(f"{path}: unreadable ({one_line(err)})") from None
-    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-        raise RayboneError(f"{path}: not a raybone model description")
-    try:
-        return _ModelMeta(**meta).model_dump()
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        raise RayboneError(f"{path}: {where + ': ' if where else ''}{message}") from None
-
-
 def _load_network(model_dir: Path, meta: dict) -> torch.nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load
@@ -200,13 +157,20 @@ def _load_network(model_dir: Path, meta: dict) -> torch.nn.Module:
     except (SafetensorError, ValueError) as err:
         raise RayboneError(f"{path}: cannot read weights ({one_line(err)})") from None
     config = meta.get("train_config", {})
-    model = create_model(meta["model"], meta["num_classes"], weights="none", finetune=config.get("finetune", "full"),
-                         sex_input=bool(config.get("sex_input", False)))
+    model = create_model(
+        meta["model"],
+        meta["num_classes"],
+        weights="none",
+        finetune=config.get("finetune", "full"),
+        sex_input=bool(config.get("sex_input", False)),
+    )
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise RayboneError(f"{model_dir / WEIGHTS}: does not fit a {meta['model']} with {meta['num_classes']} "
-                           f"classes ({str(err).splitlines()[0]})") from None
+        raise RayboneError(
+            f"{model_dir / WEIGHTS}: does not fit a {meta['model']} with {meta['num_classes']} "
+            f"classes ({str(err).splitlines()[0]})"
+        ) from None
     return model.eval()
 
 
@@ -233,8 +197,11 @@ def find_images(inputs: Sequence) -> tuple[list[Path], list[str]]:
         if item.is_dir():
             found = sorted(p for p in item.rglob("*") if not p.is_dir() and not p.name.startswith("."))
             files += [p for p in found if _is_radiograph(p)]
-            problems += [f"{p}: {p.suffix.lower()} images are not read; raybone reads PNG, JPEG and DICOM"
-                         for p in found if p.suffix.lower() in UNSUPPORTED_SUFFIXES]
+            problems += [
+                f"{p}: {p.suffix.lower()} images are not read; raybone reads PNG, JPEG and DICOM"
+                for p in found
+                if p.suffix.lower() in UNSUPPORTED_SUFFIXES
+            ]
         elif item.exists() or item.is_symlink():
             files.append(item)
         else:
@@ -257,8 +224,9 @@ def _is_radiograph(path: Path) -> bool:
 # ---------------------------------------------------------------- evaluate
 
 
-def evaluate(model_dir, data: str, split: str | None = None, device: str = "cpu",
-             batch_size: int | None = None) -> dict:
+def evaluate(
+    model_dir, data: str, split: str | None = None, device: str = "cpu", batch_size: int | None = None
+) -> dict:
     """Metrics and confusion matrix of the model on a prepared data set or a labelled source.
 
     A source is prepared with the model's image size, classes, seed and validation fraction, so the data the
@@ -269,11 +237,18 @@ def evaluate(model_dir, data: str, split: str | None = None, device: str = "cpu"
         raise RayboneError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     predictor = Predictor(model_dir, device)
     trained_on = predictor.meta.get("data", {})
-    prepared = prepare(data, image_size=predictor.image_size, num_classes=predictor.num_classes,
-                       seed=trained_on.get("seed") or 0, val_fraction=trained_on.get("val_fraction") or 0.25)
+    prepared = prepare(
+        data,
+        image_size=predictor.image_size,
+        num_classes=predictor.num_classes,
+        seed=trained_on.get("seed") or 0,
+        val_fraction=trained_on.get("val_fraction") or 0.25,
+    )
     if prepared.images.shape[1] != predictor.image_size:
-        raise DataError(f"{prepared.path}: prepared at {prepared.images.shape[1]} px but the model needs "
-                        f"{predictor.image_size} px; pass the source folder instead")
+        raise DataError(
+            f"{prepared.path}: prepared at {prepared.images.shape[1]} px but the model needs "
+            f"{predictor.image_size} px; pass the source folder instead"
+        )
     same_data = prepared.fingerprint == trained_on.get("fingerprint")
     split = split or ("val" if same_data else "all")
     chosen = np.ones(len(prepared.labels), dtype=bool) if split == "all" else (prepared.is_train == (split == "train"))
@@ -281,8 +256,9 @@ def evaluate(model_dir, data: str, split: str | None = None, device: str = "cpu"
     if not len(labels):
         raise DataError(f"{prepared.path}: the {split} split is empty")
     if labels.max() >= predictor.num_classes:
-        raise DataError(f"{prepared.path}: labels reach {labels.max()} years but the model has "
-                        f"{predictor.num_classes} classes")
+        raise DataError(
+            f"{prepared.path}: labels reach {labels.max()} years but the model has {predictor.num_classes} classes"
+        )
     probs = predictor.predict_arrays(prepared.images[chosen], prepared.sex_code[chosen], batch_size)
     metrics = readout_metrics(probs, labels, predictor.config.get("readout", "argmax"))
     return {
@@ -293,7 +269,7 @@ def evaluate(model_dir, data: str, split: str | None = None, device: str = "cpu"
         "fingerprint": prepared.fingerprint,
         "same_data_as_training": same_data,
         "split": split,
-        "images": int(len(labels)),
+        "images": len(labels),
         "readout": predictor.config.get("readout", "argmax"),
         "metrics": metrics,
         "classes": list(range(predictor.num_classes)),
@@ -331,7 +307,7 @@ def sex_codes(files: Sequence[Path], sex: str | None, sex_csv: Path | None) -> d
     if sex is None and sex_csv is None:
         return None
     if sex is not None:
-        code = _SEX_CODES[parse_sex({"sex": sex})]
+        code = SEX_CODES[parse_sex({"sex": sex})]
         if code < 0:
             raise RayboneError(f"--sex {sex!r}: expected male or female (M/F)")
         return dict.fromkeys(files, code)
@@ -342,16 +318,19 @@ def sex_codes(files: Sequence[Path], sex: str | None, sex_csv: Path | None) -> d
         raise RayboneError(f"{sex_csv}: cannot read the sex CSV ({one_line(err)})") from None
     if "file" not in table.columns or not {"sex", "male"} & set(table.columns):
         raise RayboneError(f"{sex_csv}: needs columns 'file' and 'sex' (M/F) or 'male' (True/False)")
-    by_name = {Path(row["file"]).name: _SEX_CODES[parse_sex(row)] for row in table.to_dict("records")}
+    by_name = {Path(row["file"]).name: SEX_CODES[parse_sex(row)] for row in table.to_dict("records")}
     return {path: by_name.get(path.name, -1) for path in files}
 
 
-_SEX_CODES = {"M": 1, "F": 0, "": -1}
-
-
-def predict_inputs(model_dir, inputs: Sequence, device: str = "cpu", batch_size: int = 32,
-                   console: Console | None = None, sex: str | None = None,
-                   sex_csv: Path | None = None) -> tuple[list[Prediction], int, Predictor]:
+def predict_inputs(
+    model_dir,
+    inputs: Sequence,
+    device: str = "cpu",
+    batch_size: int = 32,
+    console: Console | None = None,
+    sex: str | None = None,
+    sex_csv: Path | None = None,
+) -> tuple[list[Prediction], int, Predictor]:
     """Predict every radiograph in `inputs` (files or folders), with a progress bar on `console`.
 
     Each unusable input is one line 'error: <file>: <reason>' on `console`; the rest still run.
@@ -363,13 +342,16 @@ def predict_inputs(model_dir, inputs: Sequence, device: str = "cpu", batch_size:
     predictor = Predictor(model_dir, device)
     files, problems = find_images(inputs)
     if not files and not problems:
-        raise RayboneError(f"no radiographs ({', '.join(IMAGE_SUFFIXES)} or DICOM) found in "
-                           f"{', '.join(map(str, inputs))}")
+        raise RayboneError(
+            f"no radiographs ({', '.join(IMAGE_SUFFIXES)} or DICOM) found in {', '.join(map(str, inputs))}"
+        )
     failures = 0
     codes = sex_codes(files, sex, sex_csv)
     if predictor.sex_input and codes is None:
-        raise RayboneError(f"{model_dir}: this model takes the patient's sex as an input; "
-                           "pass --sex male|female or --sex-csv FILE (columns file, sex)")
+        raise RayboneError(
+            f"{model_dir}: this model takes the patient's sex as an input; "
+            "pass --sex male|female or --sex-csv FILE (columns file, sex)"
+        )
 
     def report(problem: str) -> None:
         nonlocal failures
@@ -378,12 +360,22 @@ def predict_inputs(model_dir, inputs: Sequence, device: str = "cpu", batch_size:
 
     for problem in problems:
         report(problem)
-    bar = Progress(TextColumn("Predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=console, transient=True, disable=not console.is_terminal)
+    bar = Progress(
+        TextColumn("Predicting"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
     with bar:
         task = bar.add_task("predict", total=len(files))
-        predictions = list(predictor.predict_files(files, batch_size, on_error=report,
-                                                   advance=lambda n: bar.advance(task, n), sex_codes=codes))
+        predictions = list(
+            predictor.predict_files(
+                files, batch_size, on_error=report, advance=lambda n: bar.advance(task, n), sex_codes=codes
+            )
+        )
     return predictions, failures, predictor
 
 

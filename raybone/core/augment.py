@@ -4,7 +4,7 @@ Inputs are uint8 batches of warped square radiographs ([B,S,S] or [B,1,S,S]); ou
 float [.., 1, input_size, input_size] with each image's mean subtracted.
 """
 
-from functools import lru_cache
+from functools import cache
 
 import kornia.augmentation as K
 import torch
@@ -18,8 +18,7 @@ def to_float(images_uint8: Tensor) -> Tensor:
     x = images_uint8.unsqueeze(1) if images_uint8.ndim == 3 else images_uint8
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 1:
         raise ValueError(
-            f"expected a uint8 batch [B,S,S] or [B,1,S,S], got {images_uint8.dtype} "
-            f"{list(images_uint8.shape)}"
+            f"expected a uint8 batch [B,S,S] or [B,1,S,S], got {images_uint8.dtype} {list(images_uint8.shape)}"
         )
     return x.float() / 255
 
@@ -52,7 +51,7 @@ def test_crops(images: Tensor, input_size: int) -> Tensor:
 test_crops.__test__ = False
 
 
-@lru_cache(maxsize=None)
+@cache
 def _train_pipeline(input_size: int, contrast: float) -> nn.Sequential:
     # Rotating the whole warped image before cropping keeps most of the black corners that the
     # rotation brings in outside the crop.

@@ -12,13 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raybone.model import saliency_layers
+from raybone.core.model import saliency_layers
 
 MIN_CELLS = 4
 
 
-def grad_cam(model: nn.Module, arch: str, crops: torch.Tensor, target: torch.Tensor | None = None,
-             sex: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+def grad_cam(
+    model: nn.Module,
+    arch: str,
+    crops: torch.Tensor,
+    target: torch.Tensor | None = None,
+    sex: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, str]:
     """Maps [N, H, W] in [0, 1] for preprocessed crops [N, 1, H, W] (default target: the predicted class).
 
     Returns the maps and the name of the layer they come from.

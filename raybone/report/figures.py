@@ -27,10 +27,22 @@ def confusion(matrix: np.ndarray, path: Path, title: str) -> Path:
     ax = fig.add_subplot()
     shown = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     for true, predicted in zip(*np.nonzero(counts)):
-        ax.text(predicted, true, str(counts[true, predicted]), ha="center", va="center", fontsize=7,
-                color="white" if shares[true, predicted] > 0.5 else "black")
-    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted bone age (years)", ylabel="true bone age (years)",
-           title=title)
+        ax.text(
+            predicted,
+            true,
+            str(counts[true, predicted]),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if shares[true, predicted] > 0.5 else "black",
+        )
+    ax.set(
+        xticks=range(n),
+        yticks=range(n),
+        xlabel="predicted bone age (years)",
+        ylabel="true bone age (years)",
+        title=title,
+    )
     ax.tick_params(labelsize=7)
     fig.colorbar(shown, ax=ax, fraction=0.046, label="share of the true year")
     return _save(fig, path)
@@ -43,9 +55,13 @@ def learning_curves(history: pd.DataFrame, trials: pd.DataFrame, metric: str, be
     status = dict(zip(trials.trial_id, trials.status))
     for trial_id, curve in history.sort_values("iteration").groupby("trial_id", sort=True):
         best = trial_id == best_id
-        style = {"lw": 2.5 if best else 1, "alpha": 1 if best else 0.6, "zorder": 3 if best else 2,
-                 "ls": "--" if status.get(trial_id) == "stopped_early" else "-",
-                 "label": f"{trial_id}{' (best)' if best else ''}"}
+        style = {
+            "lw": 2.5 if best else 1,
+            "alpha": 1 if best else 0.6,
+            "zorder": 3 if best else 2,
+            "ls": "--" if status.get(trial_id) == "stopped_early" else "-",
+            "label": f"{trial_id}{' (best)' if best else ''}",
+        }
         for ax, column in zip(axes, (metric, "train_loss")):
             points = curve[["iteration", column]].dropna() if column in curve else curve.iloc[:0]
             ax.plot(points.iteration, points[column], marker="o", ms=2.5, **style)
@@ -56,8 +72,9 @@ def learning_curves(history: pd.DataFrame, trials: pd.DataFrame, metric: str, be
     return _save(fig, path)
 
 
-def hyperparameters(trials: pd.DataFrame, searched: dict[str, Range | Choice], metric: str, best_id: str,
-                    path: Path) -> Path:
+def hyperparameters(
+    trials: pd.DataFrame, searched: dict[str, Range | Choice], metric: str, best_id: str, path: Path
+) -> Path:
     """Each searched hyperparameter against the final metric of every trial (best trial: a star)."""
     names = list(searched) or ["(nothing searched)"]
     columns = min(3, len(names))
@@ -77,7 +94,7 @@ def hyperparameters(trials: pd.DataFrame, searched: dict[str, Range | Choice], m
                 ax.set_xscale("log")
                 ax.xaxis.set_minor_formatter(NullFormatter())  # 2x10^-3, 3x10^-3, ... overlap
         ax.set(xlabel=name, ylabel=metric)
-    for ax in axes[len(names):]:
+    for ax in axes[len(names) :]:
         ax.set_visible(False)
     return _save(fig, path)
 
@@ -119,8 +136,12 @@ def probabilities(images: np.ndarray, probs: np.ndarray, labels: np.ndarray, pat
         colours = np.where(classes == label, "seagreen", "lightsteelblue").astype(object)
         colours[p.argmax()] = "crimson" if p.argmax() != label else "seagreen"
         bars.bar(classes, p, color=list(colours))
-        bars.set(xticks=classes, ylim=(0, min(1.0, 1.15 * p.max())), ylabel="probability",
-                 title=f"true {label} y, predicted {p.argmax()} y, expected {p @ classes:.1f} y")
+        bars.set(
+            xticks=classes,
+            ylim=(0, min(1.0, 1.15 * p.max())),
+            ylabel="probability",
+            title=f"true {label} y, predicted {p.argmax()} y, expected {p @ classes:.1f} y",
+        )
     axes[-1, 1].set_xlabel("bone age class (years); green: true, red: a wrong prediction")
     return _save(fig, path)
 

@@ -1,0 +1,62 @@
+"""What `raybone search` shows while it runs: a progress bar over the search's iterations and a line per trial."""
+
+from __future__ import annotations
+
+import ray.tune
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from raybone.spec import Spec
+
+
+class TrialProgress(ray.tune.Callback):
+    """A progress bar over the search's total iterations, plus a line per finished trial.
+
+    Tune pickles its callbacks into the experiment (for --resume), so the bar is built in setup().
+    """
+
+    def __init__(self, spec: Spec):
+        self._spec = spec
+        self._progress = None
+
+    def __getstate__(self):
+        return {"_spec": self._spec, "_progress": None}
+
+    def setup(self, **info):
+        self._console = Console()
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self._console,
+        )
+        self._task = self._progress.add_task("starting", total=self._spec.num_samples * self._spec.iterations)
+        self._seen: dict[str, int] = {}
+        self._best = None
+        self._progress.start()
+
+    def on_experiment_end(self, trials, **info):
+        self._progress.stop()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._advance(trial.trial_id, result.get("iteration", 0))
+        value = result.get(self._spec.metric)
+        if value is not None and (self._best is None or (value < self._best) == (self._spec.mode == "min")):
+            self._best = value
+        running = sum(t.status == "RUNNING" for t in trials)
+        best = f", best {self._spec.metric} {self._best:.3f}" if self._best is not None else ""
+        self._progress.update(self._task, description=f"{running} running{best}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        # An early-stopped trial never reaches the last iteration: its unused budget counts as done.
+        self._advance(trial.trial_id, self._spec.iterations)
+        self._console.print(
+            f"trial {trial.trial_id} finished at iteration {last.get('iteration', 0)}: "
+            f"{self._spec.metric} {last.get(self._spec.metric, float('nan')):.3f}"
+        )
+
+    def _advance(self, trial_id: str, done: int) -> None:
+        self._progress.advance(self._task, done - self._seen.get(trial_id, 0))
+        self._seen[trial_id] = done

@@ -1,0 +1,206 @@
+"""A search: Optuna TPE proposes configurations, ASHA stops weak trials, each trial is one Ray Train run.
+
+run_search writes experiment `<storage>/<name>/` (see raybone.experiments.storage for what it holds): the
+resolved spec and the environment first, Ray Tune's own state while it runs, the Parquet tables at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path, PurePath
+
+import pandas as pd
+import ray
+import ray.tune
+from ray.tune.schedulers import ASHAScheduler
+from rich.console import Console
+
+from raybone.data import PreparedData
+from raybone.errors import RayboneError, SpecError
+from raybone.experiments import storage as results
+from raybone.experiments.experiment import best_row
+from raybone.experiments.storage import ENVIRONMENT, HISTORY, SPEC, STUDY, TRIALS
+from raybone.spec import Choice, Range, Spec, dump_spec, load_spec, parse_spec, search_space
+from raybone.tuning.cluster import (
+    check_storage_reaches_nodes,
+    concurrent_trials,
+    resource_nodes,
+    start_ray,
+    trials_that_fit,
+)
+from raybone.tuning.progress import TrialProgress
+from raybone.tuning.searcher import searcher, tune_space
+from raybone.tuning.tables import history_table, trials_table
+from raybone.tuning.trial import TRIAL_DRIVER_MEMORY, run_trial, trial_arrays
+
+PACKAGES = ("raybone", "ray", "torch", "torchvision", "kornia", "optuna", "pydicom", "numpy", "pandas", "pyarrow")
+
+
+@dataclass
+class SearchOutcome:
+    path: Path | str  # the experiment: a local folder, or a URI (str) when the storage is one
+    trials: pd.DataFrame
+    best: pd.Series | None
+
+
+def search_spec(config: str | Path, overrides: list[str], storage: str | PurePath, resume: str | None = None) -> Spec:
+    """The spec a search runs: the search space `config` (a file, or a packaged space's name) with `overrides`;
+    for `resume`, the spec that experiment saved, from any storage."""
+    if resume is None:
+        return load_spec(search_space(config), overrides)
+    saved = results.join(storage, resume, SPEC)
+    if not results.exists(saved):
+        raise RayboneError(f"cannot resume {resume!r}: no raybone experiment at {results.join(storage, resume)}")
+    return parse_spec(results.read_text(saved), results.location_text(saved), overrides)
+
+
+def run_search(
+    spec: Spec,
+    *,
+    name: str,
+    results_dir: str | Path,
+    address: str | None = None,
+    resume: bool = False,
+    shared_storage: bool = False,
+    console: Console | None = None,
+) -> SearchOutcome:
+    """Search into `results_dir/name`; `results_dir` is a local folder or a URI (s3://, gs://, file://).
+
+    `shared_storage` asserts that a local folder is shared by every node (NFS): without it, a local folder
+    on a multi-node (or autoscaling) cluster is refused. The Optuna study stays local (storage.study_dir).
+    """
+    console = console or Console()
+    remote = results.is_uri(results_dir)
+    root = results.location_text(results_dir) if remote else Path(results_dir).resolve()
+    path, study = results.join(root, name), results.study_dir(root, name)
+    finished = _check_resumable(path, spec) if resume else _check_new(path, study, remote, name, root)
+    if finished is not None:
+        console.print(f"experiment {name!r} already finished ({len(finished)} trials); nothing to resume")
+        return SearchOutcome(path, finished, best_row(finished, spec.metric, spec.mode))
+    data = spec.prepare_data()
+    _check_input_size(spec, data)
+    max_concurrent = _start_cluster(spec, root, address, shared_storage, console)
+    study.mkdir(parents=True, exist_ok=True)
+    _save_provenance(spec, data, path, study)
+
+    # The images go into the object store once per search; each node pulls them once (see the README).
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(
+            run_trial,
+            spec_json=spec.model_dump_json(),
+            data_ref=[ray.put(trial_arrays(data))],
+            train_storage=str(results.join(path, "train")),
+        ),
+        {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY},
+    )
+    if resume:
+        tuner = ray.tune.Tuner.restore(str(path), trainable, resume_errored=True)
+    else:
+        tuner = _new_tuner(trainable, spec, str(root), name, study, max_concurrent)
+    given = min(len(spec.start_from), spec.num_samples)
+    starts = f" (the first {given} from start_from)" if given else ""
+    console.print(
+        f"[bold]search[/] {name}: {spec.num_samples} trials{starts}, up to {max_concurrent} at a time, "
+        f"{spec.iterations} iterations each, data {data.path}"
+    )
+    grid = tuner.fit()
+    trials = trials_table(grid, spec, storage_location=root if remote else None)
+    results.write_parquet(trials, results.join(path, TRIALS))
+    results.write_parquet(history_table(grid), results.join(path, HISTORY))
+    if remote and (study / STUDY).is_file():  # a copy beside the tables, so the storage holds the whole experiment
+        results.copy_file(study / STUDY, results.join(path, STUDY))
+    return SearchOutcome(path, trials, best_row(trials, spec.metric, spec.mode))
+
+
+def _check_new(path: Path | str, study: Path, remote: bool, name: str, root) -> None:
+    if results.exists(results.join(path, SPEC)):
+        raise RayboneError(
+            f"experiment {name!r} already exists in {root}; continue it with --resume {name} or choose another --name"
+        )
+    if remote and (study / STUDY).exists():
+        raise RayboneError(
+            f"experiment {name!r} has an Optuna study at {study / STUDY} already; "
+            "choose another --name or remove that folder"
+        )
+
+
+def _check_resumable(path: Path | str, spec: Spec) -> pd.DataFrame | None:
+    """Refuse folders raybone did not create (Tune's restore unpickles them); the trials if already done."""
+    if not results.exists(results.join(path, ENVIRONMENT)) or not ray.tune.Tuner.can_restore(str(path)):
+        name = Path(results.location_text(path).partition("?")[0]).name
+        raise RayboneError(f"cannot resume {name!r}: {path} is not a raybone experiment")
+    if results.exists(results.join(path, TRIALS)):
+        trials = results.read_parquet(results.join(path, TRIALS))
+        if len(trials) >= spec.num_samples and not (trials.status == "error").any():
+            return trials
+    return None
+
+
+def _start_cluster(spec: Spec, root, address: str | None, shared_storage: bool, console: Console) -> int:
+    """Start (or join) Ray; how many trials train at once. Refuses storage that the nodes cannot reach."""
+    start_ray(address, console)
+    cluster = ray.cluster_resources()
+    max_concurrent = concurrent_trials(spec, cluster)
+    check_storage_reaches_nodes(
+        root, shared=shared_storage, nodes=resource_nodes(), trial_fits_now=trials_that_fit(spec, cluster) >= 1
+    )
+    return max_concurrent
+
+
+def _new_tuner(trainable, spec: Spec, storage: str, name: str, study: Path, max_concurrent: int) -> ray.tune.Tuner:
+    scheduler = None
+    if spec.scheduler.type == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="iteration",
+            max_t=spec.iterations,
+            grace_period=spec.scheduler.grace_period,
+            reduction_factor=spec.scheduler.reduction_factor,
+        )
+    return ray.tune.Tuner(
+        trainable,
+        param_space=tune_space(spec),
+        tune_config=ray.tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            search_alg=searcher(spec, study),
+            scheduler=scheduler,
+            num_samples=spec.num_samples,
+            max_concurrent_trials=max_concurrent,
+        ),
+        run_config=ray.tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            verbose=0,
+            # a trial whose driver's node died is retried; its Train run resumes
+            failure_config=ray.tune.FailureConfig(max_failures=spec.resources.max_failures),
+            callbacks=[TrialProgress(spec)],
+        ),
+    )
+
+
+def _check_input_size(spec: Spec, data: PreparedData) -> None:
+    sizes = spec.train.get("input_size", 224)
+    largest = max(sizes.choices) if isinstance(sizes, Choice) else sizes.high if isinstance(sizes, Range) else sizes
+    if largest > data.images.shape[1]:
+        raise SpecError(
+            f"train.input_size {largest} is larger than the prepared images "
+            f"({data.images.shape[1]} px); raise data.image_size"
+        )
+
+
+def _save_provenance(spec: Spec, data: PreparedData, path: Path | str, study: Path) -> None:
+    results.write_text(dump_spec(spec), results.join(path, SPEC))
+    results.write_json(
+        {
+            "packages": {p: version(p) for p in PACKAGES},
+            "data_fingerprint": data.fingerprint,
+            "data_path": str(data.path),
+            "data_meta": data.meta,
+            "cwd": os.getcwd(),
+            "experiment": str(path),
+            "optuna_db": str(study / STUDY),
+        },
+        results.join(path, ENVIRONMENT),
+    )

@@ -1,0 +1,73 @@
+"""A finished search's Tune ResultGrid as raybone's two Parquet tables (columns: see the README's Results).
+
+trials.parquet   one row per trial: id, status, the searched hyperparameters (named as in the YAML), the
+                 final metrics, the SGD iteration reached (`iteration`), wall time, node, checkpoint
+history.parquet  one row per validation report of every trial: the learning curves
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePath
+
+import pandas as pd
+
+from raybone.errors import one_line
+from raybone.experiments.storage import as_location
+from raybone.spec import METRICS, Spec
+
+HISTORY_COLUMNS = [
+    "trial_id",
+    "iteration",
+    "train_loss",
+    "current_lr",
+    "images_per_s",
+    *METRICS,
+    "time_total_s",
+    "resumed_from",
+    "node",
+]
+
+
+def trials_table(result_grid, spec: Spec, storage_location: str | PurePath | None = None) -> pd.DataFrame:
+    """One row per trial. With `storage_location` a URI, checkpoint and trial paths are URIs too (Ray reports
+    them without their scheme)."""
+
+    def located(fs_path):
+        return fs_path if storage_location is None else as_location(fs_path, storage_location)
+
+    rows = []
+    for result in result_grid:
+        metrics = result.metrics or {}
+        config = result.config or {}
+        iteration = metrics.get("iteration", 0)
+        rows.append(
+            {
+                "trial_id": metrics.get("trial_id") or config.get("__trial_id", ""),
+                "trial_index": config.get("trial_index"),
+                "status": _status(result, iteration, spec.iterations),
+                **{name: config.get(name) for name in spec.searched()},
+                **{name: metrics.get(name) for name in METRICS},
+                "iteration": iteration,
+                "wall_time_s": metrics.get("time_total_s"),
+                "node": metrics.get("node"),
+                "checkpoint_path": located(metrics.get("checkpoint_path")),
+                "error": one_line(result.error) if result.error else None,
+                "trial_path": located(result.path),
+            }
+        )
+    return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True)
+
+
+def history_table(result_grid) -> pd.DataFrame:
+    frames = []
+    for result in result_grid:
+        df = result.metrics_dataframe
+        if df is not None and len(df):
+            frames.append(df[[c for c in HISTORY_COLUMNS if c in df.columns]])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=HISTORY_COLUMNS)
+
+
+def _status(result, iteration: int, total_iterations: int) -> str:
+    if result.error:
+        return "error"
+    return "completed" if iteration >= total_iterations else "stopped_early"
