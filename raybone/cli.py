@@ -23,6 +23,7 @@ app.add_typer(data_app, name="data")
 console = Console()
 errors = Console(stderr=True)
 FORCE_HELP = "replace the output folder even if it is a raybone folder holding other files"
+SCOPE_HELP = "best: the best checkpoint any trial kept; last: the trial whose last checkpoint is best"
 
 
 @app.callback()
@@ -84,6 +85,9 @@ def search(
             help="the --storage folder is shared by every node (NFS): allow it on a multi-node cluster",
         ),
     ] = False,
+    warm_start: Annotated[
+        str | None, typer.Option(help="seed the study with the finished trials of this earlier experiment")
+    ] = None,
 ):
     """Run a hyperparameter search (default: the demo atlas with the packaged space quick)."""
     from raybone.experiments.storage import HISTORY, TRIALS, join
@@ -101,9 +105,10 @@ def search(
         address=address,
         resume=bool(resume),
         shared_storage=shared_storage,
+        warm_start=warm_start,
         console=console,
     )
-    _print_best(outcome.best, spec.metric)
+    _print_best(outcome.best, f"the best {spec.metric} it reported")
     _say(f"trials:  {join(outcome.path, TRIALS)}")
     _say(f"history: {join(outcome.path, HISTORY)}")
 
@@ -142,6 +147,11 @@ class OutputFormat(str, Enum):
     csv = "csv"
 
 
+class Scope(str, Enum):
+    best = "best"
+    last = "last"
+
+
 class Device(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
@@ -156,16 +166,45 @@ def best(
     export: Annotated[Path | None, typer.Option(help="write the model folder here (replaced atomically)")] = None,
     results_dir: Annotated[str, typer.Option(help="where experiments are written: a folder or a URI")] = str(RESULTS),
     force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
+    scope: Annotated[Scope, typer.Option(help=SCOPE_HELP)] = Scope.best,
+    top: Annotated[int, typer.Option(help="export an ensemble of the best checkpoints of the N best trials")] = 1,
+    from_top: Annotated[
+        int | None, typer.Option(help="with --top: choose them among the best N, least-correlated errors first")
+    ] = None,
 ):
-    """Show an experiment's best trial; with --export, write it as a self-contained model folder."""
+    """Show an experiment's best trial; with --export, write it (or --top N trials) as a self-contained model folder."""
     from raybone.experiments import Experiment
 
-    trial = Experiment.open(results_dir, name).best(metric, mode)
-    _print_best(trial.summary(), f"{trial.metric} ({trial.mode}) in {trial.experiment.name}")
+    experiment = Experiment.open(results_dir, name)
+    if top != 1 or from_top is not None:
+        return _export_ensemble(experiment, metric, mode, top, from_top, export, force)
+    trial = experiment.best(metric, mode, scope.value)
+    where = "its best checkpoint" if trial.scope == "best" else "its last checkpoint"
+    _print_best(
+        trial.summary(),
+        f"{trial.metric} ({trial.mode}) in {trial.experiment.name}, {where}, iteration {trial.iteration}",
+    )
     if export is not None:
         from raybone.modelfolder.export import export_model
 
         _say(f"exported: {export_model(trial, export, force=force)}")
+
+
+def _export_ensemble(experiment, metric, mode, top: int, from_top: int | None, export, force: bool) -> None:
+    from raybone.modelfolder.export import ensemble_members, export_model
+
+    if export is None:
+        raise RayboneError("--top and --from-top choose an ensemble to export; add --export DIR")
+    if from_top is not None and from_top < top:
+        raise RayboneError(f"--from-top {from_top} must be at least --top {top}")
+    candidates = experiment.top(from_top or top, metric, mode)
+    members = ensemble_members(candidates, top) if from_top else candidates
+    for index, member in enumerate(members, start=1):
+        _say(
+            f"member {index}: trial {member.trial_id}, iteration {member.iteration}, "
+            f"{member.metric} {member.metrics()[member.metric]:.4g}"
+        )
+    _say(f"exported: {export_model(members, export, force=force)}")
 
 
 @app.command()
@@ -228,12 +267,16 @@ def report(
     device: Annotated[Device, typer.Option(help="cpu | cuda")] = Device.cpu,
     results_dir: Annotated[str, typer.Option(help="where experiments are written: a folder or a URI")] = str(RESULTS),
     force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
+    scope: Annotated[Scope, typer.Option(help=SCOPE_HELP)] = Scope.best,
+    top: Annotated[int, typer.Option(help="report the ensemble of the best checkpoints of the N best trials")] = 1,
 ):
     """Write an HTML report with figures: confusion matrix, learning curves, hyperparameters, errors, Grad-CAM."""
     from raybone.report import PAGE, write_report
 
     with errors.status("re-running the best trial on its validation split and drawing the figures"):
-        folder = write_report(results_dir, name, out, samples=samples, device=device.value, force=force)
+        folder = write_report(
+            results_dir, name, out, samples=samples, device=device.value, force=force, scope=scope.value, top=top
+        )
     _say(f"report: {folder / PAGE}")
 
 
@@ -342,9 +385,10 @@ def results(
     if format is not OutputFormat.table:
         return _print_frame(trials, format)
     metrics = list(dict.fromkeys([spec.metric, "val_top1", "val_top2", "val_rmse", "val_mae"]))
-    columns = ["rank", "trial_id", "status", *spec.searched(), *metrics, "iteration", "wall_time_s"]
+    best = [f"best_{spec.metric}", "best_iteration"]
+    columns = ["rank", "trial_id", "status", *spec.searched(), *best, *metrics, "iteration", "wall_time_s"]
     shown = trials[[c for c in columns if c in trials.columns]].rename(
-        columns={"iteration": "iterations", "wall_time_s": "wall (s)"}
+        columns={"iteration": "iterations", "wall_time_s": "wall (s)", "best_iteration": "at iteration"}
     )
     _print_frame(
         shown,
@@ -383,7 +427,10 @@ def _print_frame(df, format: OutputFormat, title: str | None = None) -> None:
 
 
 def _print_importances(result) -> None:
-    title = f"hyperparameter importances ({result.evaluator}, {result.trials} finished trials from {result.source})"
+    title = (
+        f"hyperparameter importances ({result.evaluator}, {result.trials} completed trials (stopped early "
+        f"left out) from {result.source})"
+    )
     if result.note:
         _say(f"{title}: {result.note}")
         return

@@ -71,6 +71,9 @@ class TrainConfig(_Strict):
     amp: bool = True  # bf16 autocast on GPUs that support it
     channels_last: bool = True  # NHWC on GPU: faster convolutions on tensor cores
     compile: bool = False  # torch.compile the model (minutes of compile time per trial)
+    # Exponential moving average of the weights, validated, checkpointed and exported in their place: each step
+    # the average moves (1 - ema) of the way to the new weights. 0 = off.
+    ema: float = Field(0.0, ge=0, lt=1)
 
     @property
     def resize_to(self) -> int:
@@ -122,6 +125,12 @@ class Scheduler(_Strict):
     reduction_factor: float = Field(2.0, gt=1)
 
 
+class Searcher(_Strict):
+    """Optuna's sampler: TPE (default), a Gaussian process, CMA-ES, random or quasi-random (Sobol), seeded."""
+
+    type: Literal["tpe", "gp", "cmaes", "random", "qmc"] = "tpe"
+
+
 class Resources(_Strict):
     num_workers: int = Field(1, ge=1)  # Train workers per trial (DDP when > 1)
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -135,7 +144,7 @@ class Resources(_Strict):
 class Spec(_Strict):
     seed: int = 0
     metric: Literal[tuple(METRICS)] = "val_rmse"  # type: ignore[valid-type]
-    mode: Literal["min", "max"] = "min"
+    mode: Literal["min", "max"] | None = None  # default: the metric's own direction (METRICS)
     num_samples: int = Field(8, ge=1)
     data: DataSpec = DataSpec()
     train: dict[str, Any] = {}
@@ -143,6 +152,10 @@ class Spec(_Strict):
     # hyperparameter: the search then starts from what is known to work instead of from random draws.
     start_from: list[dict[str, Any]] = []
     scheduler: Scheduler = Scheduler()
+    searcher: Searcher = Searcher()
+    # Checkpoints each trial keeps besides its latest: its best ones by the metric, so the best model a trial ever
+    # reached survives the trial's later (worse) iterations.
+    keep_checkpoints: int = Field(2, ge=1)
     resources: Resources = Resources()
 
     @field_validator("train", mode="before")
@@ -154,6 +167,18 @@ class Spec(_Strict):
         for corner in _corners(parsed):
             _validated(TrainConfig, corner)  # every config the searcher can sample must be valid
         return parsed
+
+    @model_validator(mode="after")
+    def _mode_follows_the_metric(self) -> Spec:
+        better = METRICS[self.metric]
+        if self.mode is None:
+            self.mode = better
+        elif self.mode != better:
+            raise ValueError(
+                f"mode: {self.mode} contradicts metric {self.metric}, which is better when "
+                f"{'lower' if better == 'min' else 'higher'}; drop mode or set it to {better}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _grace_fits_iterations(self) -> Spec:

@@ -67,6 +67,19 @@ def tiny_model(tiny_experiment, tmp_path_factory):
     return export_model(Experiment.open(results, "tiny").best(), tmp_path_factory.mktemp("export") / "model")
 
 
+def chosen_row(results, name: str = "tiny"):
+    """The exported checkpoint as one row: the best trial's trials.parquet row with the metrics, iteration and
+    checkpoint of the report `raybone best` chose."""
+    from raybone.experiments import Experiment
+
+    best = Experiment.open(results, name).best()
+    row = best.row.copy()
+    for key, value in best.metrics().items():
+        row[key] = value
+    row["iteration"], row["checkpoint_path"] = best.iteration, str(best.checkpoint_dir())
+    return row
+
+
 def write_dicom(
     path,
     pixels,

@@ -25,7 +25,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def experiment(local_ray, tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
-    spec = load_spec(QUICK, TINY + ["num_samples=4"])
+    spec = load_spec(QUICK, TINY + ["num_samples=4", "scheduler.type=none"])  # four full-budget trials
     outcome = run_search(spec, name=NAME, results_dir=results)
     return results, outcome.path
 
@@ -34,16 +34,17 @@ def _results(results_dir, *args):
     return runner.invoke(app, ["results", *args, "--results-dir", str(results_dir)])
 
 
-def test_the_optuna_study_holds_every_trial_with_its_final_metric(experiment):
+def test_the_optuna_study_holds_every_trial_with_its_best_metric(experiment):
     _, path = experiment
     study = optuna.load_study(study_name=NAME, storage=f"sqlite:///{path / 'optuna.db'}")
     assert len(study.trials) == 4
     trials = pd.read_parquet(path / "trials.parquet").set_index("trial_index")
-    for t in study.trials:  # early-stopped trials included: Ray tells the study their last metric
+    for t in study.trials:  # every trial trained for the whole budget: COMPLETE, valued at its best report
         assert t.state == optuna.trial.TrialState.COMPLETE
         assert set(SEARCHED) <= set(t.params)
-        assert t.value == pytest.approx(trials.loc[t.number, "val_rmse"])
+        assert t.value == pytest.approx(trials.loc[t.number, "best_val_rmse"])
         assert t.params["lr"] == pytest.approx(trials.loc[t.number, "lr"])
+        assert t.user_attrs["ray_trial_id"] == trials.loc[t.number, "trial_id"]
 
 
 def test_json_lists_every_trial_once_best_first(experiment):
@@ -53,7 +54,7 @@ def test_json_lists_every_trial_once_best_first(experiment):
     rows = json.loads(result.stdout)
     ids = [r["trial_id"] for r in rows]
     assert sorted(ids) == sorted(pd.read_parquet(path / "trials.parquet").trial_id) and len(set(ids)) == 4
-    rmse = [r["val_rmse"] for r in rows]
+    rmse = [r["best_val_rmse"] for r in rows]
     assert rmse == sorted(rmse) and [r["rank"] for r in rows] == [1, 2, 3, 4]
     assert all(set(SEARCHED) <= set(r) for r in rows)
 
@@ -66,7 +67,7 @@ def test_csv_parses_and_the_name_defaults_to_the_latest(experiment):
     result = _results(results, "--format", "csv")  # no NAME: the most recent experiment
     assert result.exit_code == 0, result.output
     table = pd.read_csv(io.StringIO(result.stdout))
-    assert len(table) == 4 and table.val_rmse.is_monotonic_increasing
+    assert len(table) == 4 and table.best_val_rmse.is_monotonic_increasing
     assert {"trial_id", "status", *SEARCHED, "iteration", "wall_time_s"} <= set(table.columns)
     ranked = Experiment.open(results, NAME).ranked()
     assert table.equals(pd.read_csv(io.StringIO(ranked.to_csv(index=False))))
@@ -76,7 +77,9 @@ def test_table_shows_trials_and_importances_of_the_four_hyperparameters(experime
     results, path = experiment
     result = _results(results, NAME)
     assert result.exit_code == 0, result.output
-    assert "hyperparameter importances (fanova, 4 finished trials from optuna.db)" in result.output
+    assert "hyperparameter importances (fanova, 4 completed trials (stopped early left out) from optuna.db)" in (
+        result.output
+    )
     section = result.output[result.output.index("hyperparameter importances") :]
     shown = {name: float(re.search(rf"\b{name}\b\W+([01]\.\d{{3}})", section).group(1)) for name in SEARCHED}
     assert sum(shown.values()) == pytest.approx(1, abs=0.01)
@@ -107,7 +110,7 @@ def test_list_shows_the_experiment(experiment):
     assert result.exit_code == 0, result.output
     assert NAME in result.output and "val_rmse" in result.output
     (row,) = json.loads(_results(results, "--list", "--format", "json").stdout)
-    best = pd.read_parquet(experiment[1] / "trials.parquet").val_rmse.min()
+    best = pd.read_parquet(experiment[1] / "trials.parquet").best_val_rmse.min()
     assert row["name"] == NAME and row["trials"] == 4 and row["best"] == pytest.approx(best)
 
 
@@ -142,8 +145,18 @@ def _fake_experiment(folder, rows) -> Experiment:
 
 
 def test_importances_explain_why_they_are_missing(tmp_path):
-    one = importances(_fake_experiment(tmp_path / "one", [{"val_rmse": 2.0}, {"val_rmse": None, "status": "error"}]))
-    assert one.values == {} and "at least 2 finished trials" in one.note and "has 1" in one.note
+    one = importances(
+        _fake_experiment(
+            tmp_path / "one",
+            [
+                {"val_rmse": 2.0},
+                {"val_rmse": None, "status": "error"},
+                {"val_rmse": 1.5, "lr": 5e-4, "status": "stopped_early"},
+            ],
+        )
+    )
+    # The early-stopped trial trained for fewer iterations: it is not compared with the completed one.
+    assert one.values == {} and "at least 2 completed trials" in one.note and "has 1" in one.note
     same = importances(_fake_experiment(tmp_path / "same", [{"val_rmse": 2.0}, {"val_rmse": 3.0}]))
     assert same.values == {} and "never varied" in same.note
     partly = importances(

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import QUICK
+from conftest import QUICK, chosen_row
 from PIL import Image
 from safetensors import safe_open
 from typer.testing import CliRunner
@@ -52,8 +52,7 @@ def exported(experiment, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint_model(experiment):
-    _, outcome = experiment
-    row = outcome.trials.loc[outcome.trials.val_rmse.idxmin()]
+    row = chosen_row(experiment[0])
     return row, *load_trained_model(row.checkpoint_path)
 
 
@@ -74,10 +73,12 @@ def test_export_writes_the_whole_folder_and_replaces_the_old_one(exported):
 
 
 def test_best_prints_the_trial_with_its_config_and_metrics(experiment, exported):
-    _, outcome = experiment
     _, output = exported
-    best = outcome.trials.loc[outcome.trials.val_rmse.idxmin()]
-    assert f"best trial {best.trial_id} by val_rmse (min) in tiny" in output
+    best = chosen_row(experiment[0])
+    assert (
+        f"best trial {best.trial_id} by val_rmse (min) in tiny, its best checkpoint, iteration {best.iteration}"
+        in output
+    )
     for field in ("googlenet", "input_size", "decay_steps", "val_top1", "val_rmse_expected"):
         assert field in output
 
@@ -163,9 +164,9 @@ def test_export_refuses_to_replace_a_folder_that_is_not_a_model(experiment, tmp_
 
 def test_best_by_another_metric_and_the_most_recent_experiment(experiment):
     results, outcome = experiment
-    by_top1 = Experiment.open(results).best(metric="val_top1")
+    by_top1 = Experiment.open(results).best(metric="val_top1", scope="last")
     assert by_top1.mode == "max" and by_top1.row.val_top1 == outcome.trials.val_top1.max()
-    worst = Experiment.open(results, "tiny").best(metric="val_rmse", mode="max")
+    worst = Experiment.open(results, "tiny").best(metric="val_rmse", mode="max", scope="last")
     assert worst.row.val_rmse == outcome.trials.val_rmse.max()
     later = results / "later"
     later.mkdir()
@@ -208,17 +209,25 @@ def test_a_moved_or_copied_experiment_reads_its_own_checkpoints(tmp_path):
     assert copy.resolve(str(original)) == copy.location / "train" / "trial-1" / "checkpoint_0"
 
 
+def _copied_to_a_bucket(results: Path, bucket: Path) -> Path:
+    """The tiny experiment as a search on a file:// storage leaves it: checkpoint paths in both tables are URIs."""
+    shutil.copytree(results / "tiny", bucket / "tiny", ignore=shutil.ignore_patterns("report"))
+    for table, columns in (
+        ("trials.parquet", ["checkpoint_path", "best_checkpoint_path"]),
+        ("history.parquet", ["checkpoint_path"]),
+    ):
+        frame = pd.read_parquet(bucket / "tiny" / table)
+        for column in columns:
+            frame[column] = [f"file://{bucket}/tiny/{Path(p).relative_to(results / 'tiny')}" for p in frame[column]]
+        frame.to_parquet(bucket / "tiny" / table)
+    return bucket
+
+
 def test_export_reads_an_experiment_on_uri_storage(experiment, tmp_path, monkeypatch):
     """A file:// URI takes pyarrow's path, as s3:// and gs:// do: the tables and only the best checkpoint are
     mirrored into the cache, and the exported model is the one the local experiment exports."""
-    results, outcome = experiment
-    bucket = tmp_path / "bucket"
-    shutil.copytree(results / "tiny", bucket / "tiny")
-    trials = pd.read_parquet(bucket / "tiny" / "trials.parquet")  # as a search on a URI storage records them
-    trials["checkpoint_path"] = [
-        f"file://{bucket}/tiny/{Path(p).relative_to(results / 'tiny')}" for p in trials.checkpoint_path
-    ]
-    trials.to_parquet(bucket / "tiny" / "trials.parquet")
+    results, _ = experiment
+    bucket = _copied_to_a_bucket(results, tmp_path / "bucket")
     monkeypatch.setenv("RAYBONE_CACHE", str(tmp_path / "cache"))
 
     best = Experiment.open(f"file://{bucket}", "tiny").best()
@@ -227,11 +236,12 @@ def test_export_reads_an_experiment_on_uri_storage(experiment, tmp_path, monkeyp
     local = best.experiment.local()
     assert local.is_relative_to(tmp_path / "cache") and local.name == "tiny"
     mirrored = {p.parent.name for p in (tmp_path / "cache").rglob("checkpoint.pt")}
-    assert mirrored == {Path(outcome.best.checkpoint_path).name}  # the other trials' checkpoints stay remote
+    chosen = chosen_row(results)
+    assert mirrored == {Path(chosen.checkpoint_path).name}  # the other checkpoints stay remote
     meta = json.loads((model / "model.json").read_text())
-    assert meta["trial_id"] == outcome.best.trial_id
+    assert meta["trial_id"] == chosen.trial_id
     with safe_open(model / "weights.safetensors", "pt") as weights:
-        state = read_checkpoint(outcome.best.checkpoint_path)
+        state = read_checkpoint(chosen.checkpoint_path)
         assert all(torch.equal(weights.get_tensor(k), v) for k, v in state["model"].items())
 
 
@@ -284,30 +294,103 @@ def test_a_model_with_sex_input_exports_with_a_sex_input(tmp_path):
 def test_every_reading_command_works_on_a_file_uri(experiment, tmp_path, monkeypatch):
     """results, --list, best, --export, report and evaluate read a file:// storage through the same pyarrow layer
     that serves s3:// and gs:// (the experiment is copied as a search on a URI storage leaves it)."""
-    results, outcome = experiment
-    bucket = tmp_path / "bucket"
-    shutil.copytree(results / "tiny", bucket / "tiny", ignore=shutil.ignore_patterns("report"))
-    trials = pd.read_parquet(bucket / "tiny" / "trials.parquet")
-    trials["checkpoint_path"] = [
-        f"file://{bucket}/tiny/{Path(p).relative_to(results / 'tiny')}" for p in trials.checkpoint_path
-    ]
-    trials.to_parquet(bucket / "tiny" / "trials.parquet")
+    results, _ = experiment
+    bucket = _copied_to_a_bucket(results, tmp_path / "bucket")
+    outcome = chosen_row(results)
     monkeypatch.setenv("RAYBONE_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     storage = ["--results-dir", f"file://{bucket}"]
 
     ranked = runner.invoke(app, ["results", "tiny", "--format", "json", *storage])
     assert ranked.exit_code == 0, ranked.output
-    assert next(r["trial_id"] for r in json.loads(ranked.stdout)) == outcome.best.trial_id
+    assert next(r["trial_id"] for r in json.loads(ranked.stdout)) == outcome.trial_id
     listed = runner.invoke(app, ["results", "--list", "--format", "json", *storage])
     assert listed.exit_code == 0 and [r["name"] for r in json.loads(listed.stdout)] == ["tiny"]
     table = runner.invoke(app, ["results", *storage])
     assert table.exit_code == 0 and "hyperparameter importances" in table.stdout, table.output
     best = runner.invoke(app, ["best", *storage, "--export", str(tmp_path / "model")])
-    assert best.exit_code == 0 and outcome.best.trial_id in best.stdout, best.output
+    assert best.exit_code == 0 and outcome.trial_id in best.stdout, best.output
     report = runner.invoke(app, ["report", *storage, "--samples", "2"])
     assert report.exit_code == 0 and (tmp_path / "report-tiny" / "index.html").is_file(), report.output
     data_path = json.loads((bucket / "tiny" / "environment.json").read_text())["data_path"]
     evaluated = runner.invoke(app, ["evaluate", str(tmp_path / "model"), "--data", data_path, "--json", "e.json"])
     assert evaluated.exit_code == 0, evaluated.output
-    assert json.loads((tmp_path / "e.json").read_text())["trial_id"] == outcome.best.trial_id
+    assert json.loads((tmp_path / "e.json").read_text())["trial_id"] == outcome.trial_id
+
+
+def test_best_takes_the_best_checkpoint_any_trial_kept_and_scope_last_the_old_choice(experiment):
+    results, outcome = experiment
+    history = pd.read_parquet(outcome.path / "history.parquet")
+    best_report = history.sort_values(["val_rmse", "iteration"], ascending=[True, False]).iloc[0]
+    best = Experiment.open(results, "tiny").best()
+    assert best.scope == "best" and best.trial_id == best_report.trial_id
+    assert best.iteration == best_report.iteration and best.metrics()["val_rmse"] == best_report.val_rmse
+    assert best.checkpoint_dir() == Path(best_report.checkpoint_path)
+    shown = runner.invoke(app, ["best", "tiny", "--results-dir", str(results)])
+    assert f"its best checkpoint, iteration {best_report.iteration}" in shown.stdout, shown.output
+    last = Experiment.open(results, "tiny").best(scope="last")
+    final = outcome.trials.loc[outcome.trials.val_rmse.idxmin()]
+    assert last.trial_id == final.trial_id and last.iteration == final.iteration
+    shown = runner.invoke(app, ["best", "tiny", "--scope", "last", "--results-dir", str(results)])
+    assert f"its last checkpoint, iteration {final.iteration}" in shown.stdout, shown.output
+
+
+@pytest.fixture(scope="module")
+def ensemble(experiment, tmp_path_factory):
+    results, _ = experiment
+    folder = tmp_path_factory.mktemp("ensemble") / "model"
+    result = runner.invoke(app, ["best", "tiny", "--results-dir", str(results), "--export", str(folder), "--top", "2"])
+    assert result.exit_code == 0, result.output
+    return folder, result.stdout
+
+
+def test_an_ensemble_of_the_top_trials_is_one_model_folder(experiment, ensemble):
+    results, outcome = experiment
+    folder, output = ensemble
+    meta = json.loads((folder / "model.json").read_text())
+    members = Experiment.open(results, "tiny").top(2)
+    assert meta["kind"] == "ensemble" and [m["trial_id"] for m in meta["members"]] == [m.trial_id for m in members]
+    assert sorted(m["trial_id"] for m in meta["members"]) == sorted(outcome.trials.trial_id)  # both trials
+    for index, member in enumerate(members, start=1):
+        assert {"weights.safetensors", "model.ts", "model.onnx"} <= {
+            p.name for p in (folder / f"member-{index}").iterdir()
+        }
+        assert meta["members"][index - 1]["iteration"] == member.iteration
+        assert f"member {index}: trial {member.trial_id}, iteration {member.iteration}" in output
+    card = (folder / "README.md").read_text()
+    assert "an ensemble of 2 trials" in card and all(m.trial_id in card for m in members)
+
+
+def test_an_ensemble_predicts_and_evaluates_with_its_members_probabilities_averaged(experiment, ensemble, tmp_path):
+    from raybone.core.engine import predict_trained
+    from raybone.modelfolder.predict import Predictor, evaluate
+
+    results, outcome = experiment
+    folder, _ = ensemble
+    data = load_prepared(json.loads((outcome.path / "environment.json").read_text())["data_path"])
+    images = data.images[~data.is_train][:6]
+    members = Experiment.open(results, "tiny").top(2)
+    each = [predict_trained(*m.load_model()[:2], images, np.full(6, -1), "cpu") for m in members]
+    np.testing.assert_allclose(Predictor(folder).predict_arrays(images), np.mean(each, axis=0), atol=1e-6)
+    for index in (1, 2):  # each member's ONNX file runs on its own
+        session = onnxruntime.InferenceSession(str(folder / f"member-{index}" / "model.onnx"))
+        crops = test_crops(torch.from_numpy(images[:1]), 32).flatten(0, 1).numpy()
+        assert session.run(["logits"], {"crops": crops})[0].shape == (6, 20)
+    evaluation = evaluate(folder, str(data.path))
+    meta = json.loads((folder / "model.json").read_text())
+    assert evaluation["metrics"]["rmse"] == pytest.approx(meta["metrics"]["val_rmse"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--top", "0"], "--top 0: name at least one trial"),
+        (["--top", "3"], "--top 3: only 2 trials of 'tiny' kept a checkpoint with val_rmse"),
+        (["--top", "2", "--from-top", "1"], "--from-top 1 must be at least --top 2"),
+    ],
+)
+def test_impossible_ensembles_are_one_line_and_write_nothing(experiment, tmp_path, args, message):
+    results, _ = experiment
+    result = runner.invoke(app, ["best", "tiny", "--results-dir", str(results), "--export", str(tmp_path / "m"), *args])
+    assert result.exit_code == 2 and result.stderr.strip() == f"error: {message}", result.output
+    assert not (tmp_path / "m").exists()

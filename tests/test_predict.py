@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import write_dicom
+from conftest import chosen_row, write_dicom
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -28,8 +28,7 @@ def model(tiny_model):
 
 @pytest.fixture(scope="module")
 def best_row(tiny_experiment):
-    _, outcome = tiny_experiment
-    return outcome.trials.loc[outcome.trials.val_rmse.idxmin()]
+    return chosen_row(tiny_experiment[0])
 
 
 @pytest.fixture(scope="module")

@@ -121,3 +121,14 @@ def test_grad_cam_follows_the_class_asked_for_and_the_sex_input():
 
     assert young.shape == old.shape == (1, 64, 64)
     assert not torch.allclose(young, old)
+
+
+def test_a_report_of_the_top_two_reports_their_ensemble(tiny_experiment, tmp_path):
+    results, _ = tiny_experiment
+    out = tmp_path / "ensemble"
+    result = CliRunner().invoke(
+        app, ["report", "tiny", "--results-dir", str(results), "--out", str(out), "--samples", "2", "--top", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    page = (out / PAGE).read_text()
+    assert "the ensemble of the top 2 trials, recomputed now" in page

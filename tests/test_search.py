@@ -99,12 +99,15 @@ def test_trial_seeds_differ_by_index_and_follow_the_experiment_seed():
     assert trial_seed(0, 3) == trial_seed(0, 3) != trial_seed(1, 3)
 
 
-def _sampled(spec, folder, count):
-    from raybone.tuning.searcher import searcher, tune_space
+def _searcher(spec, folder, warm_start=()):
+    from raybone.tuning.searcher import OptunaSearcher
 
-    folder.mkdir()
-    search = searcher(spec, folder)
-    search.set_search_properties(spec.metric, spec.mode, tune_space(spec))
+    folder.mkdir(exist_ok=True)
+    return OptunaSearcher(spec, folder, warm_start)
+
+
+def _sampled(spec, folder, count):
+    search = _searcher(spec, folder)
     return [search.suggest(f"t{i}") for i in range(count)]
 
 
@@ -117,22 +120,124 @@ def test_one_seed_gives_one_sequence_of_sampled_configs(tmp_path):
     assert [c["lr"] for c in first] != [c["lr"] for c in other]
 
 
+@pytest.mark.parametrize("kind", ["tpe", "gp", "cmaes", "random", "qmc"])
+def test_every_sampler_draws_seeded_configs_inside_the_space(tmp_path, kind):
+    spec = load_spec(QUICK, [f"searcher.type={kind}", "num_samples=6"])
+    first, again = _searcher(spec, tmp_path / "a"), _searcher(spec, tmp_path / "b")
+    configs = []
+    for i in range(5):  # past the start-up trials, with results told, so the model-based samplers model
+        configs.append(first.suggest(f"t{i}"))
+        assert again.suggest(f"t{i}") == configs[-1]
+        for search in (first, again):
+            search.on_trial_complete(f"t{i}", {spec.metric: 3.0 + (i % 3), "iteration": spec.iterations})
+    for config in configs:
+        for name, param in spec.searched().items():
+            assert param.low <= config[name] <= param.high, (kind, name, config[name])
+
+
+def test_an_unknown_sampler_is_refused_before_ray_starts():
+    with pytest.raises(SpecError, match="searcher.type: Input should be 'tpe', 'gp', 'cmaes', 'random' or 'qmc'"):
+        load_spec(QUICK, ["searcher.type=bayes"])
+
+
 @pytest.mark.parametrize("samples, models_third_trial", [(6, True), (30, False)])
 def test_tpe_models_results_after_a_third_of_a_small_search(tmp_path, samples, models_third_trial):
     """Optuna's 10 random start-up trials would make a search of 10 trials or fewer plain random search."""
-    from raybone.tuning.searcher import searcher, tune_space
-
     spec = load_spec(QUICK, [f"num_samples={samples}"])
     thirds = []
     for name, values in (("a", (1.0, 5.0)), ("b", (5.0, 1.0))):  # the same two trials, opposite results
-        (tmp_path / name).mkdir()
-        search = searcher(spec, tmp_path / name)
-        search.set_search_properties(spec.metric, spec.mode, tune_space(spec))
+        search = _searcher(spec, tmp_path / name)
         for i, value in enumerate(values):
             search.suggest(f"t{i}")
-            search.on_trial_complete(f"t{i}", {spec.metric: value, "training_iteration": 1})
+            search.on_trial_complete(f"t{i}", {spec.metric: value, "iteration": spec.iterations})
         thirds.append(search.suggest("t2"))
     assert (thirds[0] != thirds[1]) == models_third_trial
+
+
+def test_trials_are_told_complete_with_their_best_pruned_or_failed(tmp_path):
+    import optuna
+
+    spec = load_spec(QUICK)
+    search = _searcher(spec, tmp_path / "s")
+    for i in range(3):
+        search.suggest(f"t{i}")
+    for iteration, value in ((30, 3.0), (60, 2.5), (90, 2.7)):
+        search.on_trial_result("t0", {spec.metric: value, "iteration": iteration})
+    search.on_trial_complete("t0", {spec.metric: 2.9, "iteration": 120})  # full budget
+    search.on_trial_result("t1", {spec.metric: 4.0, "iteration": 30})
+    search.on_trial_complete("t1", {spec.metric: 3.8, "iteration": 60})  # stopped at 60 by the scheduler
+    search.on_trial_complete("t2", None, error=True)
+    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 's' / 'optuna.db'}").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "FAIL"]
+    assert trials[0].value == 2.5  # the best it reported: the checkpoint raybone keeps
+    assert trials[0].intermediate_values == {30: 3.0, 60: 2.5, 90: 2.7, 120: 2.9}
+    assert trials[1].intermediate_values == {30: 4.0, 60: 3.8}  # at SGD iterations, not report counts
+    assert [t.user_attrs["ray_trial_id"] for t in trials] == ["t0", "t1", "t2"]
+
+
+def test_a_resumed_searcher_keeps_its_trial_map(tmp_path):
+    import pickle
+
+    spec = load_spec(QUICK)
+    search = _searcher(spec, tmp_path / "s")
+    search.suggest("t0")
+    search.save(tmp_path / "searcher.json")
+    restored = pickle.loads(pickle.dumps(search))  # as Tune stores it with the experiment
+    restored.restore(tmp_path / "searcher.json")
+    restored.on_trial_complete("t0", {spec.metric: 2.0, "iteration": spec.iterations})
+    assert restored.study.trials[0].state.name == "COMPLETE" and restored.study.trials[0].value == 2.0
+
+
+def test_a_warm_start_seeds_the_study_with_an_earlier_experiments_trials(tmp_path):
+    from raybone.experiments.study import finished_trials
+
+    spec = load_spec(QUICK)
+    earlier = pd.DataFrame(
+        [
+            {
+                "trial_id": "a",
+                "status": "completed",
+                "lr": 1e-3,
+                "decay_steps": 60,
+                "l2_weight": 0.1,
+                "weight_decay": 0.01,
+                "val_rmse": 3.0,
+                "best_val_rmse": 2.5,
+                "iteration": 120,
+            },
+            {
+                "trial_id": "b",
+                "status": "stopped_early",
+                "lr": 2e-3,
+                "decay_steps": 60,
+                "l2_weight": 0.1,
+                "weight_decay": 0.01,
+                "val_rmse": 3.5,
+                "best_val_rmse": 3.5,
+                "iteration": 30,
+            },
+            {
+                "trial_id": "c",
+                "status": "completed",
+                "lr": 0.05,
+                "decay_steps": 60,
+                "l2_weight": 0.1,
+                "weight_decay": 0.01,
+                "val_rmse": 2.0,
+                "best_val_rmse": 2.0,
+                "iteration": 120,
+            },  # lr outside this space
+        ]
+    )
+    trials, skipped = finished_trials(earlier, spec, with_pruned=True)
+    assert [(t.user_attrs["ray_trial_id"], t.state.name, t.value) for t in trials] == [
+        ("a", "COMPLETE", 2.5),
+        ("b", "PRUNED", None),
+    ]
+    assert skipped == ["trial c: lr 0.05 outside this space"]
+    search = _searcher(spec, tmp_path / "warm", trials)
+    assert search.suggest("t0")["trial_index"] == 2  # after the two earlier trials
+    assert [t.state.name for t in search.study.trials[:2]] == ["COMPLETE", "PRUNED"]
 
 
 RECIPES = (
@@ -142,15 +247,11 @@ RECIPES = (
 
 
 def test_a_search_starts_from_the_given_configurations_once(tmp_path):
-    from raybone.tuning.searcher import searcher, tune_space
-
     spec = load_spec(QUICK, [RECIPES])
-    first = searcher(spec, tmp_path)
-    first.set_search_properties(spec.metric, spec.mode, tune_space(spec))
+    first = _searcher(spec, tmp_path / "s")
     assert first.suggest("t0") == {**spec.start_from[0], "trial_index": 0}
     # Resumed (a new searcher on the same study): the second recipe is still due, the first is not run again.
-    again = searcher(spec, tmp_path)
-    again.set_search_properties(spec.metric, spec.mode, tune_space(spec))
+    again = _searcher(spec, tmp_path / "s")
     assert again.suggest("t1") == {**spec.start_from[1], "trial_index": 1}
     sampled = again.suggest("t2")
     assert sampled["trial_index"] == 2 and {k: sampled[k] for k in spec.searched()} not in spec.start_from
@@ -180,11 +281,7 @@ def test_a_start_point_outside_the_search_is_refused_before_ray_starts(point, me
 
 def test_a_spec_that_searches_nothing_repeats_its_fixed_configuration(tmp_path):
     fixed = ["lr=1.0e-3", "decay_steps=100", "l2_weight=0.1", "weight_decay=0.01"]
-    from raybone.tuning.searcher import searcher
-
-    spec = load_spec(QUICK, fixed)
-    (tmp_path / "fixed").mkdir()
-    search = searcher(spec, tmp_path / "fixed")  # Tune sets no search space when nothing is searched
+    search = _searcher(load_spec(QUICK, fixed), tmp_path / "fixed")
     configs = [search.suggest(f"t{i}") for i in range(3)]
     assert configs == [{"trial_index": 0}, {"trial_index": 1}, {"trial_index": 2}]
 
@@ -218,3 +315,22 @@ def test_asha_stops_weak_trials_early(local_ray, tmp_path):
     for row in stopped.itertuples():
         assert reports[row.trial_id] == row.iteration < 8
     assert reports.max() == 8
+    # Every trial's best report survives as a checkpoint, and the table says which one it is.
+    for row in outcome.trials.itertuples():
+        own = history[history.trial_id == row.trial_id]
+        assert row.best_val_rmse == own.val_rmse.min()
+        assert row.best_iteration == own[own.val_rmse == own.val_rmse.min()].iteration.max()
+        assert (Path(row.best_checkpoint_path) / "checkpoint.pt").is_file()
+    assert outcome.best.best_val_rmse == outcome.trials.best_val_rmse.min()
+    # The Optuna study names the same trials, and a trial the scheduler stopped is PRUNED, not COMPLETE.
+    import optuna
+
+    study = optuna.load_study(study_name="asha", storage=f"sqlite:///{outcome.path / 'optuna.db'}")
+    for row in outcome.trials.itertuples():
+        trial = study.trials[row.trial_index]
+        assert trial.user_attrs["ray_trial_id"] == row.trial_id
+        assert max(trial.intermediate_values) == row.iteration  # steps are SGD iterations
+        if row.status == "stopped_early":
+            assert trial.state == optuna.trial.TrialState.PRUNED
+        else:
+            assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == row.best_val_rmse

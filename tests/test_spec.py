@@ -99,3 +99,20 @@ def test_spec_round_trips_through_its_saved_yaml(tmp_path):
     spec = load_spec(SPACES / "paper.yaml")
     saved = _write(tmp_path, yaml.safe_dump(json.loads(spec.model_dump_json())))
     assert load_spec(saved) == spec
+
+
+@pytest.mark.parametrize(
+    "metric, mode", [("val_rmse", "min"), ("val_mae_expected", "min"), ("val_top1", "max"), ("val_top2", "max")]
+)
+def test_the_mode_follows_the_metric(tmp_path, metric, mode):
+    assert load_spec(_write(tmp_path, f"metric: {metric}\n")).mode == mode
+    assert load_spec(_write(tmp_path, f"metric: {metric}\nmode: {mode}\n")).mode == mode
+
+
+def test_a_mode_that_contradicts_the_metric_is_refused(tmp_path):
+    path = _write(tmp_path, "metric: val_top1\nmode: min\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert str(caught.value) == (
+        f"{path}: mode: min contradicts metric val_top1, which is better when higher; drop mode or set it to max"
+    )

@@ -10,19 +10,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from raybone.errors import RayboneError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def write_checkpoint(state: dict, folder: str | Path) -> None:
+    import torch  # here, not above: readers of CHECKPOINT_FILE need not load torch
+
     torch.save(state, Path(folder) / CHECKPOINT_FILE)
 
 
 def read_checkpoint(folder: str | Path) -> dict:
     """The state a Train worker saved (see the module's docstring)."""
+    import torch
+
     path = Path(folder) / CHECKPOINT_FILE
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -23,7 +23,8 @@ from pathlib import Path, PurePath
 import pandas as pd
 import pyarrow.fs as pafs
 
-from raybone.data.prepare import cache_root
+from raybone.core.checkpoint import CHECKPOINT_FILE
+from raybone.data.prepare import META_FILE, PreparedData, cache_root, load_prepared
 from raybone.errors import RayboneError, one_line
 from raybone.experiments.storage import (
     ENVIRONMENT,
@@ -46,6 +47,7 @@ from raybone.spec import METRICS, Spec, TrainConfig, parse_spec
 # Columns renamed since earlier experiments were written: read old tables under the new names.
 _RENAMED = {"training_iteration": "iteration", "lr_at_iteration": "current_lr"}
 _RENAMED_HISTORY = {"lr": "current_lr"}
+SCOPES = ("best", "last")
 
 
 @dataclass(frozen=True)
@@ -102,14 +104,16 @@ class Experiment:
         return None if mtime is None else mtime.astimezone().replace(tzinfo=None)
 
     def ranked(self, metric: str | None = None, mode: str | None = None) -> pd.DataFrame:
-        """trials.parquet sorted best-first by `metric` (default: the search's), trials without it last."""
+        """trials.parquet sorted best-first by the best `metric` (default: the search's) each trial reported
+        (best_<metric>; its last value where the table has no such column), trials without it last."""
         metric, mode = self._objective(metric, mode)
         trials = self.trials()
-        if metric not in trials.columns:
-            trials[metric] = float("nan")
+        key = f"best_{metric}" if f"best_{metric}" in trials.columns else metric
+        if key not in trials.columns:
+            trials[key] = float("nan")
         order = ["trial_index", "trial_id"] if "trial_index" in trials.columns else ["trial_id"]
         ranked = trials.sort_values(
-            [metric, *order],
+            [key, *order],
             ascending=[mode == "min", *[True] * len(order)],
             na_position="last",
             kind="stable",
@@ -118,14 +122,61 @@ class Experiment:
         ranked.insert(0, "rank", range(1, len(ranked) + 1))
         return ranked
 
-    def best(self, metric: str | None = None, mode: str | None = None) -> BestTrial:
-        """The best trial by `metric` (default: the search's) in `mode` (default: the metric's own direction)."""
+    def best(self, metric: str | None = None, mode: str | None = None, scope: str = "best") -> BestTrial:
+        """The best model by `metric` (default: the search's) in `mode` (default: the metric's own direction).
+
+        scope "best": the best checkpoint any trial kept (each keeps its best ones by the search's metric), at
+        the iteration it was reported; "last": the trial whose last report is best, at that last checkpoint
+        (what raybone did before it kept best checkpoints, and the fallback for experiments from then).
+        """
         metric, mode = self._objective(metric, mode)
+        if scope not in SCOPES:
+            raise RayboneError(f"unknown scope {scope!r}; choose {' or '.join(SCOPES)}")
+        if scope == "best" and (kept := self._kept_reports(metric, mode, 1)):
+            return self._chosen(kept[0], metric, mode)
         trials = self.trials()
         row = best_row(trials, metric, mode) if metric in trials.columns else None
         if row is None:
             raise RayboneError(f"no trial of {self.name!r} reported {metric} ({len(trials)} trials)")
         return BestTrial(self, row, metric, mode)
+
+    def top(self, k: int, metric: str | None = None, mode: str | None = None) -> list[BestTrial]:
+        """The `k` best models of `k` different trials, best first: each trial's best kept checkpoint."""
+        metric, mode = self._objective(metric, mode)
+        if k < 1:
+            raise RayboneError(f"--top {k}: name at least one trial")
+        kept = self._kept_reports(metric, mode, k)
+        if len(kept) < k:
+            raise RayboneError(f"--top {k}: only {len(kept)} trials of {self.name!r} kept a checkpoint with {metric}")
+        return [self._chosen(report, metric, mode) for report in kept]
+
+    def _chosen(self, report: pd.Series, metric: str, mode: str) -> BestTrial:
+        trials = self.trials()
+        return BestTrial(self, trials.loc[trials.trial_id == report.trial_id].iloc[0], metric, mode, report)
+
+    def _kept_reports(self, metric: str, mode: str, limit: int) -> list[pd.Series]:
+        """Up to `limit` validation reports, best first by `metric`, each the best of its trial whose checkpoint
+        still exists (a trial keeps only its best few by the search's metric). Empty for experiments whose
+        history records no checkpoints (raybone before 0.2)."""
+        history = self.history()
+        if metric not in history or "checkpoint_path" not in history:
+            return []
+        reports = history.dropna(subset=[metric, "checkpoint_path"])
+        # Of equal reports the latest: Train keeps the latest of equal checkpoints.
+        reports = reports.sort_values([metric, "iteration"], ascending=[mode == "min", False], kind="stable")
+        kept, trials = [], set()
+        for _, report in reports.iterrows():
+            if report.trial_id not in trials and self._kept(report.checkpoint_path):
+                kept.append(report)
+                trials.add(report.trial_id)
+                if len(kept) == limit:
+                    break
+        return kept
+
+    def _kept(self, checkpoint: str) -> bool:
+        if is_uri(checkpoint):
+            return exists(join(checkpoint, CHECKPOINT_FILE))
+        return (self.resolve(checkpoint) / CHECKPOINT_FILE).is_file()
 
     @property
     def remote(self) -> bool:
@@ -184,6 +235,21 @@ class BestTrial:
     row: pd.Series  # its trials.parquet row
     metric: str
     mode: str
+    report: pd.Series | None = None  # the history.parquet report of the chosen checkpoint; None: the last one
+
+    @property
+    def scope(self) -> str:
+        return "last" if self.report is None else "best"
+
+    @property
+    def iteration(self) -> int | None:
+        """The SGD iteration of the chosen checkpoint."""
+        return plain(self._chosen.get("iteration"))
+
+    @property
+    def _chosen(self) -> pd.Series:
+        """The row that describes the chosen checkpoint: its report, or the trial's last."""
+        return self.row if self.report is None else self.report
 
     @property
     def trial_id(self) -> str:
@@ -197,13 +263,14 @@ class BestTrial:
         return {name: plain(self.row.get(name)) for name in self.spec.searched()}
 
     def metrics(self) -> dict:
-        return {name: plain(self.row.get(name)) for name in METRICS}
+        """The validation metrics of the chosen checkpoint."""
+        return {name: plain(self._chosen.get(name)) for name in METRICS}
 
     def train_config(self) -> TrainConfig:
         return self.spec.train_config(self.hyperparameters())
 
     def checkpoint_dir(self) -> Path:
-        location = plain(self.row.get("checkpoint_path"))
+        location = plain(self._chosen.get("checkpoint_path"))
         if not location:
             raise RayboneError(f"trial {self.trial_id} of {self.experiment.name} saved no checkpoint")
         return self.experiment.resolve(location)
@@ -218,10 +285,25 @@ class BestTrial:
         meta = environment.get("data_meta") or {}
         if not meta and environment.get("data_path"):
             try:
-                meta = json.loads((Path(environment["data_path"]) / "prepared.json").read_text())
+                meta = json.loads((Path(environment["data_path"]) / META_FILE).read_text())
             except (OSError, ValueError):
                 meta = {}
         return meta
+
+    def prepared_data(self) -> PreparedData:
+        """The data the search trained on: its prepared folder if still there, else prepared again from the
+        source; refused if the source changed since the search."""
+        environment = self.experiment.environment
+        recorded = environment.get("data_path")
+        found = recorded and (Path(recorded) / META_FILE).is_file()
+        data = load_prepared(recorded) if found else self.spec.prepare_data()
+        expected = environment.get("data_fingerprint")
+        if expected and data.fingerprint != expected:
+            raise RayboneError(
+                f"{data.path}: not the data experiment {self.experiment.name!r} was trained on (fingerprint "
+                f"{data.fingerprint[:12]}, expected {expected[:12]}); the source changed since the search"
+            )
+        return data
 
     def image_size(self) -> int:
         """The side the search's prepared images were warped to."""
@@ -239,10 +321,11 @@ class BestTrial:
             "experiment": self.experiment.name,
             "trial_id": self.trial_id,
             "status": plain(self.row.get("status")),
-            "iteration": plain(self.row.get("iteration")),
+            "scope": self.scope,
+            "iteration": self.iteration,
             **self.train_config().model_dump(),
             **self.metrics(),
-            "checkpoint_path": plain(self.row.get("checkpoint_path")),
+            "checkpoint_path": plain(self._chosen.get("checkpoint_path")),
         }
 
 
@@ -310,8 +393,9 @@ def summaries(storage_location: str | PurePath) -> pd.DataFrame:
             "finished": finished.isoformat(timespec="seconds") if finished else None,
         }
         try:
-            ranked = experiment.ranked()
-            best = ranked[experiment.spec.metric].iloc[0] if len(ranked) else None
+            ranked, metric = experiment.ranked(), experiment.spec.metric
+            column = f"best_{metric}" if f"best_{metric}" in ranked else metric  # the best any trial reported
+            best = ranked[column].iloc[0] if len(ranked) else None
             row.update(
                 trials=len(ranked),
                 metric=experiment.spec.metric,

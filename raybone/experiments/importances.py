@@ -1,12 +1,11 @@
-"""Which searched hyperparameters mattered: Optuna's importance evaluators over an experiment's finished trials.
+"""Which searched hyperparameters mattered: Optuna's importance evaluators over an experiment's completed trials.
 
-They come from the experiment's Optuna study (`optuna.db`, study name = experiment name), the one optuna-dashboard
-shows. Ray's OptunaSearch tells the study each trial's last reported metric when the trial ends, an ASHA-stopped
-trial included (at the iteration it was stopped); a trial that ended without a metric is recorded as PRUNED or
-FAIL and carries no value. Where the study is missing or holds fewer finished trials with values than
-`trials.parquet` (an older experiment, a study written elsewhere), the importances are computed from
-`trials.parquet` instead, in an in-memory study built with the distributions of the saved `spec.yaml`.
-Optuna is imported only when importances are asked for.
+Only trials that trained for the whole budget count: a trial the scheduler stopped early was measured after fewer
+iterations (it is a PRUNED trial in the study), and mixing the two would credit a hyperparameter with the budget's
+effect. The trials come from the experiment's Optuna study (`optuna.db`, study name = experiment name, the one
+optuna-dashboard shows: COMPLETE trials, each valued at the best its run reported); where the study is missing or
+holds fewer of them than `trials.parquet` (an older experiment, a study written elsewhere), from `trials.parquet`,
+in an in-memory study with the distributions of the saved `spec.yaml`. Optuna is imported only when asked for.
 """
 
 from __future__ import annotations
@@ -15,14 +14,11 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
-import pandas as pd
-
 from raybone.errors import RayboneError, one_line
 from raybone.experiments.experiment import Experiment
 from raybone.experiments.storage import STUDY, TRIALS
-from raybone.spec import Choice, Range, Spec
+from raybone.experiments.study import finished_trials
 
-FINISHED = ("completed", "stopped_early")  # statuses whose final metric is meaningful
 EVALUATORS = ("fanova", "mdi", "ped")
 
 
@@ -32,7 +28,7 @@ class Importances:
 
     evaluator: str
     source: str  # "optuna.db" or "trials.parquet"
-    trials: int  # finished trials with a metric value that the evaluator saw
+    trials: int  # completed trials (the whole budget) with a metric value that the evaluator saw
     values: dict[str, float] = field(default_factory=dict)
     constant: list[str] = field(default_factory=list)  # searched parameters that never varied
     note: str | None = None
@@ -48,7 +44,7 @@ def importances(experiment: Experiment, evaluator: str = "fanova") -> Importance
     names = list(spec.searched())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     from_study, study_note = _study_trials(experiment, names)
-    from_table = _table_trials(experiment.trials(), spec)
+    from_table, _ = finished_trials(experiment.trials(), spec)
     source, frozen = (STUDY, from_study) if len(from_study) >= len(from_table) else (TRIALS, from_table)
     result = Importances(evaluator, source, len(frozen))
     if source == TRIALS and study_note:
@@ -58,16 +54,17 @@ def importances(experiment: Experiment, evaluator: str = "fanova") -> Importance
         return result
     if len(frozen) < 2:
         result.note = (
-            f"importances need at least 2 finished trials with {spec.metric}; this experiment has {len(frozen)}"
+            f"importances need at least 2 completed trials with {spec.metric} (trials stopped early are left "
+            f"out: they trained for fewer iterations); this experiment has {len(frozen)}"
         )
         return result
     varied = [n for n in names if len({_key(t.params[n]) for t in frozen}) > 1]
     result.constant = [n for n in names if n not in varied]
     if not varied:
-        result.note = f"the searched hyperparameters never varied across the {len(frozen)} finished trials"
+        result.note = f"the searched hyperparameters never varied across the {len(frozen)} completed trials"
         return result
     if len({t.value for t in frozen}) < 2:
-        result.note = f"every finished trial has the same {spec.metric}; nothing to attribute"
+        result.note = f"every completed trial has the same {spec.metric}; nothing to attribute"
         return result
     study = optuna.create_study(direction="minimize" if spec.mode == "min" else "maximize")
     study.add_trials(frozen)
@@ -116,47 +113,6 @@ def _study_trials(experiment: Experiment, names: list[str]) -> tuple[list, str |
         return [], f"{STUDY} unreadable: {one_line(err)}"
     usable = [t for t in trials if t.value is not None and math.isfinite(t.value) and all(n in t.params for n in names)]
     return usable, None if usable else f"{STUDY} has no completed trials with values"
-
-
-def _table_trials(trials: pd.DataFrame, spec: Spec) -> list:
-    """trials.parquet's finished trials as Optuna trials, with the distributions of spec.yaml."""
-    import optuna
-
-    names = list(spec.searched())
-    if spec.metric not in trials.columns or any(n not in trials.columns for n in names):
-        return []
-    finished = trials[trials.status.isin(FINISHED) & trials[spec.metric].notna()].dropna(subset=names)
-    distributions = {n: _distribution(p) for n, p in spec.searched().items()}
-    frozen = []
-    for _, row in finished.iterrows():
-        value = float(row[spec.metric])
-        if not math.isfinite(value):
-            continue
-        params = {n: _native(row[n], distributions[n]) for n in names}
-        frozen.append(optuna.trial.create_trial(params=params, distributions=distributions, value=value))
-    return frozen
-
-
-def _distribution(param: Range | Choice):
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    if isinstance(param, Choice):
-        return CategoricalDistribution(param.choices)
-    log = param.distribution.startswith("log")
-    if param.distribution in ("int", "logint"):
-        return IntDistribution(int(param.low), int(param.high), log=log)
-    return FloatDistribution(param.low, param.high, log=log)
-
-
-def _native(value, distribution):
-    from optuna.distributions import CategoricalDistribution, IntDistribution
-
-    if isinstance(distribution, IntDistribution):
-        return int(value)
-    if isinstance(distribution, CategoricalDistribution):
-        value = value.item() if hasattr(value, "item") else value
-        return next((c for c in distribution.choices if c == value), value)
-    return float(value)
 
 
 def _key(value):

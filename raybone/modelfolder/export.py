@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from raybone.core.augment import test_crops
+from raybone.core.engine import predict_trained
+from raybone.core.metrics import readout_metrics
 from raybone.errors import RayboneError, one_line
 from raybone.experiments import BestTrial
-from raybone.experiments.experiment import plain
 from raybone.files import atomic_folder, check_replaceable, file_sha256
 from raybone.modelfolder.format import (
     CARD,
@@ -45,23 +46,105 @@ CROPS = ["top-left", "top-right", "bottom-left", "bottom-right", "centre", "cent
 EXPORT_PACKAGES = ("torch", "safetensors", "onnx", "onnxruntime", "onnxscript")
 
 
-def export_model(best: BestTrial, out, force: bool = False) -> Path:
-    """Write the model folder `out` for `best`. An earlier model folder there is replaced when the new one is
-    complete; anything else is refused (see raybone.files), a model folder holding other files too unless `force`."""
+def export_model(best: BestTrial | list[BestTrial], out, force: bool = False) -> Path:
+    """Write the model folder `out` for `best`, or for a list of trials an ensemble of them (each in a member
+    folder; predictions average their probabilities). An earlier model folder there is replaced when the new one
+    is complete; anything else is refused (see raybone.files), a model folder holding other files too unless
+    `force`."""
+    members = best if isinstance(best, list) else [best]
     target = Path(out).resolve()
     check_replaceable(target, KIND, force, LEGACY)
-    model, cfg, num_classes = best.load_model()
-    image_size = best.image_size()
+    image_size = members[0].image_size()
     with atomic_folder(target, KIND, force=force, legacy=LEGACY) as staging:
-        _save_weights(model, staging / WEIGHTS, cfg, num_classes)
-        inputs = _sample_inputs(cfg)
-        _save_torchscript(model, inputs, staging / TORCHSCRIPT)
-        _save_onnx(model, inputs, staging / ONNX)
-        meta = model_meta(best, cfg, num_classes, image_size)
-        meta["sha256"] = {name: file_sha256(staging / name) for name in NETWORK_FILES}
+        metas = []
+        for index, member in enumerate(members, start=1):
+            folder = staging if len(members) == 1 else staging / f"member-{index}"
+            folder.mkdir(exist_ok=True)
+            model, cfg, num_classes = member.load_model()
+            _save_network(model, cfg, num_classes, folder)
+            metas.append(
+                {
+                    **model_meta(member, cfg, num_classes, image_size),
+                    "folder": folder.relative_to(staging).as_posix(),
+                    "sha256": {name: file_sha256(folder / name) for name in NETWORK_FILES},
+                }
+            )
+        meta = metas[0] if len(members) == 1 else _ensemble_meta(members, metas)
         (staging / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
         (staging / CARD).write_text(model_card(meta))
     return target
+
+
+def ensemble_members(candidates: list[BestTrial], k: int) -> list[BestTrial]:
+    """`k` of `candidates` (best first) for an ensemble: the best, then each time the candidate whose validation
+    errors (expected age minus true age) correlate least with those already chosen. Errors that do not move
+    together are what averaging cancels."""
+    if k > len(candidates):
+        raise RayboneError(f"--top {k} is more than the {len(candidates)} candidates of --from-top")
+    data = candidates[0].prepared_data()
+    held_out = ~data.is_train
+    errors = [
+        _validation_probs(c, data) @ np.arange(data.meta["num_classes"]) - data.labels[held_out] for c in candidates
+    ]
+    chosen = [0]
+    while len(chosen) < k:
+        rest = [i for i in range(len(candidates)) if i not in chosen]
+        chosen.append(min(rest, key=lambda i: max(_correlation(errors[i], errors[j]) for j in chosen)))
+    return [candidates[i] for i in chosen]
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a, b)[0, 1]) if a.std() and b.std() else 1.0
+
+
+def _validation_probs(member: BestTrial, data) -> np.ndarray:
+    """A trial's six-crop class probabilities on its validation split, as its validation computed them."""
+    held_out = ~data.is_train
+    model, cfg, _ = member.load_model()
+    return predict_trained(model, cfg, data.images[held_out], data.sex_code[held_out], "cpu")
+
+
+def _ensemble_meta(members: list[BestTrial], metas: list[dict]) -> dict:
+    """model.json of an ensemble: what the members share at the top, each member's own under `members`, and the
+    ensemble's validation metrics (its members' probabilities averaged on the search's validation split)."""
+    data = members[0].prepared_data()
+    held_out = ~data.is_train
+    probs = np.mean([_validation_probs(member, data) for member in members], axis=0)
+    readout = members[0].train_config().readout
+    metrics = {f"val_{k}": v for k, v in readout_metrics(probs, data.labels[held_out], readout).items()}
+    shared = (
+        "format",
+        "format_version",
+        "classes",
+        "class_unit",
+        "num_classes",
+        "image_size",
+        "data",
+        "experiment",
+        "packages",
+        "export_packages",
+        "exported",
+    )
+    return {
+        **{key: metas[0][key] for key in shared},
+        "kind": "ensemble",
+        "model": "ensemble of " + ", ".join(meta["model"] for meta in metas),
+        "preprocessing": {
+            "each member": "its own, as in members[i].preprocessing",
+            "aggregation": "the members' six-crop probabilities, averaged",
+        },
+        "metrics": {"split": "val", **metrics},
+        "selected_by": {**metas[0]["selected_by"], "members": len(members)},
+        "members": [{key: value for key, value in meta.items() if key not in shared} for meta in metas],
+    }
+
+
+def _save_network(model: nn.Module, cfg: TrainConfig, num_classes: int, folder: Path) -> None:
+    """weights.safetensors, model.ts and model.onnx of one network, the last two checked against PyTorch."""
+    _save_weights(model, folder / WEIGHTS, cfg, num_classes)
+    inputs = _sample_inputs(cfg)
+    _save_torchscript(model, inputs, folder / TORCHSCRIPT)
+    _save_onnx(model, inputs, folder / ONNX)
 
 
 def _save_weights(model: nn.Module, path: Path, cfg: TrainConfig, num_classes: int) -> None:
@@ -138,7 +221,6 @@ def _check_agreement(what: str, expected: np.ndarray, got: np.ndarray) -> None:
 
 def model_meta(best: BestTrial, cfg: TrainConfig, num_classes: int, image_size: int) -> dict:
     data, environment = best.data_meta(), best.experiment.environment
-    row = best.row
     return {
         "format": MODEL_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -191,7 +273,7 @@ def model_meta(best: BestTrial, cfg: TrainConfig, num_classes: int, image_size: 
         "train_config": cfg.model_dump(),
         "hyperparameters": best.hyperparameters(),
         "metrics": {"split": "val", **best.metrics()},
-        "selected_by": {"metric": best.metric, "mode": best.mode},
+        "selected_by": {"metric": best.metric, "mode": best.mode, "scope": best.scope},
         "data": {
             "fingerprint": data.get("fingerprint") or environment.get("data_fingerprint"),
             "path": environment.get("data_path"),
@@ -202,7 +284,8 @@ def model_meta(best: BestTrial, cfg: TrainConfig, num_classes: int, image_size: 
         },
         "experiment": best.experiment.name,
         "trial_id": best.trial_id,
-        "iteration": plain(row.get("iteration")),
+        "iteration": best.iteration,
+        "checkpoint_scope": best.scope,
         "packages": environment.get("packages", {}),
         "export_packages": {name: _version(name) for name in EXPORT_PACKAGES},
         "exported": datetime.now(UTC).isoformat(timespec="seconds"),

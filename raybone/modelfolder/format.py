@@ -38,17 +38,14 @@ LEGACY = Legacy(MODEL_JSON, f'"{MODEL_FORMAT}"'.encode(), frozenset({*NETWORK_FI
 MAX_MODEL_JSON_BYTES = 16 * 2**20
 
 
-class _ModelMeta(BaseModel):
-    """What predict relies on in model.json; the rest is description."""
+class _Member(BaseModel):
+    """One network of a model folder: the folder itself (".") or, in an ensemble, one of its member folders."""
 
     model_config = ConfigDict(extra="allow")
-    format: Literal["raybone-model"]
-    format_version: StrictInt = Field(ge=1)
+    folder: str = "."
     model: str
-    num_classes: StrictInt = Field(ge=2)
-    image_size: StrictInt = Field(ge=8)  # the prepared data's warp
-    resize_to: StrictInt | None = Field(None, ge=8)  # the trial's re-warp before cropping
     input_size: StrictInt = Field(ge=8)
+    resize_to: StrictInt | None = Field(None, ge=8)  # the trial's re-warp before cropping
     train_config: dict = {}
     sha256: dict[str, str] = {}
 
@@ -61,6 +58,32 @@ class _ModelMeta(BaseModel):
             raise ValueError(f"unknown model {model!r}; this raybone knows {', '.join(MODELS)}")
         return model
 
+    @field_validator("folder")
+    @classmethod
+    def _inside(cls, folder: str) -> str:
+        if Path(folder).is_absolute() or ".." in Path(folder).parts:
+            raise ValueError(f"member folder {folder!r} is not inside the model folder")
+        return folder
+
+
+class _ModelMeta(BaseModel):
+    """What predict relies on in model.json; the rest is description. A single network describes itself at the
+    top level; an ensemble lists its networks under `members` (each in its own sub-folder)."""
+
+    model_config = ConfigDict(extra="allow")
+    format: Literal["raybone-model"]
+    format_version: StrictInt = Field(ge=1)
+    num_classes: StrictInt = Field(ge=2)
+    image_size: StrictInt = Field(ge=8)  # the prepared data's warp
+    members: list[_Member] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_member_at_the_top(cls, meta: dict) -> dict:
+        if isinstance(meta, dict) and "members" not in meta:
+            return {**meta, "members": [{key: meta[key] for key in _Member.model_fields if key in meta}]}
+        return meta
+
     @model_validator(mode="after")
     def _consistent(self) -> _ModelMeta:
         if self.format_version > FORMAT_VERSION:
@@ -68,11 +91,14 @@ class _ModelMeta(BaseModel):
                 f"model format {self.format_version} is newer than this raybone understands "
                 f"({FORMAT_VERSION}); upgrade raybone"
             )
-        side = self.resize_to or self.image_size
-        if self.input_size > side:
-            raise ValueError(f"input_size {self.input_size} is larger than the image ({side} px)")
-        if self.format_version >= 2 and WEIGHTS not in self.sha256:
-            raise ValueError(f"sha256 of {WEIGHTS} missing")
+        if not self.members:
+            raise ValueError("no network: members is empty")
+        for member in self.members:
+            side = member.resize_to or self.image_size
+            if member.input_size > side:
+                raise ValueError(f"input_size {member.input_size} is larger than the image ({side} px)")
+            if self.format_version >= 2 and WEIGHTS not in member.sha256:
+                raise ValueError(f"sha256 of {WEIGHTS} missing")
         return self
 
 
@@ -98,6 +124,8 @@ def read_model_meta(model_dir: Path) -> dict:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
+        if "members" not in meta:  # a single network's fields are at the top level
+            where = where.removeprefix("members.0.").removeprefix("members.0")
         message = first["msg"].removeprefix("Value error, ")
         raise RayboneError(f"{path}: {where + ': ' if where else ''}{message}") from None
 

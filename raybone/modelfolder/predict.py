@@ -63,21 +63,45 @@ class Prediction:
         }
 
 
+@dataclass
+class _Network:
+    """One network of the model folder with its own preprocessing after the shared warp."""
+
+    module: torch.nn.Module
+    resize_to: int  # the trial's re-warp before cropping
+    input_size: int
+    config: dict  # its TrainConfig
+
+
 class Predictor:
-    """An exported model on `device`, with the preprocessing it was trained with."""
+    """An exported model on `device` (one network, or an ensemble averaging its members' probabilities), with
+    the preprocessing it was trained with."""
 
     def __init__(self, model_dir, device: str = "cpu"):
         self.path = Path(model_dir)
         self.meta = read_model_meta(self.path)
         self.image_size = self.meta["image_size"]  # the prepared data's warp size
-        self.resize_to = self.meta.get("resize_to") or self.image_size  # the trial's image size
-        self.input_size = self.meta["input_size"]
         self.num_classes = self.meta["num_classes"]
-        self.config = self.meta.get("train_config", {})
-        self.eval_batch_size = int(self.config.get("eval_batch_size", 64))
-        self.sex_input = bool(self.config.get("sex_input", False))
         self.device = _device(device)
-        self.model = _load_network(self.path, self.meta).to(self.device)
+        self.networks = [
+            _Network(
+                _load_network(self.path / member["folder"], member, self.num_classes).to(self.device),
+                member.get("resize_to") or self.image_size,
+                member["input_size"],
+                member["train_config"],
+            )
+            for member in self.meta["members"]
+        ]
+        self.config = self.networks[0].config  # readout and batch size: an ensemble's members share the search's
+        self.sex_input = any(bool(n.config.get("sex_input", False)) for n in self.networks)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.networks[0].module
+
+    @property
+    def input_size(self) -> int:
+        return self.networks[0].input_size
 
     def preprocess(self, path) -> np.ndarray:
         """uint8 [image_size, image_size], as prepare() stores it; DataError '<path>: <reason>' if unusable."""
@@ -95,17 +119,21 @@ class Predictor:
         if not len(images):
             return np.zeros((0, self.num_classes), dtype=np.float32)
         sex_code = np.full(len(images), -1) if sex_code is None else sex_code
-        return predict_images(
-            self.model,
-            images,
-            self.resize_to,
-            self.input_size,
-            self.device,
-            sex_code=sex_code if self.sex_input else None,
-            batch_size=batch_size or self.eval_batch_size,
-            amp=bool(self.config.get("amp", False)),
-            channels_last=bool(self.config.get("channels_last", False)),
-        )
+        probs = [
+            predict_images(
+                network.module,
+                images,
+                network.resize_to,
+                network.input_size,
+                self.device,
+                sex_code=sex_code if network.config.get("sex_input") else None,
+                batch_size=batch_size or int(network.config.get("eval_batch_size", 64)),
+                amp=bool(network.config.get("amp", False)),
+                channels_last=bool(network.config.get("channels_last", False)),
+            )
+            for network in self.networks
+        ]
+        return np.mean(probs, axis=0)
 
     def predict_files(
         self,
@@ -143,23 +171,23 @@ class Predictor:
             return None, f"{path}: cannot decode ({type(err).__name__}: {one_line(err)})"
 
 
-def _load_network(model_dir: Path, meta: dict) -> torch.nn.Module:
+def _load_network(folder: Path, member: dict, num_classes: int) -> torch.nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    path = model_dir / WEIGHTS
+    path = folder / WEIGHTS
     data = read_regular_file(path, MAX_WEIGHTS_BYTES)
-    expected = meta["sha256"].get(WEIGHTS)
+    expected = member["sha256"].get(WEIGHTS)
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:
         raise RayboneError(f"{path}: sha256 does not match {MODEL_JSON} (modified or corrupt); export the model again")
     try:
         state = load(data)
     except (SafetensorError, ValueError) as err:
         raise RayboneError(f"{path}: cannot read weights ({one_line(err)})") from None
-    config = meta.get("train_config", {})
+    config = member["train_config"]
     model = create_model(
-        meta["model"],
-        meta["num_classes"],
+        member["model"],
+        num_classes,
         weights="none",
         finetune=config.get("finetune", "full"),
         sex_input=bool(config.get("sex_input", False)),
@@ -168,8 +196,7 @@ def _load_network(model_dir: Path, meta: dict) -> torch.nn.Module:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise RayboneError(
-            f"{model_dir / WEIGHTS}: does not fit a {meta['model']} with {meta['num_classes']} "
-            f"classes ({str(err).splitlines()[0]})"
+            f"{path}: does not fit a {member['model']} with {num_classes} classes ({str(err).splitlines()[0]})"
         ) from None
     return model.eval()
 

@@ -75,25 +75,31 @@ def learning_curves(history: pd.DataFrame, trials: pd.DataFrame, metric: str, be
 def hyperparameters(
     trials: pd.DataFrame, searched: dict[str, Range | Choice], metric: str, best_id: str, path: Path
 ) -> Path:
-    """Each searched hyperparameter against the final metric of every trial (best trial: a star)."""
+    """Each searched hyperparameter against each trial's best metric: full-budget trials filled, trials the
+    scheduler stopped (pruned: fewer iterations, so not comparable) hollow; the best trial a star."""
     names = list(searched) or ["(nothing searched)"]
     columns = min(3, len(names))
     rows = -(-len(names) // columns)
     fig = Figure(figsize=(4.2 * columns, 3.3 * rows))
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
-    scored = trials.dropna(subset=[metric])
+    value = f"best_{metric}" if f"best_{metric}" in trials else metric
+    scored = trials.dropna(subset=[value])
+    pruned = (scored.status == "stopped_early").to_numpy() if "status" in scored else np.zeros(len(scored), bool)
     for ax, name in zip(axes, names):
         if name in searched and name in scored:
             x, labels = _positions(scored[name], searched[name])
-            ax.scatter(x, scored[metric], s=22, alpha=0.75)
+            y = scored[value].to_numpy()
+            ax.scatter(x[~pruned], y[~pruned], s=22, alpha=0.75, label="trained to the end")
+            ax.scatter(x[pruned], y[pruned], s=22, facecolors="none", edgecolors="grey", label="stopped early")
             best = (scored.trial_id == best_id).to_numpy()
-            ax.scatter(x[best], scored[metric][best], marker="*", s=200, color="crimson", label="best")
+            ax.scatter(x[best], y[best], marker="*", s=200, color="crimson", label="best")
             if labels is not None:
                 ax.set_xticks(range(len(labels)), labels)
             elif isinstance(searched[name], Range) and searched[name].distribution.startswith("log"):
                 ax.set_xscale("log")
                 ax.xaxis.set_minor_formatter(NullFormatter())  # 2x10^-3, 3x10^-3, ... overlap
-        ax.set(xlabel=name, ylabel=metric)
+        ax.set(xlabel=name, ylabel=f"best {metric}")
+    axes[0].legend(fontsize=7)
     for ax in axes[len(names) :]:
         ax.set_visible(False)
     return _save(fig, path)

@@ -30,7 +30,6 @@ from raybone.core.metrics import PAPER, confusion_matrix, readout_metrics
 from raybone.core.model import sex_feature
 from raybone.core.saliency import grad_cam
 from raybone.data import PreparedData
-from raybone.data.prepare import META_FILE, load_prepared
 from raybone.errors import RayboneError
 from raybone.experiments import BestTrial, Experiment, importances
 from raybone.experiments.storage import is_uri
@@ -63,19 +62,38 @@ class _Validation:
 
 
 def write_report(
-    storage, name: str | None = None, out=None, *, samples: int = 8, device: str = "cpu", force: bool = False
+    storage,
+    name: str | None = None,
+    out=None,
+    *,
+    samples: int = 8,
+    device: str = "cpu",
+    force: bool = False,
+    scope: str = "best",
+    top: int = 1,
 ) -> Path:
     """Write the report of experiment `name` (default: the most recent) to `out` (default: <experiment>/report,
     or ./report-<name> for an experiment on a URI storage). An earlier report there is replaced; anything else
-    is refused (see raybone.files), a report holding other files too unless `force`."""
+    is refused (see raybone.files), a report holding other files too unless `force`. With `top` > 1 the
+    predictions are those of the ensemble of the best checkpoints of the `top` best trials (as
+    `raybone best --export --top` exports it); Grad-CAM shows its best member."""
     experiment = Experiment.open(storage, name)
-    best = experiment.best()
+    members = experiment.top(top) if top != 1 else [experiment.best(scope=scope)]
+    best = members[0]
     # An experiment on a URI storage is read through a local mirror; its report goes to the working directory.
     default = Path(f"report-{experiment.name}") if is_uri(storage) else experiment.local() / "report"
     target = (Path(out) if out is not None else default).resolve()
     check_replaceable(target, KIND, force, _LEGACY)
     model, cfg, num_classes = best.load_model()
-    val = _validate(model, cfg, _prepared(best), device)
+    data = best.prepared_data()
+    val = _validate(model, cfg, data, device)
+    if len(members) > 1:  # the ensemble's probabilities: its members' averaged
+        held_out = ~data.is_train
+        others = [
+            predict_trained(*m.load_model()[:2], data.images[held_out], data.sex_code[held_out], device)
+            for m in members[1:]
+        ]
+        val.probs = np.mean([val.probs, *others], axis=0)
     trials, history = experiment.ranked(), experiment.history()
     with atomic_folder(target, KIND, force=force, legacy=_LEGACY) as staging:
         sections = {
@@ -87,26 +105,12 @@ def write_report(
             "probabilities": _probabilities(staging, val, samples),
             "saliency": _saliency(staging, model, cfg, val, samples),
         }
-        (staging / PAGE).write_text(_page(best, readout_metrics(val.probs, val.labels, cfg.readout), trials, sections))
+        metrics = readout_metrics(val.probs, val.labels, cfg.readout)
+        (staging / PAGE).write_text(_page(best, metrics, trials, sections, len(members)))
     return target
 
 
 # ---------------------------------------------------------------- the best trial, re-run
-
-
-def _prepared(best: BestTrial) -> PreparedData:
-    """The data the search trained on: its prepared folder if still there, else prepared again from the source."""
-    recorded = best.experiment.environment.get("data_path")
-    found = recorded and (Path(recorded) / META_FILE).is_file()
-    data = load_prepared(recorded) if found else best.spec.prepare_data()
-    expected = best.experiment.environment.get("data_fingerprint")
-    if expected and data.fingerprint != expected:
-        raise RayboneError(
-            f"{data.path}: not the data experiment {best.experiment.name!r} was trained on "
-            f"(fingerprint {data.fingerprint[:12]}, expected {expected[:12]}); the source changed "
-            "since the search"
-        )
-    return data
 
 
 def _validate(model, cfg, data: PreparedData, device: str) -> _Validation:
@@ -197,10 +201,12 @@ def _spread(labels: np.ndarray, n: int) -> np.ndarray:
 # ---------------------------------------------------------------- the page
 
 
-def _page(best: BestTrial, metrics: dict, trials: pd.DataFrame, sections: dict) -> str:
+def _page(best: BestTrial, metrics: dict, trials: pd.DataFrame, sections: dict, members: int = 1) -> str:
     rows = [
         (
-            "this model, recomputed now",
+            f"the ensemble of the top {members} trials, recomputed now"
+            if members > 1
+            else "this model, recomputed now",
             metrics["top1"],
             metrics["top2"],
             metrics["rmse_argmax"],

@@ -34,6 +34,7 @@ class TrialProgress(ray.tune.Callback):
         self._task = self._progress.add_task("starting", total=self._spec.num_samples * self._spec.iterations)
         self._seen: dict[str, int] = {}
         self._best = None
+        self._trial_best: dict[str, tuple[float, int]] = {}  # trial id -> (best value, its iteration)
         self._progress.start()
 
     def on_experiment_end(self, trials, **info):
@@ -42,8 +43,10 @@ class TrialProgress(ray.tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._advance(trial.trial_id, result.get("iteration", 0))
         value = result.get(self._spec.metric)
-        if value is not None and (self._best is None or (value < self._best) == (self._spec.mode == "min")):
+        if value is not None and self._better(value, self._best):
             self._best = value
+        if value is not None and self._better(value, self._trial_best.get(trial.trial_id, (None,))[0]):
+            self._trial_best[trial.trial_id] = (value, result.get("iteration", 0))
         running = sum(t.status == "RUNNING" for t in trials)
         best = f", best {self._spec.metric} {self._best:.3f}" if self._best is not None else ""
         self._progress.update(self._task, description=f"{running} running{best}")
@@ -52,10 +55,15 @@ class TrialProgress(ray.tune.Callback):
         last = trial.last_result or {}
         # An early-stopped trial never reaches the last iteration: its unused budget counts as done.
         self._advance(trial.trial_id, self._spec.iterations)
+        best, at = self._trial_best.get(trial.trial_id, (float("nan"), 0))
         self._console.print(
             f"trial {trial.trial_id} finished at iteration {last.get('iteration', 0)}: "
-            f"{self._spec.metric} {last.get(self._spec.metric, float('nan')):.3f}"
+            f"{self._spec.metric} {last.get(self._spec.metric, float('nan')):.3f} (its best {best:.3f} at "
+            f"iteration {at}, kept)"
         )
+
+    def _better(self, value: float, than: float | None) -> bool:
+        return than is None or (value < than if self._spec.mode == "min" else value > than)
 
     def _advance(self, trial_id: str, done: int) -> None:
         self._progress.advance(self._task, done - self._seen.get(trial_id, 0))

@@ -31,7 +31,7 @@ from raybone.tuning.cluster import (
     trials_that_fit,
 )
 from raybone.tuning.progress import TrialProgress
-from raybone.tuning.searcher import searcher, tune_space
+from raybone.tuning.searcher import OptunaSearcher, warm_start_trials
 from raybone.tuning.tables import history_table, trials_table
 from raybone.tuning.trial import TRIAL_DRIVER_MEMORY, run_trial, trial_arrays
 
@@ -64,12 +64,14 @@ def run_search(
     address: str | None = None,
     resume: bool = False,
     shared_storage: bool = False,
+    warm_start: str | None = None,
     console: Console | None = None,
 ) -> SearchOutcome:
     """Search into `results_dir/name`; `results_dir` is a local folder or a URI (s3://, gs://, file://).
 
     `shared_storage` asserts that a local folder is shared by every node (NFS): without it, a local folder
     on a multi-node (or autoscaling) cluster is refused. The Optuna study stays local (storage.study_dir).
+    `warm_start` names an earlier experiment in the same storage whose finished trials seed the new study.
     """
     console = console or Console()
     remote = results.is_uri(results_dir)
@@ -78,7 +80,8 @@ def run_search(
     finished = _check_resumable(path, spec) if resume else _check_new(path, study, remote, name, root)
     if finished is not None:
         console.print(f"experiment {name!r} already finished ({len(finished)} trials); nothing to resume")
-        return SearchOutcome(path, finished, best_row(finished, spec.metric, spec.mode))
+        return SearchOutcome(path, finished, _best(finished, spec))
+    seeds = warm_start_trials(root, warm_start, spec, console) if warm_start and not resume else []
     data = spec.prepare_data()
     _check_input_size(spec, data)
     max_concurrent = _start_cluster(spec, root, address, shared_storage, console)
@@ -98,7 +101,7 @@ def run_search(
     if resume:
         tuner = ray.tune.Tuner.restore(str(path), trainable, resume_errored=True)
     else:
-        tuner = _new_tuner(trainable, spec, str(root), name, study, max_concurrent)
+        tuner = _new_tuner(trainable, spec, str(root), name, OptunaSearcher(spec, study, seeds), max_concurrent)
     given = min(len(spec.start_from), spec.num_samples)
     starts = f" (the first {given} from start_from)" if given else ""
     console.print(
@@ -108,10 +111,16 @@ def run_search(
     grid = tuner.fit()
     trials = trials_table(grid, spec, storage_location=root if remote else None)
     results.write_parquet(trials, results.join(path, TRIALS))
-    results.write_parquet(history_table(grid), results.join(path, HISTORY))
+    results.write_parquet(history_table(grid, root if remote else None), results.join(path, HISTORY))
     if remote and (study / STUDY).is_file():  # a copy beside the tables, so the storage holds the whole experiment
         results.copy_file(study / STUDY, results.join(path, STUDY))
-    return SearchOutcome(path, trials, best_row(trials, spec.metric, spec.mode))
+    return SearchOutcome(path, trials, _best(trials, spec))
+
+
+def _best(trials: pd.DataFrame, spec: Spec) -> pd.Series | None:
+    """The trial with the best value any trial ever reported (its best checkpoint is kept)."""
+    column = f"best_{spec.metric}"
+    return best_row(trials, column if column in trials else spec.metric, spec.mode)
 
 
 def _check_new(path: Path | str, study: Path, remote: bool, name: str, root) -> None:
@@ -149,7 +158,7 @@ def _start_cluster(spec: Spec, root, address: str | None, shared_storage: bool, 
     return max_concurrent
 
 
-def _new_tuner(trainable, spec: Spec, storage: str, name: str, study: Path, max_concurrent: int) -> ray.tune.Tuner:
+def _new_tuner(trainable, spec: Spec, storage: str, name: str, searcher, max_concurrent: int) -> ray.tune.Tuner:
     scheduler = None
     if spec.scheduler.type == "asha":
         scheduler = ASHAScheduler(
@@ -160,11 +169,10 @@ def _new_tuner(trainable, spec: Spec, storage: str, name: str, study: Path, max_
         )
     return ray.tune.Tuner(
         trainable,
-        param_space=tune_space(spec),
         tune_config=ray.tune.TuneConfig(
             metric=spec.metric,
             mode=spec.mode,
-            search_alg=searcher(spec, study),
+            search_alg=searcher,
             scheduler=scheduler,
             num_samples=spec.num_samples,
             max_concurrent_trials=max_concurrent,

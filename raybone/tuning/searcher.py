@@ -1,77 +1,160 @@
-"""The searcher: Optuna's TPE, seeded, its study in a local SQLite file that optuna-dashboard can watch."""
+"""The searcher: Optuna over its public ask-and-tell API, as a Ray Tune Searcher.
+
+Each Tune trial is one Optuna trial (`study.ask`), whose number is the trial's `trial_index` and which records the
+Ray trial id as the user attribute `ray_trial_id`, so optuna-dashboard and trials.parquet name the same trial.
+Every validation report becomes an intermediate value at its SGD iteration. A trial that trained for the whole
+budget is told COMPLETE with the best value it reported (the checkpoint raybone keeps and exports); a trial the
+scheduler stopped early is told PRUNED, so TPE and the importances never compare it with full-budget trials as
+if it were one of them; a failed trial FAIL. The study lives in a local SQLite file (optuna-dashboard can watch
+it) and so outlives the driver: a resumed search reopens it, and Tune restores the Ray-to-Optuna trial map
+through save/restore.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import warnings
 from pathlib import Path
 
 import optuna
-import ray.tune
-from ray.tune.search.optuna import OptunaSearch
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+from rich.console import Console
 
+from raybone.errors import SpecError
+from raybone.experiments import Experiment
 from raybone.experiments.storage import STUDY
-from raybone.spec import Choice, Spec
+from raybone.experiments.study import distributions, finished_trials
+from raybone.spec import Spec
 
-
-def searcher(spec: Spec, path: Path) -> OptunaSearch:
-    """Seeded TPE whose study (named after the folder) lives in the local folder `path`, so optuna-dashboard
-    can watch it: the experiment folder, or results/<name>/ when the storage is a URI."""
-    return _IndexedOptunaSearch(
-        sampler=optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup_trials(spec.num_samples)),
-        objective=(spec.metric, spec.mode),
-        points_to_evaluate=spec.start_from,
-        study_name=path.name,
-        storage=optuna.storages.RDBStorage(f"sqlite:///{path / STUDY}"),
-    )
+RAY_TRIAL_ID = "ray_trial_id"
 
 
 def startup_trials(num_samples: int) -> int:
-    """Random trials before TPE models the results: Optuna's 10, but a third of a smaller search, so that a
-    search of 10 trials or fewer is not random search under another name."""
+    """Random trials before TPE (or GP, CMA-ES) models the results: Optuna's 10, but a third of a smaller search,
+    so that a search of 10 trials or fewer is not random search under another name."""
     return min(10, max(2, num_samples // 3))
 
 
-class _IndexedOptunaSearch(OptunaSearch):
-    """Adds the Optuna trial number as `trial_index`: sequential, and kept in the study across resumes."""
+def sampler(spec: Spec) -> optuna.samplers.BaseSampler:
+    """The spec's Optuna sampler, seeded by the spec's seed."""
+    kind, seed, startup = spec.searcher.type, spec.seed, startup_trials(spec.num_samples)
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+    if kind == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    if kind == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
+    if kind == "qmc":
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.0
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+    return optuna.samplers.RandomSampler(seed=seed)
 
-    def __init__(self, *, objective: tuple[str, str], **kwargs):
-        super().__init__(**kwargs)
-        self._objective = objective  # (metric, mode): Tune does not tell them when nothing is searched
 
-    def _setup_study(self, mode):
-        # Enqueue the start points into a new study only: a resumed one has run (or queued) them already.
-        points, self._points_to_evaluate = self._points_to_evaluate, []
-        super()._setup_study(mode)
-        if not self._ot_study.trials:
-            for point in points:
-                self._ot_study.enqueue_trial(point)
+def warm_start_trials(storage, name: str, spec: Spec, console: Console | None = None) -> list:
+    """Experiment `name`'s completed and early-stopped trials as Optuna trials of `spec`'s space; trials outside it
+    are reported and left out. Refused in one line if the experiment searched other hyperparameters."""
+    earlier = Experiment.open(storage, name)
+    if set(earlier.spec.searched()) != set(spec.searched()):
+        raise SpecError(
+            f"--warm-start {name}: it searched {', '.join(earlier.spec.searched()) or 'nothing'}, this "
+            f"search {', '.join(spec.searched()) or 'nothing'}; warm starts need the same hyperparameters"
+        )
+    if earlier.spec.metric != spec.metric:
+        raise SpecError(f"--warm-start {name}: it optimised {earlier.spec.metric}, this search {spec.metric}")
+    trials, skipped = finished_trials(earlier.trials(), spec, with_pruned=True)
+    if console is not None:
+        console.print(
+            f"warm start from {name}: {len(trials)} trials"
+            + (f"; left out {len(skipped)}: {'; '.join(skipped[:3])}" if skipped else ""),
+            highlight=False,
+        )
+    return trials
 
-    def suggest(self, trial_id: str):
-        if not self._space:  # nothing searched: every trial trains the spec's fixed configuration
-            if self._ot_study is None:
-                self._metric, self._mode = self._metric or self._objective[0], self._mode or self._objective[1]
-                self._setup_study(self._mode)
-            self._ot_trials.setdefault(trial_id, self._ot_study.ask())
-            config = {}
+
+class OptunaSearcher(Searcher):
+    """Optuna's ask-and-tell behind Ray Tune's Searcher interface (see the module docstring)."""
+
+    def __init__(self, spec: Spec, study_folder: Path, warm_start: list = ()):
+        super().__init__(metric=spec.metric, mode=spec.mode)
+        self._spec = spec
+        self._path = Path(study_folder) / STUDY
+        self._name = Path(study_folder).name
+        self._warm_start = list(warm_start)
+        self._numbers: dict[str, int] = {}  # Ray trial id -> Optuna trial number
+        self._study = self._storage = None
+
+    def __getstate__(self) -> dict:
+        # Tune pickles the searcher; the study is reopened from its SQLite file.
+        return {**self.__dict__, "_study": None, "_storage": None}
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # the space comes from the spec, not from Tune's param_space
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._study is None:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            self._storage = optuna.storages.RDBStorage(f"sqlite:///{self._path}")
+            self._study = optuna.create_study(
+                study_name=self._name,
+                storage=self._storage,
+                sampler=sampler(self._spec),
+                direction="minimize" if self._spec.mode == "min" else "maximize",
+                load_if_exists=True,
+            )
+            if not self._study.trials:  # a new study: a resumed one has these already
+                self._study.add_trials(self._warm_start)
+                for point in self._spec.start_from:
+                    self._study.enqueue_trial(point)
+        return self._study
+
+    def suggest(self, trial_id: str) -> dict:
+        trial = self.study.ask(distributions(self._spec))
+        trial.set_user_attr(RAY_TRIAL_ID, trial_id)
+        self._numbers[trial_id] = trial.number
+        return {**trial.params, "trial_index": trial.number}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        value, step = result.get(self.metric), result.get("iteration")
+        if trial_id in self._numbers and _finite(value) and step is not None:
+            self._report(self._numbers[trial_id], float(value), int(step))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        number = self._numbers.get(trial_id)
+        if number is None:
+            return
+        if result and not error:  # a result the scheduler stopped the trial on reaches no on_trial_result
+            self.on_trial_result(trial_id, result)
+        if error or not result:
+            self.study.tell(number, state=TrialState.FAIL)
+        elif result.get("iteration", 0) >= self._spec.iterations:
+            best = self._best_reported(number)
+            self.study.tell(number, best if best is not None else result.get(self.metric))
         else:
-            config = super().suggest(trial_id)
-        if isinstance(config, dict):
-            config = {**config, "trial_index": self._ot_trials[trial_id].number}
-        return config
+            self.study.tell(number, state=TrialState.PRUNED)
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_text(json.dumps({"numbers": self._numbers}))
+
+    def restore(self, checkpoint_path: str) -> None:
+        self._numbers = json.loads(Path(checkpoint_path).read_text())["numbers"]
+
+    def _report(self, number: int, value: float, step: int) -> None:
+        """The trial's intermediate value at an SGD iteration, through Optuna's public storage interface."""
+        storage = self.study and self._storage
+        trial = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(self._name), number)
+        if storage.get_trial(trial).state == TrialState.RUNNING:
+            storage.set_trial_intermediate_value(trial, step, value)
+
+    def _best_reported(self, number: int) -> float | None:
+        values = [v for v in self.study.trials[number].intermediate_values.values() if _finite(v)]
+        if not values:
+            return None
+        return min(values) if self._spec.mode == "min" else max(values)
 
 
-def tune_space(spec: Spec) -> dict:
-    space = {}
-    for name, param in spec.searched().items():
-        if isinstance(param, Choice):
-            space[name] = ray.tune.choice(param.choices)
-        else:
-            space[name] = _RANGES[param.distribution](param)
-    return space
-
-
-_RANGES = {
-    "uniform": lambda p: ray.tune.uniform(p.low, p.high),
-    "loguniform": lambda p: ray.tune.loguniform(p.low, p.high),
-    "int": lambda p: ray.tune.randint(int(p.low), int(p.high) + 1),
-    "logint": lambda p: ray.tune.lograndint(int(p.low), int(p.high) + 1),
-}
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

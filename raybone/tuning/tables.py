@@ -1,8 +1,9 @@
 """A finished search's Tune ResultGrid as raybone's two Parquet tables (columns: see the README's Results).
 
 trials.parquet   one row per trial: id, status, the searched hyperparameters (named as in the YAML), the
-                 final metrics, the SGD iteration reached (`iteration`), wall time, node, checkpoint
-history.parquet  one row per validation report of every trial: the learning curves
+                 final metrics, the SGD iteration reached (`iteration`), wall time, node, latest checkpoint,
+                 and the best the trial ever reported: best_<metric>, best_iteration, best_checkpoint_path
+history.parquet  one row per validation report of every trial: the learning curves, each report's checkpoint
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ HISTORY_COLUMNS = [
     "time_total_s",
     "resumed_from",
     "node",
+    "checkpoint_path",
 ]
 
 
@@ -33,13 +35,14 @@ def trials_table(result_grid, spec: Spec, storage_location: str | PurePath | Non
     them without their scheme)."""
 
     def located(fs_path):
-        return fs_path if storage_location is None else as_location(fs_path, storage_location)
+        return fs_path if storage_location is None or fs_path is None else as_location(fs_path, storage_location)
 
     rows = []
     for result in result_grid:
         metrics = result.metrics or {}
         config = result.config or {}
         iteration = metrics.get("iteration", 0)
+        best = best_report(result.metrics_dataframe, spec.metric, spec.mode)
         rows.append(
             {
                 "trial_id": metrics.get("trial_id") or config.get("__trial_id", ""),
@@ -48,6 +51,9 @@ def trials_table(result_grid, spec: Spec, storage_location: str | PurePath | Non
                 **{name: config.get(name) for name in spec.searched()},
                 **{name: metrics.get(name) for name in METRICS},
                 "iteration": iteration,
+                f"best_{spec.metric}": None if best is None else best[spec.metric],
+                "best_iteration": None if best is None else best["iteration"],
+                "best_checkpoint_path": None if best is None else located(best.get("checkpoint_path")),
                 "wall_time_s": metrics.get("time_total_s"),
                 "node": metrics.get("node"),
                 "checkpoint_path": located(metrics.get("checkpoint_path")),
@@ -58,12 +64,26 @@ def trials_table(result_grid, spec: Spec, storage_location: str | PurePath | Non
     return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True)
 
 
-def history_table(result_grid) -> pd.DataFrame:
+def best_report(reports: pd.DataFrame | None, metric: str, mode: str) -> pd.Series | None:
+    """The report with the best `metric`, the latest of equals (as Train keeps the latest of equal checkpoints);
+    None if no report has it."""
+    if reports is None or metric not in reports or reports[metric].isna().all():
+        return None
+    best = reports[metric].min() if mode == "min" else reports[metric].max()
+    return reports.loc[reports.index[reports[metric] == best][-1]]
+
+
+def history_table(result_grid, storage_location: str | PurePath | None = None) -> pd.DataFrame:
     frames = []
     for result in result_grid:
         df = result.metrics_dataframe
         if df is not None and len(df):
-            frames.append(df[[c for c in HISTORY_COLUMNS if c in df.columns]])
+            frame = df[[c for c in HISTORY_COLUMNS if c in df.columns]].copy()
+            if storage_location is not None and "checkpoint_path" in frame:
+                frame["checkpoint_path"] = [
+                    as_location(p, storage_location) if isinstance(p, str) else None for p in frame["checkpoint_path"]
+                ]
+            frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=HISTORY_COLUMNS)
 
 

@@ -54,7 +54,13 @@ def run_trial(config: dict, *, spec_json: str, data_ref: list, train_storage: st
             storage_path=train_storage,
             callbacks=[TuneReportCallback()],
             failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            # The best checkpoints by the search's metric survive the trial's later iterations; Train also keeps
+            # the latest, which a restarted worker group resumes from.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=spec.keep_checkpoints,
+                checkpoint_score_attribute=spec.metric,
+                checkpoint_score_order=spec.mode,
+            ),
         ),
     )
     trainer.fit()

@@ -17,6 +17,7 @@ import ray.train
 import ray.train.torch
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from raybone.core.checkpoint import read_checkpoint, write_checkpoint
 from raybone.core.engine import predict_probs, resize, train_step
@@ -39,7 +40,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = _prepare_model(create_model(cfg.model, num_classes, cfg.weights, cfg.finetune, cfg.sex_input), cfg, device)
     optimizer = torch.optim.Adam(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.decay_steps, gamma=0.5)
-    iteration, last_metrics = _restore(model, optimizer, schedule)
+    average = _average(model, cfg)
+    iteration, last_metrics = _restore(model, average, optimizer, schedule)
     if iteration >= cfg.iterations and last_metrics:
         ray.train.report(last_metrics)  # the run finished before a driver crash: tell Tune its result again
     # Where the run started and trains: visible in history.parquet after a restart or a lost node.
@@ -58,6 +60,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         images, labels, sex = train.batch(draw())
         losses.append(train_step(model, optimizer, loss_fn, images, labels, cfg, sex))
         schedule.step()
+        if average is not None:
+            average.update_parameters(_unwrap(model))
         iteration += 1
         if iteration % cfg.eval_every == 0 or iteration == cfg.iterations:
             metrics = {
@@ -68,8 +72,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             }
             metrics["images_per_s"] = len(losses) * cfg.batch_size / (time.perf_counter() - started)
             if rank == 0:
-                metrics |= validate(_unwrap(model), val, cfg, device)
-            _report(metrics, model, optimizer, schedule, cfg, num_classes, rank)
+                metrics |= validate(_evaluated(model, average), val, cfg, device)
+            _report(metrics, model, average, optimizer, schedule, cfg, num_classes, rank)
             losses, started = [], time.perf_counter()
 
 
@@ -135,27 +139,56 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _restore(model: nn.Module, optimizer, schedule) -> tuple[int, dict]:
+def _average(model: nn.Module, cfg: TrainConfig) -> AveragedModel | None:
+    """The exponential moving average of the weights (batch-norm statistics included), or None with ema 0."""
+    if not cfg.ema:
+        return None
+    return AveragedModel(_unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+
+
+def _evaluated(model: nn.Module, average: AveragedModel | None) -> nn.Module:
+    """The weights that are validated, checkpointed as the model and exported: the average where there is one."""
+    return _unwrap(model) if average is None else average.module
+
+
+def _restore(model: nn.Module, average: AveragedModel | None, optimizer, schedule) -> tuple[int, dict]:
     """Continue from the run's latest checkpoint (worker restart or resumed search); else start at 0."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, {}
     with checkpoint.as_directory() as folder:
         state = read_checkpoint(folder)
-    _unwrap(model).load_state_dict(state["model"])
+    _unwrap(model).load_state_dict(state.get("training_model", state["model"]))
+    if average is not None and "average" in state:
+        average.load_state_dict(state["average"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     return state["iteration"], state["metrics"]
 
 
 def _report(
-    metrics: dict, model: nn.Module, optimizer, schedule, cfg: TrainConfig, num_classes: int, rank: int
+    metrics: dict,
+    model: nn.Module,
+    average: AveragedModel | None,
+    optimizer,
+    schedule,
+    cfg: TrainConfig,
+    num_classes: int,
+    rank: int,
 ) -> None:
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:  # one copy of the weights is enough; DDP keeps replicas identical
+            # "model" holds the weights that were validated (the average, with ema); training resumes from
+            # "training_model" and "average" where there is an average.
+            averaged = (
+                {}
+                if average is None
+                else {"training_model": _unwrap(model).state_dict(), "average": average.state_dict()}
+            )
             state = {
-                "model": _unwrap(model).state_dict(),
+                "model": _evaluated(model, average).state_dict(),
+                **averaged,
                 "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(),
                 "iteration": metrics["iteration"],
