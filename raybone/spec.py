@@ -119,10 +119,18 @@ class DataSpec(_Strict):
     val_fraction: float = Field(0.25, gt=0, lt=1)
 
 
+PERTURBED = ("lr", "l2_weight", "weight_decay", "contrast")  # what Population Based Training may change mid-run
+
+
 class Scheduler(_Strict):
-    type: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(500, ge=1)  # in training iterations
-    reduction_factor: float = Field(2.0, gt=1)
+    type: Literal["asha", "pbt", "none"] = "asha"
+    grace_period: int = Field(500, ge=1)  # asha: iterations every trial gets before it can be stopped
+    reduction_factor: float = Field(2.0, gt=1)  # asha
+    # pbt: every perturbation_interval iterations (0: every validation) the worst quantile_fraction of the
+    # trials copy a better trial's checkpoint and configuration and perturb the searched PERTURBED values.
+    perturbation_interval: int = Field(0, ge=0)
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    resample_probability: float = Field(0.25, ge=0, le=1)
 
 
 class Searcher(_Strict):
@@ -177,6 +185,15 @@ class Spec(_Strict):
             raise ValueError(
                 f"mode: {self.mode} contradicts metric {self.metric}, which is better when "
                 f"{'lower' if better == 'min' else 'higher'}; drop mode or set it to {better}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _pbt_has_something_to_perturb(self) -> Spec:
+        if self.scheduler.type == "pbt" and not set(PERTURBED) & set(self.searched()):
+            raise ValueError(
+                f"scheduler.type pbt needs one of {', '.join(PERTURBED)} searched (it perturbs them "
+                f"mid-run); this search searches {', '.join(self.searched()) or 'nothing'}"
             )
         return self
 

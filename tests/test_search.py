@@ -334,3 +334,36 @@ def test_asha_stops_weak_trials_early(local_ray, tmp_path):
             assert trial.state == optuna.trial.TrialState.PRUNED
         else:
             assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == row.best_val_rmse
+
+
+def test_pbt_continues_a_perturbed_trial_from_its_donors_iteration_and_weights(local_ray, tmp_path):
+    from raybone.core.checkpoint import read_checkpoint
+
+    spec = load_spec(
+        QUICK,
+        TINY
+        + [
+            "iterations=12",
+            "scheduler.type=pbt",
+            "scheduler.perturbation_interval=4",
+            "scheduler.quantile_fraction=0.5",
+            "lr={distribution: loguniform, low: 1.0e-5, high: 0.1}",
+        ],
+    )
+    outcome = run_search(spec, name="pbt", results_dir=tmp_path)
+    assert (outcome.trials.status == "completed").all() and (outcome.trials.iteration == 12).all()
+    assert sorted(outcome.trials.trial_index) == [0, 1]
+    history = pd.read_parquet(outcome.path / "history.parquet")
+    exploits = history[history.exploited_from.notna()]
+    assert len(exploits), "no trial exploited the other"
+    first = exploits.sort_values("iteration").groupby("trial_id").head(1)
+    for row in first.itertuples():
+        donor = row.exploited_from
+        assert donor != row.trial_id and f"/trial-{donor}/" in row.restored_from  # the donor's own run
+        state = read_checkpoint(row.restored_from)
+        assert state["iteration"] == row.resumed_from > 0  # it continued at the donor's iteration ...
+        donors_reports = history[(history.trial_id == donor) & (history.checkpoint_path == row.restored_from)]
+        assert donors_reports.iteration.tolist() == [row.resumed_from]  # ... from the donor's reported checkpoint
+        assert row.iteration == row.resumed_from + 2  # and reported two iterations later
+    with pytest.raises(SpecError, match="scheduler.type pbt needs one of lr, l2_weight, weight_decay, contrast"):
+        load_spec(QUICK, ["scheduler.type=pbt", "lr=1.0e-3", "l2_weight=0.1", "weight_decay=0.01"])

@@ -30,6 +30,7 @@ from raybone.tuning.cluster import (
     start_ray,
     trials_that_fit,
 )
+from raybone.tuning.pbt import pbt_scheduler, pbt_space
 from raybone.tuning.progress import TrialProgress
 from raybone.tuning.searcher import OptunaSearcher, warm_start_trials
 from raybone.tuning.tables import history_table, trials_table
@@ -81,6 +82,8 @@ def run_search(
     if finished is not None:
         console.print(f"experiment {name!r} already finished ({len(finished)} trials); nothing to resume")
         return SearchOutcome(path, finished, _best(finished, spec))
+    if warm_start and spec.scheduler.type == "pbt":
+        raise SpecError("--warm-start seeds the searcher's study, and scheduler.type pbt runs without a searcher")
     seeds = warm_start_trials(root, warm_start, spec, console) if warm_start and not resume else []
     data = spec.prepare_data()
     _check_input_size(spec, data)
@@ -101,7 +104,8 @@ def run_search(
     if resume:
         tuner = ray.tune.Tuner.restore(str(path), trainable, resume_errored=True)
     else:
-        tuner = _new_tuner(trainable, spec, str(root), name, OptunaSearcher(spec, study, seeds), max_concurrent)
+        searcher = None if spec.scheduler.type == "pbt" else OptunaSearcher(spec, study, seeds)
+        tuner = _new_tuner(trainable, spec, str(root), name, searcher, max_concurrent)
     given = min(len(spec.start_from), spec.num_samples)
     starts = f" (the first {given} from start_from)" if given else ""
     console.print(
@@ -159,6 +163,19 @@ def _start_cluster(spec: Spec, root, address: str | None, shared_storage: bool, 
 
 
 def _new_tuner(trainable, spec: Spec, storage: str, name: str, searcher, max_concurrent: int) -> ray.tune.Tuner:
+    if spec.scheduler.type == "pbt":  # Tune runs PBT without a searcher: the population is drawn by pbt_space
+        return ray.tune.Tuner(
+            trainable,
+            param_space=pbt_space(spec),
+            tune_config=ray.tune.TuneConfig(
+                metric=spec.metric,
+                mode=spec.mode,
+                scheduler=pbt_scheduler(spec),
+                num_samples=1,
+                max_concurrent_trials=max_concurrent,
+            ),
+            run_config=_run_config(spec, storage, name),
+        )
     scheduler = None
     if spec.scheduler.type == "asha":
         scheduler = ASHAScheduler(
@@ -177,14 +194,18 @@ def _new_tuner(trainable, spec: Spec, storage: str, name: str, searcher, max_con
             num_samples=spec.num_samples,
             max_concurrent_trials=max_concurrent,
         ),
-        run_config=ray.tune.RunConfig(
-            name=name,
-            storage_path=storage,
-            verbose=0,
-            # a trial whose driver's node died is retried; its Train run resumes
-            failure_config=ray.tune.FailureConfig(max_failures=spec.resources.max_failures),
-            callbacks=[TrialProgress(spec)],
-        ),
+        run_config=_run_config(spec, storage, name),
+    )
+
+
+def _run_config(spec: Spec, storage: str, name: str) -> ray.tune.RunConfig:
+    return ray.tune.RunConfig(
+        name=name,
+        storage_path=storage,
+        verbose=0,
+        # a trial whose driver's node died is retried; its Train run resumes
+        failure_config=ray.tune.FailureConfig(max_failures=spec.resources.max_failures),
+        callbacks=[TrialProgress(spec)],
     )
 
 

@@ -25,6 +25,8 @@ HISTORY_COLUMNS = [
     *METRICS,
     "time_total_s",
     "resumed_from",
+    "restored_from",
+    "exploited_from",
     "node",
     "checkpoint_path",
 ]
@@ -61,7 +63,10 @@ def trials_table(result_grid, spec: Spec, storage_location: str | PurePath | Non
                 "trial_path": located(result.path),
             }
         )
-    return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True)
+    table = pd.DataFrame(rows).sort_values("trial_id", ignore_index=True)
+    if spec.scheduler.type == "pbt":  # an exploiting trial copies its donor's config, trial_index included
+        table["trial_index"] = range(len(table))  # Tune numbers the population in the order it was drawn
+    return table
 
 
 def best_report(reports: pd.DataFrame | None, metric: str, mode: str) -> pd.Series | None:
@@ -84,7 +89,12 @@ def history_table(result_grid, storage_location: str | PurePath | None = None) -
                     as_location(p, storage_location) if isinstance(p, str) else None for p in frame["checkpoint_path"]
                 ]
             frames.append(frame)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=HISTORY_COLUMNS)
+    if not frames:
+        return pd.DataFrame(columns=HISTORY_COLUMNS)
+    # A function trial's last report comes back once more as its final result.
+    history = pd.concat(frames, ignore_index=True)
+    keys = [c for c in ("trial_id", "iteration", "checkpoint_path") if c in history.columns]
+    return history.drop_duplicates(subset=keys, keep="first", ignore_index=True)
 
 
 def _status(result, iteration: int, total_iterations: int) -> str:

@@ -1,9 +1,22 @@
-"""One Tune trial: a Ray Train run of the worker loop (worker.py), named after the trial so a resumed search finds
-its checkpoints; Train's TuneReportCallback relays each validation report to Tune."""
+"""One Tune trial: a Ray Train run of the worker loop (worker.py), named after the trial so that a resumed search
+finds its checkpoints. Train's TuneReportCallback relays each validation report to Tune.
+
+Population Based Training needs more: Tune must hold a checkpoint of each trial to hand to the trials that exploit
+it. Under PBT the trial relays the reports itself, each with a small Tune checkpoint that points at the Train
+checkpoint of that report; a trial that exploits another starts a new Train run of its own whose workers load the
+other's checkpoint (the worker loop's `start_from`), at its iteration, with the perturbed configuration.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import queue
+import tempfile
+import threading
+import uuid
+import zlib
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -11,13 +24,16 @@ import ray.train
 import ray.tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.util.queue import Queue
 
 from raybone.data import PreparedData
 from raybone.spec import Spec
+from raybone.tuning.pbt import within_space
 from raybone.tuning.worker import train_loop_per_worker
 
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # the trial function only waits on its Train run
 NODE_START_TIMEOUT_S = 30 * 60  # how long a trial waits for the autoscaler's node (image pull, setup) per try
+POINTER = "train_checkpoint.json"  # a PBT trial's Tune checkpoint: where its Train checkpoint is
 
 
 def trial_seed(experiment_seed: int, trial_index: int) -> int:
@@ -26,44 +42,22 @@ def trial_seed(experiment_seed: int, trial_index: int) -> int:
 
 
 def run_trial(config: dict, *, spec_json: str, data_ref: list, train_storage: str) -> None:
-    """One Tune trial: a Train run named after the trial, so a resumed search finds its checkpoints."""
+    """One Tune trial (see the module docstring)."""
     spec = Spec.model_validate_json(spec_json)
     trial_id = ray.tune.get_context().get_trial_id()
-    sampled = {k: v for k, v in config.items() if k != "trial_index"}
-    r = spec.resources
-    if r.max_concurrent_trials is not None:  # an autoscaling cluster: wait for a new node, not Train's 60 s
+    if spec.resources.max_concurrent_trials is not None:  # an autoscaling cluster: wait for a new node
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(NODE_START_TIMEOUT_S))
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "train": spec.train_config(sampled).model_dump(),
-            "data": data_ref,
-            "seed": trial_seed(spec.seed, config["trial_index"]),
-            "threads": max(1, int(r.cpus_per_worker)),
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=r.num_workers,
-            use_gpu=r.gpus_per_worker > 0,
-            resources_per_worker={
-                "CPU": r.cpus_per_worker,
-                **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {}),
-            },
-        ),
-        run_config=ray.train.RunConfig(
-            name=f"trial-{trial_id}",
-            storage_path=train_storage,
-            callbacks=[TuneReportCallback()],
-            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
-            # The best checkpoints by the search's metric survive the trial's later iterations; Train also keeps
-            # the latest, which a restarted worker group resumes from.
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=spec.keep_checkpoints,
-                checkpoint_score_attribute=spec.metric,
-                checkpoint_score_order=spec.mode,
-            ),
-        ),
-    )
-    trainer.fit()
+    if spec.scheduler.type != "pbt":
+        _trainer(spec, config, data_ref, train_storage, f"trial-{trial_id}", [TuneReportCallback()]).fit()
+        return
+    start = _pointer(ray.tune.get_checkpoint())
+    if start is None or start["trial_id"] == trial_id:  # a new trial, or itself after a restart: its own run
+        run, donor = (start or {}).get("run", f"trial-{trial_id}"), None
+    else:  # exploiting another trial: a new run of its own, from the other's checkpoint
+        run, donor = f"trial-{trial_id}-{uuid.uuid4().hex[:6]}", start
+    reports = Queue(actor_options={"num_cpus": 0})
+    trainer = _trainer(spec, config, data_ref, train_storage, run, [_Relay(reports)], donor)
+    _relay_to_tune(trainer, reports, {"trial_id": trial_id, "run": run})
 
 
 def trial_arrays(data: PreparedData) -> dict:
@@ -75,3 +69,91 @@ def trial_arrays(data: PreparedData) -> dict:
         "sex_code": data.sex_code,
         "num_classes": int(data.meta["num_classes"]),
     }
+
+
+def _trainer(
+    spec: Spec,
+    config: dict,
+    data_ref: list,
+    storage: str,
+    run: str,
+    callbacks: list,
+    donor: dict | None = None,
+) -> TorchTrainer:
+    r = spec.resources
+    sampled = within_space({k: v for k, v in config.items() if k != "trial_index"}, spec)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": spec.train_config(sampled).model_dump(),
+            "data": data_ref,
+            # A PBT run that exploits another draws its own batches: its seed follows the run, not the donor.
+            "seed": trial_seed(spec.seed, config["trial_index"] if donor is None else zlib.crc32(run.encode())),
+            "threads": max(1, int(r.cpus_per_worker)),
+            # PBT: where this run starts when its own run has no checkpoint yet, and whose that checkpoint is
+            "start_from": None if donor is None else {"path": donor["path"], "trial_id": donor["trial_id"]},
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=r.num_workers,
+            use_gpu=r.gpus_per_worker > 0,
+            resources_per_worker={
+                "CPU": r.cpus_per_worker,
+                **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {}),
+            },
+        ),
+        run_config=ray.train.RunConfig(
+            name=run,
+            storage_path=storage,
+            callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+            # The best checkpoints by the search's metric survive the trial's later iterations; Train also keeps
+            # the latest, which a restarted worker group resumes from. Under PBT every one stays: a trial may
+            # exploit another at any report.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=None if spec.scheduler.type == "pbt" else spec.keep_checkpoints,
+                checkpoint_score_attribute=spec.metric,
+                checkpoint_score_order=spec.mode,
+            ),
+        ),
+    )
+
+
+class _Relay(ray.train.UserCallback):
+    """On the Train controller: each report and its checkpoint's path, to the trial."""
+
+    def __init__(self, reports: Queue):
+        self._reports = reports
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        self._reports.put({**metrics[0], "checkpoint_path": checkpoint.path if checkpoint else None})
+
+
+def _relay_to_tune(trainer: TorchTrainer, reports: Queue, me: dict) -> None:
+    """Train in a thread; report each of its results to Tune with a pointer to its checkpoint."""
+    failure = []
+    thread = threading.Thread(target=lambda: _fit(trainer, failure), daemon=True)
+    thread.start()
+    while thread.is_alive() or not reports.empty():
+        try:
+            metrics = reports.get(timeout=1)
+        except queue.Empty:
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / POINTER).write_text(json.dumps({**me, "path": metrics["checkpoint_path"]}))
+            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
+    if failure:
+        raise failure[0]
+
+
+def _fit(trainer: TorchTrainer, failure: list) -> None:
+    try:
+        trainer.fit()
+    except BaseException as err:  # raised again in the trial's own thread
+        failure.append(err)
+
+
+def _pointer(checkpoint: ray.tune.Checkpoint | None) -> dict | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return json.loads((Path(folder) / POINTER).read_text())

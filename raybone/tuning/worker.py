@@ -41,11 +41,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer = torch.optim.Adam(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.decay_steps, gamma=0.5)
     average = _average(model, cfg)
-    iteration, last_metrics = _restore(model, average, optimizer, schedule)
+    start_from = loop_config.get("start_from") or {}  # PBT: the checkpoint of the trial this one exploits
+    iteration, last_metrics, restored = _restore(model, average, optimizer, schedule, cfg, start_from.get("path"))
     if iteration >= cfg.iterations and last_metrics:
         ray.train.report(last_metrics)  # the run finished before a driver crash: tell Tune its result again
     # Where the run started and trains: visible in history.parquet after a restart or a lost node.
-    placement = {"resumed_from": iteration, "node": ray.get_runtime_context().get_node_id()}
+    placement = {
+        "resumed_from": iteration,
+        "node": ray.get_runtime_context().get_node_id(),
+        "restored_from": restored,
+        "exploited_from": start_from.get("trial_id"),  # PBT's lineage
+    }
     weights = balanced_class_weights(train.labels, num_classes)
     loss_fn = create_loss(cfg.loss, cfg.l2_weight, weights if cfg.class_balance == "loss" else None)
     draw = _sampler(
@@ -151,11 +157,14 @@ def _evaluated(model: nn.Module, average: AveragedModel | None) -> nn.Module:
     return _unwrap(model) if average is None else average.module
 
 
-def _restore(model: nn.Module, average: AveragedModel | None, optimizer, schedule) -> tuple[int, dict]:
-    """Continue from the run's latest checkpoint (worker restart or resumed search); else start at 0."""
-    checkpoint = ray.train.get_checkpoint()
+def _restore(
+    model: nn.Module, average: AveragedModel | None, optimizer, schedule, cfg: TrainConfig, start: str | None
+) -> tuple[int, dict, str | None]:
+    """Continue from the run's latest checkpoint (worker restart, resumed search), else from `start` (a PBT trial
+    exploiting another), else at 0. Returns the iteration, its metrics and the checkpoint's path."""
+    checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint(start) if start else None)
     if checkpoint is None:
-        return 0, {}
+        return 0, {}, None
     with checkpoint.as_directory() as folder:
         state = read_checkpoint(folder)
     _unwrap(model).load_state_dict(state.get("training_model", state["model"]))
@@ -163,7 +172,17 @@ def _restore(model: nn.Module, average: AveragedModel | None, optimizer, schedul
         average.load_state_dict(state["average"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
-    return state["iteration"], state["metrics"]
+    _adopt(cfg, optimizer, schedule, state["iteration"])
+    return state["iteration"], state["metrics"], checkpoint.path
+
+
+def _adopt(cfg: TrainConfig, optimizer, schedule, iteration: int) -> None:
+    """This run's learning rate and weight decay over the checkpoint's: the same after a restart, PBT's
+    perturbed values after an exploit (the schedule keeps halving from where the checkpoint was)."""
+    schedule.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * 0.5 ** (iteration // cfg.decay_steps)
+    optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # parameter_groups: decayed group first
 
 
 def _report(

@@ -1,0 +1,69 @@
+"""Population Based Training (Jaderberg et al. 2017) with Ray Tune's PopulationBasedTraining.
+
+Trials train side by side; every perturbation interval the worst quantile copy a better trial's checkpoint and
+configuration (exploit) and perturb the searched learning rate, L2 weight, weight decay and contrast (explore),
+then continue from the better trial's iteration. Tune allows no search algorithm beside PBT: the population is
+drawn here, seeded by the spec's seed and the trial's index (start_from points first), in the same ranges the
+searcher would use.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray.tune
+from ray.tune.schedulers import PopulationBasedTraining
+
+from raybone.spec import PERTURBED, Choice, Range, Spec
+
+
+def pbt_scheduler(spec: Spec) -> PopulationBasedTraining:
+    searched = spec.searched()
+    return PopulationBasedTraining(
+        time_attr="iteration",
+        perturbation_interval=spec.scheduler.perturbation_interval or spec.train_config({}).eval_every,
+        hyperparam_mutations={name: _tune_domain(searched[name]) for name in PERTURBED if name in searched},
+        quantile_fraction=spec.scheduler.quantile_fraction,
+        resample_probability=spec.scheduler.resample_probability,
+    )
+
+
+def pbt_space(spec: Spec) -> dict:
+    """Tune's param_space for a PBT search: one trial per index, each drawing its own start (seeded)."""
+    space = {"trial_index": ray.tune.grid_search(list(range(spec.num_samples)))}
+    for name, param in spec.searched().items():
+        space[name] = ray.tune.sample_from(lambda config, name=name, param=param: _draw(spec, config, name, param))
+    return space
+
+
+def within_space(config: dict, spec: Spec) -> dict:
+    """A perturbed configuration clipped back into the searched ranges (PBT multiplies by 0.8 or 1.2)."""
+    clipped = dict(config)
+    for name, param in spec.searched().items():
+        if isinstance(param, Range) and name in clipped:
+            value = min(max(clipped[name], param.low), param.high)
+            clipped[name] = round(value) if param.distribution in ("int", "logint") else value
+    return clipped
+
+
+def _draw(spec: Spec, config, name: str, param: Range | Choice):
+    index = config["trial_index"] if isinstance(config, dict) else config.config["trial_index"]
+    if index < len(spec.start_from):
+        return spec.start_from[index][name]
+    rng = np.random.default_rng([spec.seed, index, sorted(spec.searched()).index(name)])
+    if isinstance(param, Choice):
+        return param.choices[rng.integers(len(param.choices))]
+    log = param.distribution.startswith("log")
+    low, high = (np.log(param.low), np.log(param.high)) if log else (param.low, param.high)
+    value = float(rng.uniform(low, high))
+    value = float(np.exp(value)) if log else value
+    return round(value) if param.distribution in ("int", "logint") else value
+
+
+def _tune_domain(param: Range | Choice):
+    if isinstance(param, Choice):
+        return ray.tune.choice(param.choices)
+    if param.distribution == "loguniform":
+        return ray.tune.loguniform(param.low, param.high)
+    if param.distribution == "uniform":
+        return ray.tune.uniform(param.low, param.high)
+    return ray.tune.randint(int(param.low), int(param.high) + 1)
