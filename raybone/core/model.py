@@ -6,8 +6,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision import models
-from torchvision.models import WeightsEnum
 
 from raybone.errors import WeightsError, one_line
 
@@ -16,8 +14,10 @@ FINETUNE = ("full", "head")
 
 @dataclass(frozen=True)
 class _Arch:
+    # torchvision is imported when a network is built, not with this module: the spec, the Train controller and
+    # the Tune trial import it for the names alone (torchvision pulls in torch._dynamo, seconds per process).
     build: Callable[[int], nn.Module]  # num_classes -> randomly initialised 3-channel model
-    imagenet: WeightsEnum
+    imagenet: Callable[[], object]  # -> torchvision's ImageNet weights enum member
     stem: str  # first conv, rebuilt for one grey input channel
     classifier: str  # fully connected part: the only part trained with finetune="head"
     head: str  # final Linear, whose 1000 ImageNet classes are replaced by num_classes
@@ -27,18 +27,18 @@ class _Arch:
 
 _ARCHS: dict[str, _Arch] = {
     "vgg16": _Arch(
-        build=lambda n: models.vgg16(weights=None, num_classes=n),
-        imagenet=models.VGG16_Weights.IMAGENET1K_V1,
+        build=lambda n: _models().vgg16(weights=None, num_classes=n),
+        imagenet=lambda: _models().VGG16_Weights.IMAGENET1K_V1,
         stem="features.0",
         classifier="classifier",
         head="classifier.6",
         saliency=("features.29", "features.22", "features.15"),  # ReLUs after conv5_3, conv4_3, conv3_3
     ),
     "googlenet": _Arch(
-        build=lambda n: models.googlenet(
+        build=lambda n: _models().googlenet(
             weights=None, num_classes=n, aux_logits=False, transform_input=False, init_weights=True
         ),
-        imagenet=models.GoogLeNet_Weights.IMAGENET1K_V1,
+        imagenet=lambda: _models().GoogLeNet_Weights.IMAGENET1K_V1,
         stem="conv1.conv",
         classifier="fc",
         head="fc",
@@ -47,6 +47,12 @@ _ARCHS: dict[str, _Arch] = {
     ),
 }
 MODELS: tuple[str, ...] = tuple(_ARCHS)
+
+
+def _models():
+    from torchvision import models
+
+    return models
 
 
 def create_model(
@@ -141,14 +147,14 @@ def _fetch_state(name: str, arch: _Arch, weights: str) -> tuple[dict, str]:
     """(torchvision-format state dict, where it came from, for error messages)."""
     if weights == "imagenet":
         try:
-            state = arch.imagenet.get_state_dict(progress=False)
+            state = arch.imagenet().get_state_dict(progress=False)
         except OSError as e:  # urllib's URLError is an OSError
             raise WeightsError(
                 f"could not download ImageNet weights for {name} ({one_line(e)}); on an offline "
                 "machine download them elsewhere and pass weights: /path/to/state_dict.pth, "
                 "or use weights: none"
             ) from e
-        return state, f"ImageNet weights {arch.imagenet.url}"
+        return state, f"ImageNet weights {arch.imagenet().url}"
     path = Path(weights)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
