@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from raybone.core.loss import LOSSES
-from raybone.core.model import MODELS
+from raybone.core.catalog import LOSSES, MODELS
 from raybone.errors import SpecError, one_line
 
 if TYPE_CHECKING:
@@ -164,6 +163,10 @@ class Spec(_Strict):
     # Checkpoints each trial keeps besides its latest: its best ones by the metric, so the best model a trial ever
     # reached survives the trial's later (worse) iterations.
     keep_checkpoints: int = Field(2, ge=1)
+    # Where the search is also logged: Ray Tune's MLflow and W&B callbacks (TensorBoard files are always written
+    # beside the trials). MLflow and W&B read their usual settings from the environment (MLFLOW_TRACKING_URI,
+    # WANDB_PROJECT, WANDB_MODE, ...).
+    loggers: list[Literal["mlflow", "wandb"]] = []
     resources: Resources = Resources()
 
     @field_validator("train", mode="before")

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from raybone.core.catalog import LOSSES
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -28,9 +30,6 @@ def _weighted_mean(per_image: Tensor, target: Tensor, class_weights: Tensor | No
         return per_image.mean()
     weights = class_weights[target]
     return (per_image * weights).sum() / weights.sum()
-
-
-LOSSES = ("ce", "l2ce")
 
 
 def create_loss(name: str, l2_weight: float = 0.0, class_weights: Tensor | None = None) -> LossFn:

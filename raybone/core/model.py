@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from raybone.core.catalog import MODELS
 from raybone.errors import WeightsError, one_line
 
 FINETUNE = ("full", "head")
@@ -46,7 +47,7 @@ _ARCHS: dict[str, _Arch] = {
         saliency=("inception5b", "inception4e", "inception3b"),
     ),
 }
-MODELS: tuple[str, ...] = tuple(_ARCHS)
+assert tuple(_ARCHS) == MODELS, "core/catalog.py names the networks model.py builds"
 
 
 def _models():

@@ -18,6 +18,7 @@ from typing import Literal
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
+from raybone.core.catalog import MODELS
 from raybone.core.metrics import PAPER
 from raybone.errors import RayboneError, one_line
 from raybone.files import Legacy, read_regular_file
@@ -52,8 +53,6 @@ class _Member(BaseModel):
     @field_validator("model")
     @classmethod
     def _known(cls, model: str) -> str:
-        from raybone.core.model import MODELS
-
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}; this raybone knows {', '.join(MODELS)}")
         return model
