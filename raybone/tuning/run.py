@@ -30,10 +30,11 @@ from raybone.tuning.cluster import (
     start_ray,
     trials_that_fit,
 )
+from raybone.tuning.loggers import log_best_checkpoint, loggers
 from raybone.tuning.pbt import pbt_scheduler, pbt_space
 from raybone.tuning.progress import TrialProgress
 from raybone.tuning.searcher import OptunaSearcher, warm_start_trials
-from raybone.tuning.tables import history_table, trials_table
+from raybone.tuning.tables import LiveTables, history_table, trials_table
 from raybone.tuning.trial import TRIAL_DRIVER_MEMORY, run_trial, trial_arrays
 
 PACKAGES = ("raybone", "ray", "torch", "torchvision", "kornia", "optuna", "pydicom", "numpy", "pandas", "pyarrow")
@@ -85,6 +86,7 @@ def run_search(
     if warm_start and spec.scheduler.type == "pbt":
         raise SpecError("--warm-start seeds the searcher's study, and scheduler.type pbt runs without a searcher")
     seeds = warm_start_trials(root, warm_start, spec, console) if warm_start and not resume else []
+    callbacks = [TrialProgress(spec), LiveTables(spec, path, root if remote else None), *loggers(spec, name)]
     data = spec.prepare_data()
     _check_input_size(spec, data)
     max_concurrent = _start_cluster(spec, root, address, shared_storage, console)
@@ -105,7 +107,7 @@ def run_search(
         tuner = ray.tune.Tuner.restore(str(path), trainable, resume_errored=True)
     else:
         searcher = None if spec.scheduler.type == "pbt" else OptunaSearcher(spec, study, seeds)
-        tuner = _new_tuner(trainable, spec, str(root), name, searcher, max_concurrent)
+        tuner = _new_tuner(trainable, spec, str(root), name, searcher, max_concurrent, callbacks)
     given = min(len(spec.start_from), spec.num_samples)
     starts = f" (the first {given} from start_from)" if given else ""
     console.print(
@@ -118,6 +120,8 @@ def run_search(
     results.write_parquet(history_table(grid, root if remote else None), results.join(path, HISTORY))
     if remote and (study / STUDY).is_file():  # a copy beside the tables, so the storage holds the whole experiment
         results.copy_file(study / STUDY, results.join(path, STUDY))
+    if "mlflow" in spec.loggers and not remote:
+        log_best_checkpoint(spec, name, _best(trials, spec))
     return SearchOutcome(path, trials, _best(trials, spec))
 
 
@@ -162,7 +166,9 @@ def _start_cluster(spec: Spec, root, address: str | None, shared_storage: bool, 
     return max_concurrent
 
 
-def _new_tuner(trainable, spec: Spec, storage: str, name: str, searcher, max_concurrent: int) -> ray.tune.Tuner:
+def _new_tuner(
+    trainable, spec: Spec, storage: str, name: str, searcher, max_concurrent: int, callbacks: list
+) -> ray.tune.Tuner:
     if spec.scheduler.type == "pbt":  # Tune runs PBT without a searcher: the population is drawn by pbt_space
         return ray.tune.Tuner(
             trainable,
@@ -174,7 +180,7 @@ def _new_tuner(trainable, spec: Spec, storage: str, name: str, searcher, max_con
                 num_samples=1,
                 max_concurrent_trials=max_concurrent,
             ),
-            run_config=_run_config(spec, storage, name),
+            run_config=_run_config(spec, storage, name, callbacks),
         )
     scheduler = None
     if spec.scheduler.type == "asha":
@@ -194,18 +200,18 @@ def _new_tuner(trainable, spec: Spec, storage: str, name: str, searcher, max_con
             num_samples=spec.num_samples,
             max_concurrent_trials=max_concurrent,
         ),
-        run_config=_run_config(spec, storage, name),
+        run_config=_run_config(spec, storage, name, callbacks),
     )
 
 
-def _run_config(spec: Spec, storage: str, name: str) -> ray.tune.RunConfig:
+def _run_config(spec: Spec, storage: str, name: str, callbacks: list) -> ray.tune.RunConfig:
     return ray.tune.RunConfig(
         name=name,
         storage_path=storage,
         verbose=0,
         # a trial whose driver's node died is retried; its Train run resumes
         failure_config=ray.tune.FailureConfig(max_failures=spec.resources.max_failures),
-        callbacks=[TrialProgress(spec)],
+        callbacks=callbacks,
     )
 
 

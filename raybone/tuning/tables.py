@@ -11,9 +11,11 @@ from __future__ import annotations
 from pathlib import PurePath
 
 import pandas as pd
+import ray.tune
 
 from raybone.errors import one_line
-from raybone.experiments.storage import as_location
+from raybone.experiments import storage as results
+from raybone.experiments.storage import HISTORY, TRIALS, as_location
 from raybone.spec import METRICS, Spec
 
 HISTORY_COLUMNS = [
@@ -24,6 +26,7 @@ HISTORY_COLUMNS = [
     "images_per_s",
     *METRICS,
     "time_total_s",
+    "timestamp",
     "resumed_from",
     "restored_from",
     "exploited_from",
@@ -35,38 +38,124 @@ HISTORY_COLUMNS = [
 def trials_table(result_grid, spec: Spec, storage_location: str | PurePath | None = None) -> pd.DataFrame:
     """One row per trial. With `storage_location` a URI, checkpoint and trial paths are URIs too (Ray reports
     them without their scheme)."""
+    rows = []
+    for result in result_grid:
+        metrics, config = result.metrics or {}, result.config or {}
+        status = _status(result.error, metrics.get("iteration", 0), spec.iterations)
+        rows.append(
+            trial_row(
+                spec,
+                metrics.get("trial_id") or config.get("__trial_id", ""),
+                config,
+                metrics,
+                result.metrics_dataframe,
+                status,
+                result.error,
+                result.path,
+                storage_location,
+            )
+        )
+    return _numbered(pd.DataFrame(rows), spec)
+
+
+def trial_row(
+    spec: Spec,
+    trial_id: str,
+    config: dict,
+    last: dict,
+    reports: pd.DataFrame | None,
+    status: str,
+    error,
+    path: str | None,
+    storage_location: str | PurePath | None,
+) -> dict:
+    """A trial's row of trials.parquet from its configuration, its last report and all its reports."""
 
     def located(fs_path):
         return fs_path if storage_location is None or fs_path is None else as_location(fs_path, storage_location)
 
-    rows = []
-    for result in result_grid:
-        metrics = result.metrics or {}
-        config = result.config or {}
-        iteration = metrics.get("iteration", 0)
-        best = best_report(result.metrics_dataframe, spec.metric, spec.mode)
-        rows.append(
-            {
-                "trial_id": metrics.get("trial_id") or config.get("__trial_id", ""),
-                "trial_index": config.get("trial_index"),
-                "status": _status(result, iteration, spec.iterations),
-                **{name: config.get(name) for name in spec.searched()},
-                **{name: metrics.get(name) for name in METRICS},
-                "iteration": iteration,
-                f"best_{spec.metric}": None if best is None else best[spec.metric],
-                "best_iteration": None if best is None else best["iteration"],
-                "best_checkpoint_path": None if best is None else located(best.get("checkpoint_path")),
-                "wall_time_s": metrics.get("time_total_s"),
-                "node": metrics.get("node"),
-                "checkpoint_path": located(metrics.get("checkpoint_path")),
-                "error": one_line(result.error) if result.error else None,
-                "trial_path": located(result.path),
-            }
-        )
-    table = pd.DataFrame(rows).sort_values("trial_id", ignore_index=True)
+    best = best_report(reports, spec.metric, spec.mode)
+    return {
+        "trial_id": trial_id,
+        "trial_index": config.get("trial_index"),
+        "status": status,
+        **{name: config.get(name) for name in spec.searched()},
+        **{name: last.get(name) for name in METRICS},
+        "iteration": last.get("iteration", 0),
+        f"best_{spec.metric}": None if best is None else best[spec.metric],
+        "best_iteration": None if best is None else best["iteration"],
+        "best_checkpoint_path": None if best is None else located(best.get("checkpoint_path")),
+        "wall_time_s": last.get("time_total_s"),
+        "node": last.get("node"),
+        "checkpoint_path": located(last.get("checkpoint_path")),
+        "error": one_line(error) if error else None,
+        "trial_path": located(path),
+    }
+
+
+def _numbered(table: pd.DataFrame, spec: Spec) -> pd.DataFrame:
+    table = table.sort_values("trial_id", ignore_index=True)
     if spec.scheduler.type == "pbt":  # an exploiting trial copies its donor's config, trial_index included
         table["trial_index"] = range(len(table))  # Tune numbers the population in the order it was drawn
     return table
+
+
+class LiveTables(ray.tune.Callback):
+    """trials.parquet and history.parquet while the search runs: a history row per validation report, and the
+    trials with their status so far (`running` until they end). Each write is atomic, so `raybone results` and
+    `raybone report` read a consistent table at any moment; the search replaces both with Tune's final record.
+
+    Tune pickles its callbacks into the experiment (for --resume): the rows are read back from the tables."""
+
+    def __init__(self, spec: Spec, experiment: str | PurePath, storage_location: str | PurePath | None):
+        self._spec, self._experiment, self._storage = spec, experiment, storage_location
+        self._reports: list[dict] = []
+        self._rows: dict[str, dict] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_reports": [], "_rows": {}}
+
+    def setup(self, **info) -> None:
+        for name, kept in ((HISTORY, "_reports"), (TRIALS, "_rows")):
+            location = results.join(self._experiment, name)
+            if results.exists(location):
+                records = results.read_parquet(location).to_dict("records")
+                setattr(self, kept, records if kept == "_reports" else {r["trial_id"]: r for r in records})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._reports.append({**{c: result.get(c) for c in HISTORY_COLUMNS}, "trial_id": trial.trial_id})
+        self._update(trial, "running", None)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        last = trial.last_result or {}
+        self._update(trial, _status(None, last.get("iteration", 0), self._spec.iterations), None)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._update(trial, "error", trial.get_error() or "error")
+
+    def _update(self, trial, status: str, error) -> None:
+        reports = pd.DataFrame(self._reports)
+        own = reports[reports.trial_id == trial.trial_id] if len(reports) else None
+        self._rows[trial.trial_id] = trial_row(
+            self._spec,
+            trial.trial_id,
+            trial.config,
+            trial.last_result or {},
+            own,
+            status,
+            error,
+            trial.path,
+            self._storage,
+        )
+        history = reports.reindex(columns=HISTORY_COLUMNS)
+        if self._storage is not None:
+            history["checkpoint_path"] = [
+                as_location(p, self._storage) if isinstance(p, str) else None for p in history["checkpoint_path"]
+            ]
+        results.write_parquet(history, results.join(self._experiment, HISTORY))
+        results.write_parquet(
+            _numbered(pd.DataFrame(list(self._rows.values())), self._spec), results.join(self._experiment, TRIALS)
+        )
 
 
 def best_report(reports: pd.DataFrame | None, metric: str, mode: str) -> pd.Series | None:
@@ -97,7 +186,7 @@ def history_table(result_grid, storage_location: str | PurePath | None = None) -
     return history.drop_duplicates(subset=keys, keep="first", ignore_index=True)
 
 
-def _status(result, iteration: int, total_iterations: int) -> str:
-    if result.error:
+def _status(error, iteration: int, total_iterations: int) -> str:
+    if error:
         return "error"
     return "completed" if iteration >= total_iterations else "stopped_early"

@@ -72,6 +72,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if iteration % cfg.eval_every == 0 or iteration == cfg.iterations:
             metrics = {
                 "iteration": iteration,
+                "timesteps_total": iteration,  # the step Tune's loggers (TensorBoard, MLflow) plot against
                 "train_loss": torch.stack(losses).mean().item(),
                 "current_lr": schedule.get_last_lr()[0],
                 **placement,
