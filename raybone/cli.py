@@ -26,6 +26,11 @@ FORCE_HELP = "replace the output folder even if it is a raybone folder holding o
 SCOPE_HELP = "best: the best checkpoint any trial kept; last: the trial whose last checkpoint is best"
 
 
+class Logger(str, Enum):
+    mlflow = "mlflow"
+    wandb = "wandb"
+
+
 @app.callback()
 def _quiet_decoders() -> None:
     """Decoders warn about odd but readable files on stderr; raybone reports what it could not read itself."""
@@ -88,13 +93,19 @@ def search(
     warm_start: Annotated[
         str | None, typer.Option(help="seed the study with the finished trials of this earlier experiment")
     ] = None,
+    logger: Annotated[
+        list[Logger] | None, typer.Option(help="also log to mlflow | wandb (repeatable; spec: loggers)")
+    ] = None,
 ):
     """Run a hyperparameter search (default: the demo atlas with the packaged space quick)."""
     from raybone.experiments.storage import HISTORY, TRIALS, join
     from raybone.tuning.run import run_search, search_spec
 
     overrides = (
-        list(set_ or []) + [f"data.source={data}"] * bool(data) + [f"num_samples={num_samples}"] * bool(num_samples)
+        list(set_ or [])
+        + [f"data.source={data}"] * bool(data)
+        + [f"num_samples={num_samples}"] * bool(num_samples)
+        + [f"loggers=[{', '.join(item.value for item in logger or [])}]"] * bool(logger)
     )
     spec = search_spec(config, overrides, storage, resume)
     name = resume or name or f"{Path(config).stem}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -302,15 +313,16 @@ def _print_best(best, metric: str) -> None:
 
 
 def _print_predictions(predictions) -> None:
-    table = Table("file", "class (years)", "top-2 (p)", "expected age")
+    table = Table("class (years)", "top-2 (p)", "expected age")
+    table.add_column("file (relative to the folder given)", overflow="fold")  # wrapped, never cut
     for p in predictions:
         r = p.record()
         top2 = ", ".join(f"{c} ({r['probabilities'][c]:.3f})" for c in (r["predicted_years"], r["second_years"]))
         table.add_row(
-            Text(r["file"]),
             str(r["predicted_years"]),
             top2,
             f"{r['expected_age_years']:.2f} y ({r['expected_age_months']:.0f} mo)",
+            Text(p.shown or r["file"]),
         )
     console.print(table)
 
@@ -359,7 +371,9 @@ class ImportanceEvaluator(str, Enum):
 @app.command()
 @_user_errors
 def results(
-    name: Annotated[str | None, typer.Argument(help="experiment (default: the most recent)")] = None,
+    names: Annotated[
+        list[str] | None, typer.Argument(help="experiment (default: the most recent); several: compare them")
+    ] = None,
     top: Annotated[int | None, typer.Option(min=1, help="only the N best trials")] = None,
     format: Annotated[
         OutputFormat, typer.Option(help="table | json | csv (json/csv: trials only, on stdout)")
@@ -370,8 +384,9 @@ def results(
     ] = ImportanceEvaluator.fanova,
     results_dir: Annotated[str, typer.Option(help="where experiments are written: a folder or a URI")] = str(RESULTS),
 ):
-    """An experiment's trials ranked by its metric, then its hyperparameter importances; --list: all experiments."""
-    from raybone.experiments import Experiment, importances, summaries
+    """An experiment's trials ranked by its metric, then its hyperparameter importances; several experiments: their
+    best models side by side and how their specs differ; --list: all experiments."""
+    from raybone.experiments import Experiment, compare, importances, summaries
     from raybone.spec import METRICS
 
     if list_:
@@ -379,7 +394,13 @@ def results(
         if not table["error"].notna().any():
             table = table.drop(columns="error")
         return _print_frame(table, format, title=f"experiments in {results_dir}")
-    experiment = Experiment.open(results_dir, name)
+    if names and len(names) > 1:
+        best, differences = compare(results_dir, names)
+        _print_frame(best, format, title="the best model of each experiment")
+        if format is OutputFormat.table:
+            _print_frame(differences, format, title="where their specs differ")
+        return None
+    experiment = Experiment.open(results_dir, names[0] if names else None)
     spec, ranked = experiment.spec, experiment.ranked()
     trials = ranked.head(top) if top else ranked
     if format is not OutputFormat.table:

@@ -5,13 +5,21 @@ experiment   Experiment (spec, environment, trials, history, best trial), listin
 importances  Optuna's hyperparameter importances (Optuna imported only when asked)
 """
 
-from raybone.experiments.experiment import BestTrial, Experiment, list_experiments, load_trained_model, summaries
+from raybone.experiments.experiment import (
+    BestTrial,
+    Experiment,
+    compare,
+    list_experiments,
+    load_trained_model,
+    summaries,
+)
 from raybone.experiments.importances import Importances, importances
 
 __all__ = [
     "BestTrial",
     "Experiment",
     "Importances",
+    "compare",
     "importances",
     "list_experiments",
     "load_trained_model",

@@ -422,3 +422,42 @@ def plain(value):
     if value is pd.NA or value is pd.NaT:
         return None
     return value
+
+
+def compare(storage_location: str | PurePath, names: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the best model of each experiment side by side, the settings in which their specs differ)."""
+    experiments = [Experiment.open(storage_location, name) for name in names]
+    rows = []
+    for experiment in experiments:
+        best, trials = experiment.best(), experiment.trials()
+        metrics = best.metrics()
+        rows.append(
+            {
+                "experiment": experiment.name,
+                "trials": len(trials),
+                "metric": best.metric,
+                "best": metrics.get(best.metric),
+                "trial_id": best.trial_id,
+                "iteration": best.iteration,
+                **{name: metrics.get(name) for name in ("val_top1", "val_top2", "val_rmse", "val_mae")},
+                "trial_iterations": plain(trials["iteration"].sum()) if "iteration" in trials else None,
+            }
+        )
+    settings = [_flat(e.spec.model_dump(mode="json")) for e in experiments]
+    keys = sorted({key for flat in settings for key in flat})
+    differ = [key for key in keys if len({repr(flat.get(key)) for flat in settings}) > 1]
+    differences = pd.DataFrame(
+        {e.name: [str(flat.get(key, "")) for key in differ] for e, flat in zip(experiments, settings, strict=True)},
+        index=differ,
+    )
+    return pd.DataFrame(rows), differences.rename_axis("setting").reset_index()
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value and set(value) - {"distribution", "low", "high", "choices"}:
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
