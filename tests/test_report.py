@@ -34,7 +34,13 @@ def test_report_references_figures_that_exist(tiny_experiment, tmp_path):
         "worst_errors.png",
         "probabilities.png",
         "gradcam.png",
+        "optimisation_history.png",
+        "parallel_coordinates.png",
     } <= set(names)
+    headers = re.findall(r"<thead>(.*?)</thead>", page, flags=re.S)
+    assert all(header.count("<tr") == 1 for header in headers)  # one header row, no empty second one
+    assert all(re.search(r"<th>\s*</th>", header) is None for header in headers)  # no unnamed index column
+    assert "<th>rank</th>" in page and "<th>model</th>" in page
     for name in names:
         with Image.open(folder / name) as png:  # a real, non-trivial picture, not an empty file
             assert png.format == "PNG" and min(png.size) > 200
@@ -84,15 +90,15 @@ def test_report_command(tiny_experiment, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "arch, size, layer",
+    "arch, size, layer, cells",
     [
-        ("vgg16", 64, "features.29"),
-        ("googlenet", 64, "inception4e"),
-        ("googlenet", 32, "inception3b"),
-        ("googlenet", 224, "inception5b"),
+        ("vgg16", 64, "features.22", 8),
+        ("googlenet", 64, "inception3b", 8),
+        ("googlenet", 32, "inception3b", 4),  # no candidate reaches 7 cells: the finest there is
+        ("googlenet", 224, "inception5b", 7),
     ],
 )
-def test_grad_cam_has_the_input_shape_and_varies(arch, size, layer):
+def test_grad_cam_has_the_input_shape_and_varies(arch, size, layer, cells):
     torch.manual_seed(0)
     model = create_model(arch, num_classes=20)
     hands = np.stack(
@@ -100,10 +106,10 @@ def test_grad_cam_has_the_input_shape_and_varies(arch, size, layer):
     )
     crops = test_crops(torch.from_numpy(hands), size)[4]
 
-    maps, used = grad_cam(model, arch, crops)
+    maps, used, resolution = grad_cam(model, arch, crops)
 
     assert maps.shape == (3, size, size)
-    assert used.endswith(layer)
+    assert used.endswith(layer) and resolution == cells
     assert maps.min() >= 0 and torch.allclose(maps.amax(dim=(1, 2)), torch.ones(3))
     assert (maps.flatten(1).std(dim=1) > 0.05).all()  # not constant: it points somewhere
     assert not torch.equal(maps[0], maps[1])
@@ -116,8 +122,8 @@ def test_grad_cam_follows_the_class_asked_for_and_the_sex_input():
     crops = test_crops(torch.from_numpy(hands), 64)[4]
     sex = torch.tensor([1.0])
 
-    young, _ = grad_cam(model, "vgg16", crops, target=torch.tensor([1]), sex=sex)
-    old, _ = grad_cam(model, "vgg16", crops, target=torch.tensor([18]), sex=sex)
+    young, _, _ = grad_cam(model, "vgg16", crops, target=torch.tensor([1]), sex=sex)
+    old, _, _ = grad_cam(model, "vgg16", crops, target=torch.tensor([18]), sex=sex)
 
     assert young.shape == old.shape == (1, 64, 64)
     assert not torch.allclose(young, old)
@@ -132,3 +138,38 @@ def test_a_report_of_the_top_two_reports_their_ensemble(tiny_experiment, tmp_pat
     assert result.exit_code == 0, result.output
     page = (out / PAGE).read_text()
     assert "the ensemble of the top 2 trials, recomputed now" in page
+
+
+def test_the_page_renders_in_a_real_browser_with_every_image(tiny_experiment, tmp_path):
+    """Debian's chromium, headless, opens the page; a probe appended to a copy counts the images that loaded."""
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium here (apt-get install chromium)")
+    results, _ = tiny_experiment
+    folder = write_report(results, "tiny", tmp_path / "report", samples=2)
+    copy = shutil.copytree(folder, tmp_path / "opened")
+    probe = (
+        "<script>window.addEventListener('load', () => { const all = [...document.images];"
+        " const ok = all.filter(i => i.complete && i.naturalWidth > 0).length;"
+        " document.body.insertAdjacentHTML('beforeend', `<p id=probe>loaded ${ok} of ${all.length}</p>`); });"
+        "</script>"
+    )
+    page = copy / PAGE
+    page.write_text(page.read_text().replace("</body>", probe + "</body>"))
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--no-first-run",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+    ]
+    dom = subprocess.run([browser, *flags, page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    images = len(_figures(page.read_text()))
+    assert images >= 8 and f"loaded {images} of {images}" in dom, dom[-500:]

@@ -14,7 +14,7 @@ from torch import nn
 
 from raybone.core.model import saliency_layers
 
-MIN_CELLS = 4
+MIN_CELLS = 7  # the paper's 224 px crops give GoogLeNet and VGG16 maps of 7 x 7 at their deepest layers
 
 
 def grad_cam(
@@ -23,10 +23,11 @@ def grad_cam(
     crops: torch.Tensor,
     target: torch.Tensor | None = None,
     sex: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, str]:
+) -> tuple[torch.Tensor, str, int]:
     """Maps [N, H, W] in [0, 1] for preprocessed crops [N, 1, H, W] (default target: the predicted class).
 
-    Returns the maps and the name of the layer they come from.
+    Returns the maps, the name of the layer they come from and the cells on a side of its map (below MIN_CELLS
+    only when no candidate layer reaches it at this input size).
     """
     layers = saliency_layers(model, arch)
     names = {module: name for name, module in model.named_modules()}
@@ -49,4 +50,5 @@ def grad_cam(
     cam = F.relu((weights * activation).sum(dim=1, keepdim=True)).detach()
     cam = F.interpolate(cam, size=crops.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     peak = cam.amax(dim=(1, 2), keepdim=True)
-    return cam / torch.where(peak > 0, peak, 1.0), names[layer]  # an all-zero map stays zero
+    cells = min(activation.shape[-2:])
+    return cam / torch.where(peak > 0, peak, 1.0), names[layer], cells  # an all-zero map stays zero

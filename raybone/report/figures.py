@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -49,27 +50,100 @@ def confusion(matrix: np.ndarray, path: Path, title: str) -> Path:
 
 
 def learning_curves(history: pd.DataFrame, trials: pd.DataFrame, metric: str, best_id: str, path: Path) -> Path:
-    """Validation metric and training loss against iterations, one line per trial; the best in bold."""
-    fig = Figure(figsize=(11, 4))
+    """Validation metric and training loss against iterations, one line per trial; the legend says which trial
+    each line is and how it ended, the best trial bold."""
+    fig = Figure(figsize=(12, 4.4))
     axes = fig.subplots(1, 2)
-    status = dict(zip(trials.trial_id, trials.status))
+    status = dict(zip(trials.trial_id, trials.status, strict=True))
+    colours = iter(matplotlib.colormaps["tab20"].colors * 10)
     for trial_id, curve in history.sort_values("iteration").groupby("trial_id", sort=True):
-        best = trial_id == best_id
+        best, ended = trial_id == best_id, status.get(trial_id, "")
+        last = int(curve.iteration.max())
+        how = {"stopped_early": f"stopped at {last}", "running": f"running, at {last}"}.get(ended, ended)
         style = {
-            "lw": 2.5 if best else 1,
-            "alpha": 1 if best else 0.6,
+            "lw": 2.8 if best else 1.2,
+            "alpha": 1 if best else 0.75,
             "zorder": 3 if best else 2,
-            "ls": "--" if status.get(trial_id) == "stopped_early" else "-",
-            "label": f"{trial_id}{' (best)' if best else ''}",
+            "ls": ":" if ended == "stopped_early" else "-",
+            "color": "crimson" if best else next(colours),
+            "label": f"trial {trial_id} ({how}){', the best' if best else ''}",
         }
-        for ax, column in zip(axes, (metric, "train_loss")):
+        for ax, column in zip(axes, (metric, "train_loss"), strict=True):
             points = curve[["iteration", column]].dropna() if column in curve else curve.iloc[:0]
             ax.plot(points.iteration, points[column], marker="o", ms=2.5, **style)
-    axes[0].set(xlabel="training iteration", ylabel=metric, title=f"{metric} (dashed: stopped early by ASHA)")
+    axes[0].set(xlabel="training iteration", ylabel=metric, title=f"{metric} at each validation")
     axes[1].set(xlabel="training iteration", ylabel="training loss", title="training loss")
-    if history.trial_id.nunique() <= 12:
-        axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    shown = 16  # the best first, then the others in trial order
+    order = sorted(range(len(labels)), key=lambda i: "the best" not in labels[i])[:shown]
+    note = f" ({len(labels) - shown} more not listed)" if len(labels) > shown else ""
+    fig.legend(
+        [handles[i] for i in order],
+        [labels[i] for i in order],
+        loc="center left",
+        fontsize=7,
+        bbox_to_anchor=(1.0, 0.5),
+        title=f"dotted: stopped early by the scheduler{note}",
+        title_fontsize=7,
+    )
     return _save(fig, path)
+
+
+def optimisation_history(history: pd.DataFrame, metric: str, mode: str, path: Path) -> Path:
+    """The best metric found so far against the trial-iterations the search had spent by then."""
+    order = ["timestamp", "trial_id", "iteration"] if "timestamp" in history else ["trial_id", "iteration"]
+    reports = history.dropna(subset=[metric]).sort_values(order)
+    spent = reports.groupby("trial_id").iteration.diff().fillna(reports.iteration).cumsum()
+    best = reports[metric].cummin() if mode == "min" else reports[metric].cummax()
+    fig = Figure(figsize=(7, 3.8))
+    ax = fig.add_subplot()
+    ax.scatter(spent, reports[metric], s=10, alpha=0.5, color="grey", label="each validation")
+    ax.step(spent, best, where="post", color="crimson", lw=2, label=f"best {metric} so far")
+    ax.set(xlabel="trial-iterations spent by the search", ylabel=metric, title="optimisation history")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def parallel_coordinates(trials: pd.DataFrame, searched: dict[str, Range | Choice], metric: str, path: Path) -> Path:
+    """One line per trial through its searched hyperparameters (log scales where searched so) to its best metric,
+    coloured by that metric; trials stopped early dotted."""
+    value = f"best_{metric}" if f"best_{metric}" in trials else metric
+    scored = trials.dropna(subset=[value])
+    names = [name for name in searched if name in scored]
+    fig = Figure(figsize=(max(6, 1.6 * (len(names) + 1)), 4))
+    ax = fig.add_subplot()
+    columns = [_unit(scored[name], searched[name]) for name in names] + [_unit(scored[value], None)]
+    colour = matplotlib.colormaps["viridis_r"]
+    low, high = scored[value].min(), scored[value].max()
+    for row in range(len(scored)):
+        shade = 0.5 if high == low else (scored[value].iloc[row] - low) / (high - low)
+        dotted = scored.get("status", pd.Series("", index=scored.index)).iloc[row] == "stopped_early"
+        ax.plot(
+            range(len(columns)),
+            [c[row] for c in columns],
+            color=colour(shade),
+            alpha=0.8,
+            ls=":" if dotted else "-",
+            marker="o",
+            ms=3,
+        )
+    ax.set_xticks(range(len(columns)), [*names, f"best {metric}"])
+    ax.set(yticks=[], ylim=(-0.05, 1.05), title="parallel coordinates: each line a trial (dotted: stopped early)")
+    mappable = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(low, high), colour)
+    fig.colorbar(mappable, ax=ax, label=f"best {metric}")
+    return _save(fig, path)
+
+
+def _unit(values: pd.Series, param: Range | Choice | None) -> np.ndarray:
+    """Values on [0, 1] across the searched range (a log range on a log scale; choices evenly spaced)."""
+    if isinstance(param, Choice):
+        index = {repr(c): i for i, c in enumerate(param.choices)}
+        return np.array([index.get(repr(v), 0) for v in values], float) / max(1, len(param.choices) - 1)
+    x = values.to_numpy(dtype=float)
+    low, high = (param.low, param.high) if param is not None else (np.nanmin(x), np.nanmax(x))
+    if param is not None and param.distribution.startswith("log"):
+        x, low, high = np.log(x), np.log(low), np.log(high)
+    return (x - low) / (high - low) if high > low else np.full(len(x), 0.5)
 
 
 def hyperparameters(
@@ -116,18 +190,22 @@ def importances(values: dict[str, float], path: Path, evaluator: str) -> Path:
 
 
 def radiographs(images: np.ndarray, captions: list[str], path: Path, overlays: np.ndarray | None = None) -> Path:
-    """A grid of radiographs with captions; `overlays` (values in [0, 1]) are drawn over them as heat maps."""
+    """A grid of radiographs with captions; `overlays` (values in [0, 1]) are drawn over them as heat maps, with a
+    colour bar."""
     columns = min(4, len(images))
     rows = -(-len(images) // columns)
-    fig = Figure(figsize=(3 * columns, 3.3 * rows))
+    fig = Figure(figsize=(3 * columns + (0.6 if overlays is not None else 0), 3.3 * rows))
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    heat = None
     for index, ax in enumerate(axes):
         ax.axis("off")
         if index < len(images):
             ax.imshow(images[index], **(GREY if images.dtype == np.uint8 else {"cmap": "gray"}))
             if overlays is not None:
-                ax.imshow(overlays[index], cmap="jet", alpha=0.4, vmin=0, vmax=1)
+                heat = ax.imshow(overlays[index], cmap="jet", alpha=0.4, vmin=0, vmax=1)
             ax.set_title(captions[index], fontsize=9)
+    if heat is not None:
+        fig.colorbar(heat, ax=list(axes), fraction=0.02, label="Grad-CAM: share of the strongest evidence")
     return _save(fig, path)
 
 
@@ -164,5 +242,5 @@ def _positions(values: pd.Series, param: Range | Choice) -> tuple[np.ndarray, li
 
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")  # legends placed beside the axes included
     return path

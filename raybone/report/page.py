@@ -99,7 +99,13 @@ def write_report(
         sections = {
             "confusion": _confusion(staging, val, num_classes, best),
             "curves": _curves(staging, history, trials, best),
+            "history": _history(staging, history, best),
             "space": _search_space(staging, trials, best),
+            "parallel": {
+                "figure": figures.parallel_coordinates(
+                    trials, best.spec.searched(), best.metric, staging / "parallel_coordinates.png"
+                ).name
+            },
             "importances": _importances(staging, best),
             "worst": _worst_errors(staging, val, samples),
             "probabilities": _probabilities(staging, val, samples),
@@ -140,6 +146,13 @@ def _curves(folder: Path, history: pd.DataFrame, trials: pd.DataFrame, best: Bes
             history, trials, best.metric, best.trial_id, folder / "learning_curves.png"
         ).name
     }
+
+
+def _history(folder: Path, history: pd.DataFrame, best: BestTrial) -> dict:
+    if history.empty or best.metric not in history:
+        return {"figure": None}
+    path = figures.optimisation_history(history, best.metric, best.mode, folder / "optimisation_history.png")
+    return {"figure": path.name}
 
 
 def _search_space(folder: Path, trials: pd.DataFrame, best: BestTrial) -> dict:
@@ -185,11 +198,20 @@ def _saliency(folder: Path, model, cfg, val: _Validation, samples: int) -> dict:
     chosen = _spread(val.labels, samples)
     centre = test_crops(torch.from_numpy(val.images[chosen]), cfg.input_size)[4]  # the unflipped centre crop
     sex = None if val.sex is None else val.sex[chosen]
-    maps, layer = grad_cam(model.cpu(), cfg.model, centre, sex=sex)
+    maps, layer, cells = grad_cam(model.cpu(), cfg.model, centre, sex=sex)
     predicted = val.probs[chosen].argmax(1)
     captions = [f"true {val.labels[i]} y, predicted {p} y" for i, p in zip(chosen, predicted, strict=True)]
     path = figures.radiographs(centre[:, 0].numpy(), captions, folder / "gradcam.png", overlays=maps.numpy())
-    return {"figure": path.name, "layer": layer, "model": cfg.model}
+    empty = int((maps.flatten(1).amax(1) == 0).sum())
+    return {
+        "figure": path.name,
+        "layer": layer,
+        "model": cfg.model,
+        "cells": cells,
+        "empty": empty,
+        "shown": len(chosen),
+        "input_size": cfg.input_size,
+    }
 
 
 def _spread(labels: np.ndarray, n: int) -> np.ndarray:
@@ -216,9 +238,19 @@ def _page(best: BestTrial, metrics: dict, trials: pd.DataFrame, sections: dict, 
         *[(who, top1, top2, rmse, None, None) for who, (top1, top2, rmse) in PAPER.items()],
     ]
     compared = pd.DataFrame(
-        rows, columns=["", "top-1", "top-2", "RMSE arg-max (y)", "RMSE expected age (y)", "MAE expected age (months)"]
-    ).set_index("")
-    columns = ["rank", "trial_id", "status", *best.spec.searched(), best.metric, "iteration"]
+        rows,
+        columns=["model", "top-1", "top-2", "RMSE arg-max (y)", "RMSE expected age (y)", "MAE expected age (months)"],
+    )
+    columns = [
+        "rank",
+        "trial_id",
+        "status",
+        *best.spec.searched(),
+        f"best_{best.metric}",
+        "best_iteration",
+        best.metric,
+        "iteration",
+    ]
     return (
         _templates()
         .get_template("page.html.j2")
@@ -232,14 +264,14 @@ def _page(best: BestTrial, metrics: dict, trials: pd.DataFrame, sections: dict, 
             stored=best.metrics().get(best.metric),
             readout=best.train_config().readout,
             metrics_table=_table(compared, header=True, digits=3),
-            config_table=_table(pd.DataFrame([best.train_config().model_dump()]).T, header=False),
+            config_table=_table(pd.DataFrame([best.train_config().model_dump()]).T, header=False, index=True),
             trials_table=_table(trials[[c for c in columns if c in trials]], header=True),
         )
     )
 
 
-def _table(df: pd.DataFrame, header: bool, digits: int = 4) -> str:
-    return df.to_html(header=header, na_rep="", float_format=lambda v: f"{v:.{digits}g}", border=0)
+def _table(df: pd.DataFrame, header: bool, digits: int = 4, index: bool = False) -> str:
+    return df.to_html(header=header, index=index, na_rep="", float_format=lambda v: f"{v:.{digits}g}", border=0)
 
 
 def _templates() -> Environment:
