@@ -41,6 +41,7 @@ MAX_WEIGHTS_BYTES = 2 * 2**30  # VGG16's weights are 0.5 GiB
 class Prediction:
     file: str
     probs: np.ndarray  # [num_classes], averaged over the six crops
+    shown: str = ""  # the file as a table shows it: relative to the folder it was found in
 
     @property
     def ranked(self) -> np.ndarray:
@@ -372,6 +373,7 @@ def predict_inputs(
         raise RayboneError(
             f"no radiographs ({', '.join(IMAGE_SUFFIXES)} or DICOM) found in {', '.join(map(str, inputs))}"
         )
+    _warn_if_trained_on_the_demo_atlas(predictor, files, console)
     failures = 0
     codes = sex_codes(files, sex, sex_csv)
     if predictor.sex_input and codes is None:
@@ -403,7 +405,25 @@ def predict_inputs(
                 files, batch_size, on_error=report, advance=lambda n: bar.advance(task, n), sex_codes=codes
             )
         )
+    roots = [Path(item) for item in inputs if Path(item).is_dir()]
+    for prediction in predictions:
+        path = Path(prediction.file)
+        root = next((root for root in roots if path.is_relative_to(root)), None)
+        prediction.shown = printable(path.relative_to(root) if root else path)
     return predictions, failures, predictor
+
+
+def _warn_if_trained_on_the_demo_atlas(predictor: Predictor, files: Sequence[Path], console: Console) -> None:
+    """Once: a model of the synthetic phantom atlas says nothing true about real radiographs."""
+    source = str((predictor.meta.get("data") or {}).get("source") or "")
+    if "demo-atlas" in source and any(not Path(f).resolve().is_relative_to(Path(source)) for f in files):
+        console.print(
+            f"warning: {printable(predictor.path)} was trained on the synthetic phantom demo atlas, not on "
+            "radiographs: its predictions on real radiographs are meaningless",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def predictions_json(predictions: Sequence[Prediction]) -> str:
