@@ -66,18 +66,19 @@ def load_experiment(location: str | PurePath, name: str | None = None) -> Experi
     return Experiment.open(location, name)
 
 
-def load_model(folder: str | Path, device: str = "cpu") -> Model:
-    """An exported model folder (one network or an ensemble), ready to predict."""
-    return Model(folder, device)
+def load_model(folder: str | Path, device: str = "cpu", backend: str = "auto") -> Model:
+    """An exported model folder (one network or an ensemble), ready to predict; backend auto | onnx | torch as
+    `raybone predict --backend`."""
+    return Model(folder, device, backend)
 
 
 class Model:
     """A model folder from `raybone best --export`, on `device`."""
 
-    def __init__(self, folder: str | Path, device: str = "cpu"):
+    def __init__(self, folder: str | Path, device: str = "cpu", backend: str = "auto"):
         from raybone.modelfolder.predict import Predictor
 
-        self._predictor = Predictor(folder, device)
+        self._predictor = Predictor(folder, device, backend)
         self.meta: dict = self._predictor.meta  # model.json
 
     def predict(self, images, sex: list[str] | str | None = None) -> pd.DataFrame:

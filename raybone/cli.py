@@ -168,6 +168,15 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Backend(str, Enum):
+    auto = "auto"
+    onnx = "onnx"
+    torch = "torch"
+
+
+BACKEND_HELP = "auto (ONNX Runtime on the CPU where the model allows, else PyTorch) | onnx | torch"
+
+
 @app.command()
 @_user_errors
 def best(
@@ -228,12 +237,13 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="images per batch")] = 32,
     sex: Annotated[str | None, typer.Option(help="the patients' sex, male|female, for models with sex input")] = None,
     sex_csv: Annotated[Path | None, typer.Option(help="sidecar CSV: file, sex (M/F) per image")] = None,
+    backend: Annotated[Backend, typer.Option(help=BACKEND_HELP)] = Backend.auto,
 ):
     """Predict bone-age classes; unusable files are reported on stderr and skipped (exit 1)."""
     from raybone.modelfolder.predict import predict_inputs, predictions_csv, predictions_json
 
     predictions, failures, predictor = predict_inputs(
-        model_dir, inputs, device.value, batch_size, Console(stderr=True), sex, sex_csv
+        model_dir, inputs, device.value, batch_size, Console(stderr=True), sex, sex_csv, backend.value
     )
     if format is OutputFormat.json:
         typer.echo(predictions_json(predictions))
@@ -255,6 +265,7 @@ def evaluate(
     ] = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="also write the results here")] = None,
     device: Annotated[Device, typer.Option(help="cpu | cuda")] = Device.cpu,
+    backend: Annotated[Backend, typer.Option(help=BACKEND_HELP)] = Backend.auto,
 ):
     """Top-1/2, RMSE, MAE and the confusion matrix of an exported model on labelled radiographs."""
     from raybone.modelfolder.predict import check_evaluation_file, write_evaluation
@@ -262,7 +273,7 @@ def evaluate(
 
     if json_file is not None:
         check_evaluation_file(json_file)  # before the work, not after it
-    result = run_evaluation(model_dir, data, split, device.value)
+    result = run_evaluation(model_dir, data, split, device.value, backend=backend.value)
     _print_evaluation(result)
     if json_file is not None:
         write_evaluation(result, json_file)

@@ -2,6 +2,8 @@
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from typer.testing import CliRunner
 from raybone.cli import app
 from raybone.core.engine import predict_probs, resize
 from raybone.data import render_hand, warp_image
+from raybone.errors import RayboneError
 from raybone.experiments import load_trained_model
 from raybone.modelfolder.predict import Predictor, evaluate, find_images
 
@@ -131,7 +134,7 @@ def test_predictor_loads_without_unpickling_and_matches_the_checkpoint(model, be
 
     with monkeypatch.context() as patched:
         patched.setattr(torch, "load", refuse)
-        predictor = Predictor(model)
+        predictor = Predictor(model, backend="torch")
     assert predictor.image_size == 40 and predictor.input_size == 32 and predictor.num_classes == 20
     for name, tensor in network.state_dict().items():
         assert torch.equal(predictor.model.state_dict()[name], tensor), name
@@ -222,8 +225,38 @@ def test_folders_are_searched_for_radiographs_only(tmp_path, hand):
 
 
 def test_predicts_every_real_radiograph_in_a_folder(model, shared_data):
-    result = runner.invoke(app, ["predict", str(model), str(shared_data / "rsna-full"), "--format", "json"])
-    assert result.exit_code == 0, result.stderr
-    records = _json_output(result)
+    runs = {
+        backend: runner.invoke(
+            app, ["predict", str(model), str(shared_data / "rsna-full"), "--format", "json", "--backend", backend]
+        )
+        for backend in ("onnx", "torch")
+    }
+    assert all(run.exit_code == 0 for run in runs.values()), runs["onnx"].stderr + runs["torch"].stderr
+    records = _json_output(runs["onnx"])
     assert len(records) == len(list((shared_data / "rsna-full" / "images").glob("*.png")))
     assert all(0 <= r["predicted_years"] < 20 and abs(sum(r["probabilities"]) - 1) < 1e-5 for r in records)
+    by_torch = {r["file"]: r["probabilities"] for r in _json_output(runs["torch"])}
+    np.testing.assert_allclose([r["probabilities"] for r in records], [by_torch[r["file"]] for r in records], atol=1e-4)
+
+
+def test_the_onnx_backend_gives_torchs_probabilities_without_loading_torch(model, hand, tmp_path):
+    files = _write_formats(tmp_path / "in", hand)
+    onnx, torch_ = Predictor(model), Predictor(model, backend="torch")
+    assert (onnx.backend, torch_.backend) == ("onnx", "torch")
+    assert onnx.sizes == [37]  # the tiny model re-warps 40 px to 37 before its 32 px crops
+    images = np.stack([onnx.preprocess(f) for f in files.values()] + [np.full((40, 40), 9, np.uint8)])
+    np.testing.assert_allclose(onnx.predict_arrays(images), torch_.predict_arrays(images), atol=1e-5, rtol=0)
+
+    code = (
+        "import sys; from raybone.cli import app; "
+        f"app(['predict', {str(model)!r}, {str(tmp_path / 'in')!r}, '--format', 'json'], standalone_mode=False); "
+        "print(sorted(m for m in ('torch', 'ray', 'optuna') if m in sys.modules), file=sys.stderr)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)) == len(files) and result.stderr.splitlines()[-1] == "[]"
+
+
+def test_the_onnx_backend_is_cpu_only(model):
+    with pytest.raises(RayboneError, match="--backend onnx runs on the CPU; use --backend torch with --device cuda"):
+        Predictor(model, device="cuda", backend="onnx")

@@ -10,6 +10,8 @@ import kornia.augmentation as K
 import torch
 from torch import Tensor, nn
 
+from raybone.core.inputs import crop_origins
+
 MAX_ROTATION_DEG = 20.0
 
 
@@ -37,12 +39,8 @@ def train_augment(images: Tensor, input_size: int, contrast: float = 0.0) -> Ten
 def test_crops(images: Tensor, input_size: int) -> Tensor:
     """[6,B,1,c,c]: top-left, top-right, bottom-left, bottom-right, centre, flipped centre."""
     x = to_float(images)
-    height, width = x.shape[-2:]
-    if input_size > min(height, width):
-        raise ValueError(f"crop {input_size} is larger than the {height}x{width} images")
-    bottom, right = height - input_size, width - input_size
-    corners = [(0, 0), (0, right), (bottom, 0), (bottom, right), (bottom // 2, right // 2)]
-    crops = [x[..., top : top + input_size, left : left + input_size] for top, left in corners]
+    origins = crop_origins(*x.shape[-2:], input_size)
+    crops = [x[..., top : top + input_size, left : left + input_size] for top, left in origins]
     crops.append(crops[-1].flip(-1))
     return subtract_mean(torch.stack(crops))
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from raybone.core.catalog import MODELS
+from raybone.core.inputs import sex_values
 from raybone.errors import WeightsError, one_line
 
 FINETUNE = ("full", "head")
@@ -106,8 +107,7 @@ class SexConditioned(nn.Module):
 
 def sex_feature(sex_code) -> torch.Tensor:
     """Prepared sex codes (1 male, 0 female, -1 unknown) as the model's input: +1, -1, 0."""
-    code = torch.as_tensor(sex_code)
-    return torch.where(code == 1, 1.0, torch.where(code == 0, -1.0, 0.0))
+    return torch.from_numpy(sex_values(sex_code))
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -19,19 +19,26 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from raybone.core.engine import predict_images
+from raybone.core.inputs import resize, sex_values, test_crops
 from raybone.core.metrics import confusion_matrix, readout_metrics
-from raybone.core.model import create_model
 from raybone.data import decode_image, prepare, warp_image
 from raybone.data.decode import IMAGE_SUFFIXES, UNSUPPORTED_SUFFIXES
 from raybone.data.sources import MAX_LABELS_BYTES, SEX_CODES, parse_sex
 from raybone.errors import DataError, RayboneError, one_line, printable
 from raybone.files import read_regular_file, write_file_atomically
-from raybone.modelfolder.format import MAX_MODEL_JSON_BYTES, MODEL_JSON, WEIGHTS, read_model_meta
+from raybone.modelfolder.format import (
+    MAX_MODEL_JSON_BYTES,
+    MODEL_JSON,
+    ONNX,
+    ONNX_INPUT,
+    ONNX_OUTPUT,
+    ONNX_SEX,
+    WEIGHTS,
+    read_model_meta,
+)
 
 SPLITS = ("val", "train", "all")
 MAX_WEIGHTS_BYTES = 2 * 2**30  # VGG16's weights are 0.5 GiB
@@ -64,45 +71,108 @@ class Prediction:
         }
 
 
-@dataclass
-class _Network:
-    """One network of the model folder with its own preprocessing after the shared warp."""
+class _TorchNetwork:
+    """One network of the model folder in PyTorch, from its safetensors weights."""
 
-    module: torch.nn.Module
-    resize_to: int  # the trial's re-warp before cropping
-    input_size: int
-    config: dict  # its TrainConfig
+    def __init__(self, folder: Path, member: dict, num_classes: int, device: str):
+        import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RayboneError("--device cuda: no CUDA GPU is available here; use --device cpu")
+        self.device = torch.device(device)
+        self.module = _load_weights(folder, member, num_classes).to(self.device)
+
+    def probs(self, images: np.ndarray, sex_code: np.ndarray | None, batch_size: int, size: int, config: dict):
+        from raybone.core.engine import predict_images
+
+        return predict_images(
+            self.module,
+            images,
+            size,
+            config["input_size"],
+            self.device,
+            sex_code=sex_code,
+            batch_size=batch_size,
+            amp=bool(config.get("amp", False)),
+            channels_last=bool(config.get("channels_last", False)),
+        )
+
+
+class _OnnxNetwork:
+    """One network of the model folder through onnxruntime: the same six crops and softmax, without torch."""
+
+    def __init__(self, folder: Path, member: dict):
+        import onnxruntime
+
+        data = _checked(folder / ONNX, member, MAX_WEIGHTS_BYTES)
+        try:
+            self.session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own untyped errors on a bad graph
+            raise RayboneError(f"{folder / ONNX}: cannot load ({one_line(err)})") from None
+
+    def probs(self, images: np.ndarray, sex_code: np.ndarray | None, batch_size: int, size: int, config: dict):
+        out = []
+        for start in range(0, len(images), batch_size):
+            crops = test_crops(resize(images[start : start + batch_size], size), config["input_size"])
+            feeds = {ONNX_INPUT: np.ascontiguousarray(crops.reshape(-1, *crops.shape[2:]))}
+            if sex_code is not None:
+                feeds[ONNX_SEX] = np.tile(sex_values(sex_code[start : start + batch_size]), 6)
+            (logits,) = self.session.run([ONNX_OUTPUT], feeds)
+            exp = np.exp(logits - logits.max(-1, keepdims=True))
+            out.append((exp / exp.sum(-1, keepdims=True)).reshape(6, len(crops[0]), -1).mean(0))
+        return np.concatenate(out)
+
+
+BACKENDS = ("auto", "onnx", "torch")
 
 
 class Predictor:
     """An exported model on `device` (one network, or an ensemble averaging its members' probabilities), with
-    the preprocessing it was trained with."""
+    the preprocessing it was trained with.
 
-    def __init__(self, model_dir, device: str = "cpu"):
+    backend "onnx" runs each member's model.onnx through onnxruntime, without importing torch (seconds off every
+    command); "torch" its safetensors weights in PyTorch. "auto" takes ONNX on the CPU where every member has it,
+    PyTorch otherwise.
+    """
+
+    def __init__(self, model_dir, device: str = "cpu", backend: str = "auto"):
+        if device not in ("cpu", "cuda"):
+            raise RayboneError(f"unknown device {device!r}; choose cpu or cuda")
+        if backend not in BACKENDS:
+            raise RayboneError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.path = Path(model_dir)
         self.meta = read_model_meta(self.path)
         self.image_size = self.meta["image_size"]  # the prepared data's warp size
         self.num_classes = self.meta["num_classes"]
-        self.device = _device(device)
+        members = self.meta["members"]
+        self.configs = [{**m["train_config"], "input_size": m["input_size"]} for m in members]
+        self.sizes = [m.get("resize_to") or self.image_size for m in members]
+        self.backend = self._choose(backend, device)
         self.networks = [
-            _Network(
-                _load_network(self.path / member["folder"], member, self.num_classes).to(self.device),
-                member.get("resize_to") or self.image_size,
-                member["input_size"],
-                member["train_config"],
-            )
-            for member in self.meta["members"]
+            _OnnxNetwork(self.path / m["folder"], m)
+            if self.backend == "onnx"
+            else _TorchNetwork(self.path / m["folder"], m, self.num_classes, device)
+            for m in members
         ]
-        self.config = self.networks[0].config  # readout and batch size: an ensemble's members share the search's
-        self.sex_input = any(bool(n.config.get("sex_input", False)) for n in self.networks)
+        self.config = self.configs[0]  # readout and batch size: an ensemble's members share the search's
+        self.sex_input = any(bool(c.get("sex_input", False)) for c in self.configs)
+
+    def _choose(self, backend: str, device: str) -> str:
+        if backend == "onnx" and device != "cpu":
+            raise RayboneError("--backend onnx runs on the CPU; use --backend torch with --device cuda")
+        if backend == "auto":
+            have_onnx = all((self.path / m["folder"] / ONNX).is_file() for m in self.meta["members"])
+            return "onnx" if device == "cpu" and have_onnx else "torch"
+        return backend
 
     @property
-    def model(self) -> torch.nn.Module:
+    def model(self):
+        """The first network's torch module (backend "torch" only)."""
         return self.networks[0].module
 
     @property
     def input_size(self) -> int:
-        return self.networks[0].input_size
+        return self.config["input_size"]
 
     def preprocess(self, path) -> np.ndarray:
         """uint8 [image_size, image_size], as prepare() stores it; DataError '<path>: <reason>' if unusable."""
@@ -121,18 +191,14 @@ class Predictor:
             return np.zeros((0, self.num_classes), dtype=np.float32)
         sex_code = np.full(len(images), -1) if sex_code is None else sex_code
         probs = [
-            predict_images(
-                network.module,
+            network.probs(
                 images,
-                network.resize_to,
-                network.input_size,
-                self.device,
-                sex_code=sex_code if network.config.get("sex_input") else None,
-                batch_size=batch_size or int(network.config.get("eval_batch_size", 64)),
-                amp=bool(network.config.get("amp", False)),
-                channels_last=bool(network.config.get("channels_last", False)),
+                sex_code if config.get("sex_input") else None,
+                batch_size or int(config.get("eval_batch_size", 64)),
+                size,
+                config,
             )
-            for network in self.networks
+            for network, config, size in zip(self.networks, self.configs, self.sizes, strict=True)
         ]
         return np.mean(probs, axis=0)
 
@@ -172,17 +238,24 @@ class Predictor:
             return None, f"{path}: cannot decode ({type(err).__name__}: {one_line(err)})"
 
 
-def _load_network(folder: Path, member: dict, num_classes: int) -> torch.nn.Module:
+def _checked(path: Path, member: dict, limit: int) -> bytes:
+    """The file's bytes, once its sha256 matches model.json (where model.json records one)."""
+    data = read_regular_file(path, limit)
+    expected = member["sha256"].get(path.name)
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise RayboneError(f"{path}: sha256 does not match {MODEL_JSON} (modified or corrupt); export the model again")
+    return data
+
+
+def _load_weights(folder: Path, member: dict, num_classes: int):
     from safetensors import SafetensorError
     from safetensors.torch import load
 
+    from raybone.core.model import create_model
+
     path = folder / WEIGHTS
-    data = read_regular_file(path, MAX_WEIGHTS_BYTES)
-    expected = member["sha256"].get(WEIGHTS)
-    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-        raise RayboneError(f"{path}: sha256 does not match {MODEL_JSON} (modified or corrupt); export the model again")
     try:
-        state = load(data)
+        state = load(_checked(path, member, MAX_WEIGHTS_BYTES))
     except (SafetensorError, ValueError) as err:
         raise RayboneError(f"{path}: cannot read weights ({one_line(err)})") from None
     config = member["train_config"]
@@ -200,14 +273,6 @@ def _load_network(folder: Path, member: dict, num_classes: int) -> torch.nn.Modu
             f"{path}: does not fit a {member['model']} with {num_classes} classes ({str(err).splitlines()[0]})"
         ) from None
     return model.eval()
-
-
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RayboneError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    if name not in ("cpu", "cuda"):
-        raise RayboneError(f"unknown device {name!r}; choose cpu or cuda")
-    return torch.device(name)
 
 
 # ---------------------------------------------------------------- inputs
@@ -253,7 +318,12 @@ def _is_radiograph(path: Path) -> bool:
 
 
 def evaluate(
-    model_dir, data: str, split: str | None = None, device: str = "cpu", batch_size: int | None = None
+    model_dir,
+    data: str,
+    split: str | None = None,
+    device: str = "cpu",
+    batch_size: int | None = None,
+    backend: str = "auto",
 ) -> dict:
     """Metrics and confusion matrix of the model on a prepared data set or a labelled source.
 
@@ -263,7 +333,7 @@ def evaluate(
     """
     if split is not None and split not in SPLITS:
         raise RayboneError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    predictor = Predictor(model_dir, device)
+    predictor = Predictor(model_dir, device, backend)
     trained_on = predictor.meta.get("data", {})
     prepared = prepare(
         data,
@@ -358,6 +428,7 @@ def predict_inputs(
     console: Console | None = None,
     sex: str | None = None,
     sex_csv: Path | None = None,
+    backend: str = "auto",
 ) -> tuple[list[Prediction], int, Predictor]:
     """Predict every radiograph in `inputs` (files or folders), with a progress bar on `console`.
 
@@ -367,7 +438,7 @@ def predict_inputs(
     console = console or Console(stderr=True)
     if batch_size < 1:
         raise RayboneError(f"--batch-size must be at least 1, got {batch_size}")
-    predictor = Predictor(model_dir, device)
+    predictor = Predictor(model_dir, device, backend)
     files, problems = find_images(inputs)
     if not files and not problems:
         raise RayboneError(
