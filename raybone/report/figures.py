@@ -194,7 +194,11 @@ def radiographs(images: np.ndarray, captions: list[str], path: Path, overlays: n
     colour bar."""
     columns = min(4, len(images))
     rows = -(-len(images) // columns)
-    fig = Figure(figsize=(3 * columns + (0.6 if overlays is not None else 0), 3.3 * rows))
+    # A colour bar shared by several axes needs the constrained layout (tight_layout cannot place it).
+    fig = Figure(
+        figsize=(3 * columns + (0.6 if overlays is not None else 0), 3.3 * rows),
+        layout="constrained" if overlays is not None else None,
+    )
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
     heat = None
     for index, ax in enumerate(axes):
@@ -241,6 +245,7 @@ def _positions(values: pd.Series, param: Range | Choice) -> tuple[np.ndarray, li
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=DPI, bbox_inches="tight")  # legends placed beside the axes included
     return path
