@@ -115,6 +115,7 @@ def main() -> None:
     started = time.perf_counter()
     source = shared_folder("rsna-100")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="raybone-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
     searched_csv, test_csv = held_out_split(source, work)
     # A small validation split keeps six-crop validation cheap; the test set is what is scored.
     prepare(source, labels=searched_csv, out=work / "prepared", image_size=100, val_fraction=0.1, progress=False)
@@ -134,7 +135,7 @@ def main() -> None:
         results_dir=work,
         resume=(work / "search" / "trials.parquet").is_file(),
     )  # --work: a finished search is kept
-    spent = int(search.trials.training_iteration.sum())
+    spent = int(search.trials.iteration.sum())
     paper = run_search(
         load_spec(spec_file(work, "paper", PAPER, args, spent, 1, max(50, spent // 6))), name="paper", results_dir=work
     )
@@ -143,7 +144,7 @@ def main() -> None:
     for arm, outcome in arms.items():
         config, metrics = score(best_row(outcome.trials, "val_rmse", "min").checkpoint_path, test, args.device)
         results["arms"][arm] = {
-            "trial_iterations": int(outcome.trials.training_iteration.sum()),
+            "trial_iterations": int(outcome.trials.iteration.sum()),
             "config": config,
             "test": metrics,
         }

@@ -96,7 +96,7 @@ def search(spec, name: str, results_dir: Path) -> dict:
         "trials": trials,
         "reports": reports,
         "wall_s": elapsed(),
-        "trial_iterations": int(trials.training_iteration.sum()),
+        "trial_iterations": int(trials.iteration.sum()),
         "best_val_rmse": float(trials.val_rmse.min()),
         "statuses": trials.status.value_counts().to_dict(),
     }

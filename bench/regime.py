@@ -1,0 +1,117 @@
+"""A learning regime for the CPU: does the paper's recipe learn within about 20 CPU-minutes on rsna-100?
+
+Every search figure is only worth something if the models it compares have learned. This trains the recipe
+(GoogLeNet from scratch, lr 1e-4 halved every 500 iterations, L2CE with weight 1, weight decay 0.1, batch 32)
+as one raybone trial on rsna-100 (the same stratified 20 % test split as bench/quality.py held out first; a 10 %
+validation split of the rest), for `--iterations` at `--input-size` crops of 100 px images, validating every
+`--eval-every`, and records its learning curve (validation RMSE against iterations and wall time) next to the
+median predictor (always the median class of the training split), and its test figures at the end.
+Goal (issue 16): validation RMSE <= 2.0 years within about 20 minutes on 2 cores.
+
+    python bench/regime.py [--iterations 2000] [--input-size 88] [--eval-every 250] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray
+from _common import finish, parse_args, shared_folder
+from quality import PAPER, held_out_split, score, spec_file
+
+from raybone.data import prepare
+from raybone.spec import load_spec
+from raybone.tuning.cluster import start_local_ray
+from raybone.tuning.run import run_search
+
+GOAL_RMSE, GOAL_MINUTES = 2.0, 20
+
+
+def _options(parser) -> None:
+    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--input-size", type=int, default=88, help="crop side of the 100 px images")
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--work", help="working folder (its prepared data is reused)")
+
+
+def median_rmse(train_labels: np.ndarray, labels: np.ndarray) -> float:
+    """RMSE (years) of always predicting the training split's median class."""
+    return float(np.sqrt(np.mean((labels - np.median(train_labels)) ** 2)))
+
+
+def main() -> None:
+    args = parse_args(__doc__, _options)
+    if args.quick:
+        args.iterations, args.eval_every = 100, 50
+    started = time.perf_counter()
+    source = shared_folder("rsna-100")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="raybone-regime-"))
+    work.mkdir(parents=True, exist_ok=True)
+    searched_csv, test_csv = held_out_split(source, work)
+    data = prepare(source, labels=searched_csv, out=work / "prepared", image_size=100, val_fraction=0.1, progress=False)
+    test = prepare(source, labels=test_csv, out=work / "test", image_size=100, progress=False)
+    start_local_ray(num_cpus=None if args.device == "cuda" else 2)
+    recipe = {**PAPER, "input_size": args.input_size, "crop_fraction": args.input_size / 100}
+    name = f"recipe-{args.input_size}px-{args.iterations}"
+    spec = load_spec(spec_file(work, name, recipe, args, args.iterations, 1, args.eval_every))
+    outcome = run_search(spec, name=name, results_dir=work)
+    history = pd.read_parquet(outcome.path / "history.parquet")
+    curve = [
+        {
+            "iteration": int(r.iteration),
+            "minutes": round(r.time_total_s / 60, 2),
+            "val_rmse": r.val_rmse,
+            "val_rmse_expected": r.val_rmse_expected,
+            "val_top1": r.val_top1,
+        }
+        for r in history.itertuples()
+    ]
+    best = outcome.trials.iloc[0]
+    _, test_metrics = score(best.best_checkpoint_path, test, args.device)
+    val_labels = data.labels[~data.is_train]
+    reference = {
+        "median_predictor_val_rmse": median_rmse(data.labels[data.is_train], val_labels),
+        "median_predictor_test_rmse": median_rmse(data.labels[data.is_train], test.labels),
+    }
+    reached = next((p for p in curve if p["val_rmse"] <= GOAL_RMSE), None)
+    results = {
+        "settings": {
+            "input_size": args.input_size,
+            "image_size": 100,
+            "iterations": args.iterations,
+            "eval_every": args.eval_every,
+            "batch_size": PAPER["batch_size"],
+            "recipe": recipe,
+        },
+        "curve": curve,
+        "reference": reference,
+        "best_iteration": int(best.best_iteration),
+        "test_at_best_checkpoint": test_metrics,
+        "val_images": len(val_labels),
+        "test_images": len(test.labels),
+    }
+    met = reached is not None and reached["minutes"] <= GOAL_MINUTES
+    summary = (
+        f"recipe at {args.input_size} of 100 px: val RMSE {curve[-1]['val_rmse']:.2f} y after "
+        f"{curve[-1]['iteration']} iterations in {curve[-1]['minutes']:.1f} min; "
+        + (
+            f"<= {GOAL_RMSE} y first at {reached['iteration']} it, {reached['minutes']:.1f} min"
+            if reached
+            else f"never <= {GOAL_RMSE} y"
+        )
+        + f" (goal: within {GOAL_MINUTES} min: {'met' if met else 'missed'}); median predictor "
+        f"{reference['median_predictor_val_rmse']:.2f} y; test RMSE {test_metrics['rmse_argmax']:.2f} / "
+        f"{test_metrics['rmse_expected']:.2f} y (arg-max / expected; median predictor "
+        f"{reference['median_predictor_test_rmse']:.2f} y) on {len(test.labels)} held-out hands"
+    )
+    ray.shutdown()
+    finish("regime", args, results, summary, started)
+
+
+if __name__ == "__main__":
+    main()
