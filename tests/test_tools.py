@@ -1,6 +1,8 @@
 """raybone beside the tools users already run: live tables, MLflow and W&B, the Python API, comparisons."""
 
 import json
+import re
+import shlex
 import threading
 import time
 from pathlib import Path
@@ -8,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import typer
 from conftest import QUICK, TINY
 from PIL import Image
+from typer.core import TyperGroup
 from typer.testing import CliRunner
 
 import raybone
@@ -145,3 +149,37 @@ def test_predict_shows_whole_names_and_warns_about_a_demo_model(tiny_model, tmp_
     flat = "".join(ch for ch in result.stdout if ch not in " \n│┃")  # the cell's lines, read in order
     assert name in flat  # wrapped, never cut
     assert result.stderr.count("warning:") == 1 and "synthetic phantom demo atlas" in result.stderr
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every `raybone ...` line of the README's bash blocks, continuation lines joined, comments and redirects cut."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line.split(" #")[0].split(">")[0], comments=True)
+            if words[:1] == ["raybone"]:
+                commands.append(words[1:])
+    return commands
+
+
+def test_every_command_in_the_readme_parses():
+    """Each README command names a real subcommand with options it has and values they accept (parsed by the
+    CLI's own parser, not run: the search examples need a cluster and the RSNA data)."""
+    group = typer.main.get_command(app)
+    commands = _readme_commands()
+    assert len(commands) >= 15
+    for words in commands:
+        command, rest = group, words
+        while isinstance(command, TyperGroup):
+            command, rest = command.get_command(typer.Context(command), rest[0]), rest[1:]
+            assert command is not None, f"README: raybone {' '.join(words)}: no such command"
+        try:
+            command.make_context("raybone", list(rest))
+        except Exception as err:  # typer's own click raises its UsageError subclasses
+            raise AssertionError(f"README: raybone {' '.join(words)}: {err}") from None
+    with pytest.raises(AssertionError, match="No such option: --bogus"):  # the check itself can fail
+        try:
+            group.get_command(typer.Context(group), "predict").make_context("raybone", ["m/", "x.png", "--bogus"])
+        except Exception as err:
+            raise AssertionError(str(err)) from None
