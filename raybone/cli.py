@@ -293,11 +293,27 @@ def report(
     top: Annotated[int, typer.Option(help="report the ensemble of the best checkpoints of the N best trials")] = 1,
 ):
     """Write an HTML report with figures: confusion matrix, learning curves, hyperparameters, errors, Grad-CAM."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from raybone.report import PAGE, write_report
 
-    with errors.status("re-running the best trial on its validation split and drawing the figures"):
+    columns = (TextColumn("{task.description:<55}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=errors, transient=True) as bar:
+        task = bar.add_task("report", total=None)
+
+        def on_step(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
         folder = write_report(
-            results_dir, name, out, samples=samples, device=device.value, force=force, scope=scope.value, top=top
+            results_dir,
+            name,
+            out,
+            samples=samples,
+            device=device.value,
+            force=force,
+            scope=scope.value,
+            top=top,
+            on_step=on_step,
         )
     _say(f"report: {folder / PAGE}")
 

@@ -24,7 +24,11 @@ def _figures(page: str) -> list[str]:
 
 def test_report_references_figures_that_exist(tiny_experiment, tmp_path):
     results, outcome = tiny_experiment
-    folder = write_report(results, "tiny", tmp_path / "report", samples=4)
+    steps = []
+    folder = write_report(results, "tiny", tmp_path / "report", samples=4, on_step=lambda *step: steps.append(step))
+    # The progress bar's steps: the re-run, then one per section of the page, each before its figure is drawn.
+    assert [(done, total) for done, total, _ in steps] == [(n, 10) for n in range(10)]
+    assert [what for _, _, what in steps][-3:] == ["worst errors", "class probabilities", "Grad-CAM"]
     page = (folder / PAGE).read_text()
     names = _figures(page)
     assert {

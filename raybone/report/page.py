@@ -15,6 +15,7 @@ search, so the figures and the metrics at the top describe the same predictions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +47,18 @@ FIGURES = (
     "probabilities.png",
     "gradcam.png",
 )
+# Each section of the page, in order, as a progress bar names it.
+_FIGURE_STEPS = {
+    "confusion": "confusion matrix",
+    "curves": "learning curves",
+    "history": "optimisation history",
+    "space": "hyperparameters",
+    "parallel": "parallel coordinates",
+    "importances": "importances",
+    "worst": "worst errors",
+    "probabilities": "class probabilities",
+    "saliency": "Grad-CAM",
+}
 KIND = "report"
 _LEGACY = Legacy(PAGE, b"<title>raybone report", frozenset({PAGE, *FIGURES}))
 
@@ -71,12 +84,15 @@ def write_report(
     force: bool = False,
     scope: str = "best",
     top: int = 1,
+    on_step: Callable[[int, int, str], None] | None = None,
 ) -> Path:
     """Write the report of experiment `name` (default: the most recent) to `out` (default: <experiment>/report,
     or ./report-<name> for an experiment on a URI storage). An earlier report there is replaced; anything else
     is refused (see raybone.files), a report holding other files too unless `force`. With `top` > 1 the
     predictions are those of the ensemble of the best checkpoints of the `top` best trials (as
-    `raybone best --export --top` exports it); Grad-CAM shows its best member."""
+    `raybone best --export --top` exports it); Grad-CAM shows its best member. `on_step(done, total, what)` is
+    told before each step (the re-run, then each figure), for a progress bar."""
+    step = on_step or (lambda done, total, what: None)
     experiment = Experiment.open(storage, name)
     members = experiment.top(top) if top != 1 else [experiment.best(scope=scope)]
     best = members[0]
@@ -84,6 +100,7 @@ def write_report(
     default = Path(f"report-{experiment.name}") if is_uri(storage) else experiment.local() / "report"
     target = (Path(out) if out is not None else default).resolve()
     check_replaceable(target, KIND, force, _LEGACY)
+    step(0, len(_FIGURE_STEPS) + 1, "re-running the best checkpoint on its validation split")
     model, cfg, num_classes = best.load_model()
     data = best.prepared_data()
     val = _validate(model, cfg, data, device)
@@ -96,21 +113,25 @@ def write_report(
         val.probs = np.mean([val.probs, *others], axis=0)
     trials, history = experiment.ranked(), experiment.history()
     with atomic_folder(target, KIND, force=force, legacy=_LEGACY) as staging:
-        sections = {
-            "confusion": _confusion(staging, val, num_classes, best),
-            "curves": _curves(staging, history, trials, best),
-            "history": _history(staging, history, best),
-            "space": _search_space(staging, trials, best),
-            "parallel": {
+        draw = {
+            "confusion": lambda: _confusion(staging, val, num_classes, best),
+            "curves": lambda: _curves(staging, history, trials, best),
+            "history": lambda: _history(staging, history, best),
+            "space": lambda: _search_space(staging, trials, best),
+            "parallel": lambda: {
                 "figure": figures.parallel_coordinates(
                     trials, best.spec.searched(), best.metric, staging / "parallel_coordinates.png"
                 ).name
             },
-            "importances": _importances(staging, best),
-            "worst": _worst_errors(staging, val, samples),
-            "probabilities": _probabilities(staging, val, samples),
-            "saliency": _saliency(staging, model, cfg, val, samples),
+            "importances": lambda: _importances(staging, best),
+            "worst": lambda: _worst_errors(staging, val, samples),
+            "probabilities": lambda: _probabilities(staging, val, samples),
+            "saliency": lambda: _saliency(staging, model, cfg, val, samples),
         }
+        sections = {}
+        for done, (key, what) in enumerate(_FIGURE_STEPS.items(), start=1):
+            step(done, len(_FIGURE_STEPS) + 1, what)
+            sections[key] = draw[key]()
         metrics = readout_metrics(val.probs, val.labels, cfg.readout)
         (staging / PAGE).write_text(_page(best, metrics, trials, sections, len(members)))
     return target
