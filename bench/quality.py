@@ -26,7 +26,7 @@ from _common import finish, parse_args, shared_folder
 from raybone.core.engine import predict_trained
 from raybone.core.metrics import classification_metrics
 from raybone.data import prepare
-from raybone.data.prepare import stratified_split
+from raybone.data.prepare import PreparedData, stratified_split
 from raybone.experiments.experiment import best_row, load_trained_model
 from raybone.spec import load_spec
 from raybone.tuning.cluster import start_local_ray
@@ -61,14 +61,19 @@ def _options(parser) -> None:
     parser.add_argument("--work", help="working folder of an earlier run: its finished search is reused")
 
 
-def held_out_split(source: Path, work: Path) -> tuple[Path, Path]:
-    """Label CSVs for the search's images and for the test images (stratified by year, seeded)."""
+def held_out_data(work: Path) -> tuple[PreparedData, PreparedData]:
+    """rsna-100 prepared in `work` as (searched, test): the test set a stratified (by year, seeded) 20 % held out
+    before anything trains; the rest with a small validation split, which keeps six-crop validation cheap."""
+    source = shared_folder("rsna-100")
     labels = pd.read_csv(source / "boneage.csv")
     is_test = stratified_split((labels.boneage // 12).to_numpy(), 0.2, seed=123)
-    paths = work / "searched.csv", work / "test.csv"
-    labels[~is_test].to_csv(paths[0], index=False)
-    labels[is_test].to_csv(paths[1], index=False)
-    return paths
+    searched_csv, test_csv = work / "searched.csv", work / "test.csv"
+    labels[~is_test].to_csv(searched_csv, index=False)
+    labels[is_test].to_csv(test_csv, index=False)
+    searched = prepare(
+        source, labels=searched_csv, out=work / "prepared", image_size=100, val_fraction=0.1, progress=False
+    )
+    return searched, prepare(source, labels=test_csv, out=work / "test", image_size=100, progress=False)
 
 
 def spec_file(work: Path, name: str, train: dict, args, iterations: int, samples: int, rung: int) -> Path:
@@ -113,13 +118,9 @@ def main() -> None:
     if args.quick:
         args.budget, args.trials = 600, 4
     started = time.perf_counter()
-    source = shared_folder("rsna-100")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="raybone-quality-"))
     work.mkdir(parents=True, exist_ok=True)
-    searched_csv, test_csv = held_out_split(source, work)
-    # A small validation split keeps six-crop validation cheap; the test set is what is scored.
-    prepare(source, labels=searched_csv, out=work / "prepared", image_size=100, val_fraction=0.1, progress=False)
-    test = prepare(source, labels=test_csv, out=work / "test", image_size=100, progress=False)
+    _, test = held_out_data(work)
     start_local_ray(num_cpus=None if args.device == "cuda" else 2)
 
     # Asynchronous ASHA cannot stop the first trials that run at once (nothing to compare them with yet): they

@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import ray
-from _common import finish, parse_args, shared_folder
-from quality import PAPER, held_out_split, score, spec_file
+from _common import finish, parse_args
+from quality import PAPER, held_out_data, score, spec_file
 
-from raybone.data import prepare
 from raybone.spec import load_spec
 from raybone.tuning.cluster import start_local_ray
 from raybone.tuning.run import run_search
@@ -51,12 +50,9 @@ def main() -> None:
     if args.quick:
         args.iterations, args.eval_every = 100, 50
     started = time.perf_counter()
-    source = shared_folder("rsna-100")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="raybone-regime-"))
     work.mkdir(parents=True, exist_ok=True)
-    searched_csv, test_csv = held_out_split(source, work)
-    data = prepare(source, labels=searched_csv, out=work / "prepared", image_size=100, val_fraction=0.1, progress=False)
-    test = prepare(source, labels=test_csv, out=work / "test", image_size=100, progress=False)
+    data, test = held_out_data(work)
     start_local_ray(num_cpus=None if args.device == "cuda" else 2)
     recipe = {**PAPER, "input_size": args.input_size, "crop_fraction": args.input_size / args.resize_to}
     name = f"recipe-{args.input_size}of{args.resize_to}px-{args.iterations}"
