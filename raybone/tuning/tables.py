@@ -147,11 +147,7 @@ class LiveTables(ray.tune.Callback):
             trial.path,
             self._storage,
         )
-        history = reports.reindex(columns=HISTORY_COLUMNS)
-        if self._storage is not None:
-            history["checkpoint_path"] = [
-                as_location(p, self._storage) if isinstance(p, str) else None for p in history["checkpoint_path"]
-            ]
+        history = _located_checkpoints(reports.reindex(columns=HISTORY_COLUMNS), self._storage)
         results.write_parquet(history, results.join(self._experiment, HISTORY))
         results.write_parquet(
             _numbered(pd.DataFrame(list(self._rows.values())), self._spec), results.join(self._experiment, TRIALS)
@@ -172,18 +168,24 @@ def history_table(result_grid, storage_location: str | PurePath | None = None) -
     for result in result_grid:
         df = result.metrics_dataframe
         if df is not None and len(df):
-            frame = df[[c for c in HISTORY_COLUMNS if c in df.columns]].copy()
-            if storage_location is not None and "checkpoint_path" in frame:
-                frame["checkpoint_path"] = [
-                    as_location(p, storage_location) if isinstance(p, str) else None for p in frame["checkpoint_path"]
-                ]
-            frames.append(frame)
+            frames.append(
+                _located_checkpoints(df[[c for c in HISTORY_COLUMNS if c in df.columns]].copy(), storage_location)
+            )
     if not frames:
         return pd.DataFrame(columns=HISTORY_COLUMNS)
     # A function trial's last report comes back once more as its final result.
     history = pd.concat(frames, ignore_index=True)
     keys = [c for c in ("trial_id", "iteration", "checkpoint_path") if c in history.columns]
     return history.drop_duplicates(subset=keys, keep="first", ignore_index=True)
+
+
+def _located_checkpoints(history: pd.DataFrame, storage_location: str | PurePath | None) -> pd.DataFrame:
+    """History rows with their checkpoint paths as URIs on a URI storage (Ray reports them without the scheme)."""
+    if storage_location is not None and "checkpoint_path" in history:
+        history["checkpoint_path"] = [
+            as_location(p, storage_location) if isinstance(p, str) else None for p in history["checkpoint_path"]
+        ]
+    return history
 
 
 def _status(error, iteration: int, total_iterations: int) -> str:
