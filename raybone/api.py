@@ -86,22 +86,23 @@ class Model:
         months), and p_0 .. p_{C-1}. `images` are files (PNG, JPEG, DICOM) or 2-D arrays of grey pixels;
         `sex` (male/female, one for all or one per image) for models trained with sex input."""
         import numpy as np
-        import pandas as pd
 
-        from raybone.data import decode_image, warp_image
+        from raybone.data import warp_image
         from raybone.data.sources import SEX_CODES, parse_sex
-        from raybone.modelfolder.predict import Prediction
+        from raybone.modelfolder.predict import Prediction, predictions_table
 
-        size = self._predictor.image_size
+        predictor = self._predictor
         warped = [
-            warp_image(decode_image(i) if isinstance(i, (str, Path)) else np.asarray(i, np.uint8), size) for i in images
+            predictor.preprocess(i)
+            if isinstance(i, (str, Path))
+            else warp_image(np.asarray(i, np.uint8), predictor.image_size)
+            for i in images
         ]
         sexes = [sex] * len(warped) if sex is None or isinstance(sex, str) else list(sex)
         codes = np.array([SEX_CODES[parse_sex({"sex": s or ""})] for s in sexes])
-        probs = self._predictor.predict_arrays(np.stack(warped), codes) if warped else []
-        records = []
-        for index, (image, p) in enumerate(zip(images, probs, strict=True)):
-            record = Prediction(str(image) if isinstance(image, (str, Path)) else str(index), p).record()
-            classes = record.pop("probabilities")
-            records.append({**record, **{f"p_{j}": value for j, value in enumerate(classes)}})
-        return pd.DataFrame(records)
+        probs = predictor.predict_arrays(np.stack(warped), codes) if warped else []
+        predictions = [
+            Prediction(str(image) if isinstance(image, (str, Path)) else str(index), p)
+            for index, (image, p) in enumerate(zip(images, probs, strict=True))
+        ]
+        return predictions_table(predictions, predictor.num_classes)

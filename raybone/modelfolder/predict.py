@@ -501,15 +501,22 @@ def predictions_json(predictions: Sequence[Prediction]) -> str:
     return json.dumps([p.record() for p in predictions], indent=2)
 
 
-def predictions_csv(predictions: Sequence[Prediction], num_classes: int) -> str:
+def predictions_table(predictions: Sequence[Prediction], num_classes: int) -> pd.DataFrame:
     """One row per image: file, predicted/second class, expected age, then p_0 .. p_{C-1}."""
     columns = ["file", "predicted_years", "second_years", "expected_age_years", "expected_age_months"]
     rows = []
     for prediction in predictions:
         record = prediction.record()
         probs = record.pop("probabilities")
-        rows.append({**record, "file": csv_text(record["file"]), **{f"p_{j}": p for j, p in enumerate(probs)}})
-    return pd.DataFrame(rows, columns=columns + [f"p_{j}" for j in range(num_classes)]).to_csv(index=False)
+        rows.append({**record, **{f"p_{j}": p for j, p in enumerate(probs)}})
+    return pd.DataFrame(rows, columns=columns + [f"p_{j}" for j in range(num_classes)])
+
+
+def predictions_csv(predictions: Sequence[Prediction], num_classes: int) -> str:
+    """predictions_table as CSV, file names safe from spreadsheet formulas."""
+    table = predictions_table(predictions, num_classes)
+    table["file"] = table["file"].map(csv_text)
+    return table.to_csv(index=False)
 
 
 def csv_text(text: str) -> str:
