@@ -93,16 +93,7 @@ def run_search(
     study.mkdir(parents=True, exist_ok=True)
     _save_provenance(spec, data, path, study)
 
-    # The images go into the object store once per search; each node pulls them once (see the README).
-    trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(
-            run_trial,
-            spec_json=spec.model_dump_json(),
-            data_ref=[ray.put(trial_arrays(data))],
-            train_storage=str(results.join(path, "train")),
-        ),
-        {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY},
-    )
+    trainable = trial_trainable(spec, trial_arrays(data), str(results.join(path, "train")))
     if resume:
         tuner = ray.tune.Tuner.restore(str(path), trainable, resume_errored=True)
     else:
@@ -123,6 +114,17 @@ def run_search(
     if "mlflow" in spec.loggers and not remote:
         log_best_checkpoint(spec, name, _best(trials, spec))
     return SearchOutcome(path, trials, _best(trials, spec))
+
+
+def trial_trainable(spec: Spec, arrays: dict, train_storage: str):
+    """What Tune runs per trial: `run_trial` with the spec, the images and where Train keeps the checkpoints."""
+    # The images go into the object store once per search; each node pulls them once (see the README).
+    return ray.tune.with_resources(
+        ray.tune.with_parameters(
+            run_trial, spec_json=spec.model_dump_json(), data_ref=[ray.put(arrays)], train_storage=train_storage
+        ),
+        {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY},
+    )
 
 
 def _best(trials: pd.DataFrame, spec: Spec) -> pd.Series | None:
