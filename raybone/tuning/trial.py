@@ -33,10 +33,6 @@ from raybone.tuning.worker import train_loop_per_worker
 
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # the trial function only waits on its Train run
 NODE_START_TIMEOUT_S = 30 * 60  # how long a trial waits for the autoscaler's node (image pull, setup) per try
-# How often Train's controller polls its workers (Ray's default: 2 s). Each poll is one small actor call; a run
-# only notices that its workers started or finished at a poll, so the default added up to 2 s at each end of
-# every trial (bench/trial_start.py). A slow poll is not a failure: Train waits 10 minutes for a hung worker.
-HEALTH_CHECK_INTERVAL_S = 0.5
 POINTER = "train_checkpoint.json"  # a PBT trial's Tune checkpoint: where its Train checkpoint is
 
 
@@ -51,7 +47,6 @@ def run_trial(config: dict, *, spec_json: str, data_ref: list, train_storage: st
     trial_id = ray.tune.get_context().get_trial_id()
     if spec.resources.max_concurrent_trials is not None:  # an autoscaling cluster: wait for a new node
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(NODE_START_TIMEOUT_S))
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))  # Train passes it on
     if spec.scheduler.type != "pbt":
         _trainer(spec, config, data_ref, train_storage, f"trial-{trial_id}", [TuneReportCallback()]).fit()
         return
