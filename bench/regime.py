@@ -18,12 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import ray
 from _common import finish, parse_args
-from quality import PAPER, held_out_data, score, spec_file
+from quality import PAPER, held_out_data, median_rmse, spec_file, test_metrics
 
+from raybone.api import load_experiment
 from raybone.spec import load_spec
 from raybone.tuning.cluster import start_local_ray
 from raybone.tuning.run import run_search
@@ -40,11 +40,6 @@ def _options(parser) -> None:
     parser.add_argument("--work", help="working folder (its prepared data is reused)")
 
 
-def median_rmse(train_labels: np.ndarray, labels: np.ndarray) -> float:
-    """RMSE (years) of always predicting the training split's median class."""
-    return float(np.sqrt(np.mean((labels - np.median(train_labels)) ** 2)))
-
-
 def main() -> None:
     args = parse_args(__doc__, _options)
     if args.quick:
@@ -54,9 +49,15 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     data, test = held_out_data(work)
     start_local_ray(num_cpus=None if args.device == "cuda" else 2)
-    recipe = {**PAPER, "input_size": args.input_size, "crop_fraction": args.input_size / args.resize_to}
+    recipe = {
+        **PAPER,
+        "input_size": args.input_size,
+        "crop_fraction": args.input_size / args.resize_to,
+        "iterations": args.iterations,
+        "eval_every": args.eval_every,
+    }
     name = f"recipe-{args.input_size}of{args.resize_to}px-{args.iterations}"
-    spec = load_spec(spec_file(work, name, recipe, args, args.iterations, 1, args.eval_every))
+    spec = load_spec(spec_file(work, name, recipe, args.device))
     outcome = run_search(spec, name=name, results_dir=work)
     history = pd.read_parquet(outcome.path / "history.parquet")
     curve = [
@@ -69,8 +70,8 @@ def main() -> None:
         }
         for r in history.itertuples()
     ]
-    best = outcome.trials.iloc[0]
-    _, test_metrics = score(best.best_checkpoint_path, test, args.device)
+    best = load_experiment(outcome.path).best()
+    scored = test_metrics(best, work / "models" / name, test)
     val_labels = data.labels[~data.is_train]
     reference = {
         "median_predictor_val_rmse": median_rmse(data.labels[data.is_train], val_labels),
@@ -89,8 +90,8 @@ def main() -> None:
         },
         "curve": curve,
         "reference": reference,
-        "best_iteration": int(best.best_iteration),
-        "test_at_best_checkpoint": test_metrics,
+        "best_iteration": best.iteration,
+        "test_at_best_checkpoint": scored,
         "val_images": len(val_labels),
         "test_images": len(test.labels),
     }
@@ -104,8 +105,8 @@ def main() -> None:
             else f"never <= {GOAL_RMSE} y"
         )
         + f" (goal: within {GOAL_MINUTES} min: {'met' if met else 'missed'}); median predictor "
-        f"{reference['median_predictor_val_rmse']:.2f} y; test RMSE {test_metrics['rmse_argmax']:.2f} / "
-        f"{test_metrics['rmse_expected']:.2f} y (arg-max / expected; median predictor "
+        f"{reference['median_predictor_val_rmse']:.2f} y; test RMSE {scored['rmse_argmax']:.2f} / "
+        f"{scored['rmse_expected']:.2f} y (arg-max / expected; median predictor "
         f"{reference['median_predictor_test_rmse']:.2f} y) on {len(test.labels)} held-out hands"
     )
     ray.shutdown()
