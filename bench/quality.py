@@ -10,8 +10,8 @@ scratch, 64 px crops of the images warped to 73 px, batch 32) three models are b
   (c) top-3: the ensemble of the search's three best trials, as `raybone best --export --top 3` builds it.
 Each is exported as a model folder and scored once on the test set with six-crop averaging, beside the median
 predictor (always the training split's median class). Goals: (b) beats (a) by >= 0.10 y test RMSE, (c) by
->= 0.20 y. `--device cuda` runs the same arms at 88 of 100 px with B = 2000 (the recipe reached 1.88 y there on 2 cores
-in 30 minutes; about 10 minutes of an H100/H200 for all three arms).
+>= 0.20 y. `--device cuda` runs the same arms at 88 of 100 px with B = 2000 (the recipe reached 1.88 y there
+on 2 cores in 30 minutes; about 10 minutes of an H100/H200 for all three arms).
 
     python bench/quality.py [--recipe-iterations B] [--trials 8] [--work DIR] [--quick] [--device cpu|cuda]
 """
