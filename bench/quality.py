@@ -121,9 +121,11 @@ def spec_file(work: Path, name: str, train: dict, device: str, samples: int = 1,
     return path
 
 
-def run_arm(work: Path, name: str, spec: Path):
-    """run_search into work/name; with --work an arm that finished earlier is resumed (nothing reruns)."""
-    return run_search(load_spec(spec), name=name, results_dir=work, resume=(work / name / "trials.parquet").is_file())
+def run_arm(work: Path, name: str, train: dict, device: str, samples: int = 1, start_from=()):
+    """run_search of spec_file's space into work/name; with --work an arm that finished earlier is resumed
+    (nothing reruns)."""
+    spec = load_spec(spec_file(work, name, train, device, samples, start_from))
+    return run_search(spec, name=name, results_dir=work, resume=(work / name / "trials.parquet").is_file())
 
 
 def test_metrics(best, folder: Path, test: PreparedData) -> dict[str, float]:
@@ -166,24 +168,13 @@ def main() -> None:
     size, budget = regime.pop("resize_to"), regime["iterations"]
     train = {**PAPER, **regime, "crop_fraction": regime["input_size"] / size}
     tag = f"{regime['input_size']}of{size}px-{budget}"
-    recipe = run_arm(work, f"quality-recipe-{tag}", spec_file(work, f"quality-recipe-{tag}", train, args.device))
-    search = run_arm(
-        work,
-        f"quality-search-{tag}",
-        spec_file(
-            work,
-            f"quality-search-{tag}",
-            {**train, **SEARCHED, "readout": "expected"},
-            args.device,
-            args.trials,
-            [RECIPE_POINT],
-        ),
-    )
+    recipe = run_arm(work, f"quality-recipe-{tag}", train, args.device)
+    search_train = {**train, **SEARCHED, "readout": "expected"}
+    search = run_arm(work, f"quality-search-{tag}", search_train, args.device, args.trials, [RECIPE_POINT])
     experiment = load_experiment(search.path)
-    best = experiment.best()
     arms = {
         "recipe": (load_experiment(recipe.path).best(), recipe),
-        "search": (best, search),
+        "search": (experiment.best(), search),
         f"top{ENSEMBLE}": (experiment.top(ENSEMBLE), search),
     }
     results = {
