@@ -3,6 +3,8 @@
 import json
 import re
 import shlex
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -31,8 +33,23 @@ def test_the_tables_grow_while_a_search_runs(local_ray, tmp_path):
     seen, deadline = [], time.time() + 600
     while search.is_alive() and time.time() < deadline:
         if (tmp_path / "live" / "trials.parquet").is_file():
-            shown = runner.invoke(app, ["results", "live", "--results-dir", str(tmp_path), "--format", "json"])
-            if shown.exit_code == 0:
+            # Its own process, as a user's second terminal: in-process, the search's progress bar would print into it.
+            shown = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "raybone",
+                    "results",
+                    "live",
+                    "--results-dir",
+                    str(tmp_path),
+                    "--format",
+                    "json",
+                ],
+                capture_output=True,
+                text=True,
+            )
+            if shown.returncode == 0:
                 rows = json.loads(shown.stdout)
                 history = pd.read_parquet(tmp_path / "live" / "history.parquet")
                 seen.append(({r["status"] for r in rows}, len(history)))
