@@ -54,7 +54,6 @@ REGIMES = {
     "cpu": {"input_size": 64, "resize_to": 73, "iterations": 1000, "eval_every": 125},
     "cuda": {"input_size": 88, "resize_to": 100, "iterations": 2000, "eval_every": 250},
 }
-CONCURRENT = 2  # trials at once: two 1-CPU workers on 2 cores, or two half-GPU workers
 # The recipe sits inside every range, not on an edge, so the search can move either way from it.
 SEARCHED = {
     "lr": {"distribution": "loguniform", "low": 3e-5, "high": 1e-3},
@@ -91,6 +90,12 @@ def held_out_data(work: Path) -> tuple[PreparedData, PreparedData]:
     return searched, prepare(source, labels=test_csv, out=work / "test", image_size=100, progress=False)
 
 
+def recipe_train(input_size: int, resize_to: int, iterations: int, eval_every: int) -> dict:
+    """The recipe's train section at `input_size` crops of the images re-warped to `resize_to`."""
+    crop = {"input_size": input_size, "crop_fraction": input_size / resize_to}
+    return {**PAPER, **crop, "iterations": iterations, "eval_every": eval_every}
+
+
 def median_rmse(train_labels: np.ndarray, labels: np.ndarray) -> float:
     """RMSE (years) of always predicting the training split's median class."""
     return float(np.sqrt(np.mean((labels - np.median(train_labels)) ** 2)))
@@ -111,7 +116,7 @@ def spec_file(work: Path, name: str, train: dict, device: str, samples: int = 1,
         "scheduler": {"type": "none"}
         if single
         else {"type": "asha", "grace_period": train["iterations"] // 4, "reduction_factor": 3},
-        "resources": {
+        "resources": {  # a search runs two trials at once: 1-CPU workers on 2 cores, or half-GPU workers
             "cpus_per_worker": (8 if gpu else 2) if single else (4 if gpu else 1),
             "gpus_per_worker": (1 if single else 0.5) if gpu else 0,
         },
@@ -165,9 +170,8 @@ def main() -> None:
     data, test = held_out_data(work)
     start_local_ray(num_cpus=None if args.device == "cuda" else 2)
 
-    size, budget = regime.pop("resize_to"), regime["iterations"]
-    train = {**PAPER, **regime, "crop_fraction": regime["input_size"] / size}
-    tag = f"{regime['input_size']}of{size}px-{budget}"
+    train = recipe_train(**regime)
+    tag = f"{regime['input_size']}of{regime['resize_to']}px-{regime['iterations']}"
     recipe = run_arm(work, f"quality-recipe-{tag}", train, args.device)
     search_train = {**train, **SEARCHED, "readout": "expected"}
     search = run_arm(work, f"quality-search-{tag}", search_train, args.device, args.trials, [RECIPE_POINT])
@@ -179,7 +183,7 @@ def main() -> None:
     }
     results = {
         "settings": {
-            "regime": {**regime, "resize_to": size},
+            "regime": regime,
             "recipe": train,
             "searched": SEARCHED,
             "trials": args.trials,

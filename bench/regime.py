@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import ray
 from _common import finish, parse_args
-from quality import PAPER, held_out_data, median_rmse, spec_file, test_metrics
+from quality import PAPER, held_out_data, median_rmse, recipe_train, spec_file, test_metrics
 
 from raybone.api import load_experiment
 from raybone.spec import load_spec
@@ -49,13 +49,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     data, test = held_out_data(work)
     start_local_ray(num_cpus=None if args.device == "cuda" else 2)
-    recipe = {
-        **PAPER,
-        "input_size": args.input_size,
-        "crop_fraction": args.input_size / args.resize_to,
-        "iterations": args.iterations,
-        "eval_every": args.eval_every,
-    }
+    recipe = recipe_train(args.input_size, args.resize_to, args.iterations, args.eval_every)
     name = f"recipe-{args.input_size}of{args.resize_to}px-{args.iterations}"
     spec = load_spec(spec_file(work, name, recipe, args.device))
     outcome = run_search(spec, name=name, results_dir=work)
