@@ -2,6 +2,7 @@
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -10,6 +11,7 @@ from conftest import QUICK, TINY
 from raybone.errors import SpecError
 from raybone.spec import load_spec
 from raybone.tuning.cluster import concurrent_trials
+from raybone.tuning.progress import TrialProgress
 from raybone.tuning.run import run_search
 from raybone.tuning.trial import trial_seed
 
@@ -367,3 +369,25 @@ def test_pbt_continues_a_perturbed_trial_from_its_donors_iteration_and_weights(l
         assert row.iteration == row.resumed_from + 2  # and reported two iterations later
     with pytest.raises(SpecError, match="scheduler.type pbt needs one of lr, l2_weight, weight_decay, contrast"):
         load_spec(QUICK, ["scheduler.type=pbt", "lr=1.0e-3", "l2_weight=0.1", "weight_decay=0.01"])
+
+
+def test_the_progress_line_counts_only_trials_still_running():
+    # Tune calls on_trial_complete while the ending trial's status is still RUNNING (tune_controller.py); the
+    # line said "1 running" after the last trial had finished.
+    progress = TrialProgress(load_spec(QUICK, TINY))
+    progress.setup()
+    first, second = (SimpleNamespace(trial_id=i, status="RUNNING", last_result={}) for i in ("a", "b"))
+    trials = [first, second]
+
+    def description():
+        return progress._progress.tasks[0].description
+
+    progress.on_trial_result(0, trials, first, {"iteration": 2, "val_rmse": 3.5})
+    assert description() == "2 running, best val_rmse 3.500"
+    progress.on_trial_complete(0, trials, first)
+    assert description() == "1 running, best val_rmse 3.500"
+    first.status = "TERMINATED"
+    progress.on_trial_error(0, trials, second)
+    assert description() == "0 running, best val_rmse 3.500"
+    progress.on_experiment_end(trials)
+    assert description() == "finished, best val_rmse 3.500"

@@ -38,6 +38,7 @@ class TrialProgress(ray.tune.Callback):
         self._progress.start()
 
     def on_experiment_end(self, trials, **info):
+        self._describe(trials, state="finished")
         self._progress.stop()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -47,20 +48,29 @@ class TrialProgress(ray.tune.Callback):
             self._best = value
         if value is not None and self._better(value, self._trial_best.get(trial.trial_id, (None,))[0]):
             self._trial_best[trial.trial_id] = (value, result.get("iteration", 0))
-        running = sum(t.status == "RUNNING" for t in trials)
-        best = f", best {self._spec.metric} {self._best:.3f}" if self._best is not None else ""
-        self._progress.update(self._task, description=f"{running} running{best}")
+        self._describe(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         # An early-stopped trial never reaches the last iteration: its unused budget counts as done.
         self._advance(trial.trial_id, self._spec.iterations)
+        self._describe(trials, ending=trial)
         best, at = self._trial_best.get(trial.trial_id, (float("nan"), 0))
         self._console.print(
             f"trial {trial.trial_id} finished at iteration {last.get('iteration', 0)}: "
             f"{self._spec.metric} {last.get(self._spec.metric, float('nan')):.3f} (its best {best:.3f} at "
             f"iteration {at}, kept)"
         )
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._describe(trials, ending=trial)
+
+    def _describe(self, trials, ending=None, state: str | None = None) -> None:
+        """'2 running, best val_rmse 3.120'; Tune calls back before it marks an ending trial, so that one is not
+        counted."""
+        running = sum(t.status == "RUNNING" and t is not ending for t in trials)
+        best = f", best {self._spec.metric} {self._best:.3f}" if self._best is not None else ""
+        self._progress.update(self._task, description=f"{state or f'{running} running'}{best}")
 
     def _better(self, value: float, than: float | None) -> bool:
         return than is None or (value < than if self._spec.mode == "min" else value > than)
