@@ -182,7 +182,7 @@ def main() -> None:
     recipe = run_arm(work, f"quality-recipe-{tag}", train, args.device)
     averaged = run_arm(work, f"quality-recipe-ema-{tag}", {**train, **AVERAGING}, args.device)
     search_train = {**train, **AVERAGING, **SEARCHED, "readout": "expected"}
-    search = run_arm(work, f"quality-search-{tag}", search_train, args.device, args.trials, [RECIPE_POINT])
+    search = run_arm(work, f"quality-search-ema-{tag}", search_train, args.device, args.trials, [RECIPE_POINT])
     experiment = load_experiment(search.path)
     arms = {
         "recipe": (load_experiment(recipe.path).best(), recipe),

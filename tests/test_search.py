@@ -391,3 +391,19 @@ def test_the_progress_line_counts_only_trials_still_running():
     assert description() == "0 running, best val_rmse 3.500"
     progress.on_experiment_end(trials)
     assert description() == "finished, best val_rmse 3.500"
+
+
+def test_a_resume_with_another_spec_is_refused_and_the_experiment_kept(tiny_experiment):
+    # Resuming trains the unfinished trials with the given spec and rewrites spec.yaml: another spec would mix
+    # two trainings in one experiment under the new one's name.
+    results, outcome = tiny_experiment
+    saved = (outcome.path / "spec.yaml").read_text()
+    changed = load_spec(QUICK, TINY + ["ema=0.99", "resources.cpus_per_worker=2"])
+    with pytest.raises(SpecError, match=r"cannot resume 'tiny'.*train\.ema: 0\.0 -> 0\.99\)") as refused:
+        run_search(changed, name="tiny", results_dir=results, resume=True)
+    assert "resources" not in str(refused.value)  # where trials run may change on resume
+    assert (outcome.path / "spec.yaml").read_text() == saved
+    same = run_search(
+        load_spec(QUICK, TINY + ["resources.cpus_per_worker=2"]), name="tiny", results_dir=results, resume=True
+    )
+    assert same.trials.trial_id.tolist() == outcome.trials.trial_id.tolist()

@@ -22,7 +22,7 @@ from raybone.errors import RayboneError, SpecError
 from raybone.experiments import storage as results
 from raybone.experiments.experiment import best_row
 from raybone.experiments.storage import ENVIRONMENT, HISTORY, SPEC, STUDY, TRIALS
-from raybone.spec import Choice, Range, Spec, dump_spec, load_spec, parse_spec, search_space
+from raybone.spec import Choice, Range, Spec, TrainConfig, dump_spec, load_spec, parse_spec, search_space
 from raybone.tuning.cluster import (
     check_storage_reaches_nodes,
     concurrent_trials,
@@ -146,15 +146,41 @@ def _check_new(path: Path | str, study: Path, remote: bool, name: str, root) -> 
 
 
 def _check_resumable(path: Path | str, spec: Spec) -> pd.DataFrame | None:
-    """Refuse folders raybone did not create (Tune's restore unpickles them); the trials if already done."""
+    """Refuse folders raybone did not create (Tune's restore unpickles them) and a spec that would train the
+    trials differently from how they started; the trials if already done."""
+    name = Path(results.location_text(path).partition("?")[0]).name
     if not results.exists(results.join(path, ENVIRONMENT)) or not ray.tune.Tuner.can_restore(str(path)):
-        name = Path(results.location_text(path).partition("?")[0]).name
         raise RayboneError(f"cannot resume {name!r}: {path} is not a raybone experiment")
+    saved = results.join(path, SPEC)
+    changed = _spec_changes(parse_spec(results.read_text(saved), results.location_text(saved)), spec)
+    if changed:
+        raise SpecError(
+            f"cannot resume {name!r}: its trials started with another spec ({'; '.join(changed)}); "
+            "search with it under a new --name"
+        )
     if results.exists(results.join(path, TRIALS)):
         trials = results.read_parquet(results.join(path, TRIALS))
         if len(trials) >= spec.num_samples and not (trials.status == "error").any():
             return trials
     return None
+
+
+def _spec_changes(saved: Spec, spec: Spec) -> list[str]:
+    """'train.ema: 0.0 -> 0.99' for each setting that differs, except where the trials run (resources) and what
+    they are logged to, which a resumed search may change."""
+    before, after = (_flat_settings(s) for s in (saved, spec))
+    return [
+        f"{key}: {before.get(key)} -> {after.get(key)}"
+        for key in sorted(set(before.index) | set(after.index))
+        if before.get(key) != after.get(key)
+    ]
+
+
+def _flat_settings(spec: Spec) -> pd.Series:
+    """The spec's settings by dotted key, the train section with its defaults filled in."""
+    settings = spec.model_dump(mode="json", exclude={"resources", "loggers"})
+    settings["train"] = TrainConfig().model_dump(mode="json") | settings["train"]
+    return pd.json_normalize(settings).iloc[0]
 
 
 def _start_cluster(spec: Spec, root, address: str | None, shared_storage: bool, console: Console) -> int:
