@@ -4,20 +4,23 @@ On ../shared/data/rsna-100 (11,310 RSNA hands at 100 px) a stratified 20 % test 
 ever trains or selects on it. In the regime where the recipe learns on a CPU (bench/regime.py: GoogLeNet from
 scratch, 64 px crops of the images warped to 73 px, batch 32) three models are built:
   (a) recipe: the paper's recipe (lr 1e-4 halved every 500 iterations, L2CE weight 1) as one trial of B iterations;
-  (b) search: a raybone search (TPE + ASHA) of about 4B trial-iterations, no trial longer than B, started from the
-      recipe (start_from), over lr, decay step, L2 weight, weight decay and sex input; its best checkpoint by
-      validation RMSE (the best any trial kept, not its last);
+  (b) search: a raybone search (TPE + ASHA, 5 trials, one rung at 3B/4) of about 4B trial-iterations, no trial
+      longer than B, started from the recipe (start_from), over lr, decay step, L2 weight, weight decay and sex
+      input; its best checkpoint by validation RMSE (the best any trial kept, not its last);
   (c) top-3: the ensemble of the search's three best trials, as `raybone best --export --top 3` builds it;
   (d) recipe-ema: the recipe with weight averaging (ema 0.99), one trial of B: the same budget as (a).
-The search trains with the same weight averaging: without it (the run of 2026-12-02 08:00) single validations
-swung by up to 2.9 y between evaluations (2.43 -> 5.36 -> 2.43 y), so ASHA and the best-checkpoint rule
-selected on noise and the search lost to the recipe by 0.17 y.
+The search trains with the same weight averaging and judges trials only at 3B/4. Without averaging, and with
+8 trials and a first rung at B/4 (bench/results/quality-no-averaging.json), single validations swung by up to
+2.9 y between evaluations (2.43 -> 5.36 -> 2.43 y) and 5 of 8 trials were stopped at B/4 before any had
+learned, so ASHA and the best-checkpoint rule selected on noise and the search lost to the recipe by 0.17 y.
+With averaging the validation curve falls steadily, but only from about 0.6B: before that the averaged model
+scores as the median predictor, so an earlier rung would compare nothing.
 Each is exported as a model folder and scored once on the test set with six-crop averaging, beside the median
 predictor (always the training split's median class). Goals: (b) beats (a) by >= 0.10 y test RMSE, (c) by
 >= 0.20 y. `--device cuda` runs the same arms at 88 of 100 px with B = 2000 (the recipe reached 1.88 y there
 on 2 cores in 30 minutes; about 10 minutes of an H100/H200 for all three arms).
 
-    python bench/quality.py [--recipe-iterations B] [--trials 8] [--work DIR] [--quick] [--device cpu|cuda]
+    python bench/quality.py [--recipe-iterations B] [--trials 5] [--work DIR] [--quick] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ RECIPE_POINT = {**{name: PAPER[name] for name in SEARCHED if name in PAPER}, "se
 # Weight averaging over about 1 / (1 - 0.99) = 100 steps, less than the 125 between validations: each validated
 # model averages that stretch of training rather than one step's weights.
 AVERAGING = {"ema": 0.99}
+# ASHA judges trials once, at 3/4 of the budget: the averaged curves say nothing before ~0.6 of it.
+FIRST_RUNG = 0.75
 ENSEMBLE = 3
 GOALS = {"search": 0.10, f"top{ENSEMBLE}": 0.20}  # test RMSE (y) each must gain on the recipe, same readout
 LEARNED = 2.5  # a model above this test RMSE (y) has not learned (median predictor: 3.60 y)
@@ -77,7 +82,7 @@ LEARNED = 2.5  # a model above this test RMSE (y) has not learned (median predic
 
 def _options(parser) -> None:
     parser.add_argument("--recipe-iterations", type=int, help="B: the recipe's iterations and any trial's most")
-    parser.add_argument("--trials", type=int, default=8, help="trials in the search")
+    parser.add_argument("--trials", type=int, default=5, help="trials in the search")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--work", help="working folder of an earlier run: its prepared data and finished arms are kept")
 
@@ -109,8 +114,8 @@ def median_rmse(train_labels: np.ndarray, labels: np.ndarray) -> float:
 
 
 def spec_file(work: Path, name: str, train: dict, device: str, samples: int = 1, start_from=()) -> Path:
-    """A search-space file: several trials share the machine under ASHA (first rung a quarter of the iterations,
-    the next three times later), a single run takes all of it."""
+    """A search-space file: several trials share the machine under ASHA (one rung, at FIRST_RUNG of the
+    iterations), a single run takes all of it."""
     gpu, single = device == "cuda", samples == 1
     spec = {
         "seed": 0,
@@ -122,7 +127,7 @@ def spec_file(work: Path, name: str, train: dict, device: str, samples: int = 1,
         "start_from": list(start_from),
         "scheduler": {"type": "none"}
         if single
-        else {"type": "asha", "grace_period": train["iterations"] // 4, "reduction_factor": 3},
+        else {"type": "asha", "grace_period": int(FIRST_RUNG * train["iterations"]), "reduction_factor": 3},
         "resources": {  # a search runs two trials at once: 1-CPU workers on 2 cores, or half-GPU workers
             "cpus_per_worker": (8 if gpu else 2) if single else (4 if gpu else 1),
             "gpus_per_worker": (1 if single else 0.5) if gpu else 0,
