@@ -2,7 +2,7 @@
 
 On ../shared/data/rsna-100 (11,310 RSNA hands at 100 px) a stratified 20 % test set is held out first; no arm
 ever trains or selects on it. In the regime where the recipe learns on a CPU (bench/regime.py: GoogLeNet from
-scratch, 64 px crops of the images warped to 73 px, batch 32) three models are built:
+scratch, 64 px crops of the images warped to 73 px, batch 32) four models are built:
   (a) recipe: the paper's recipe (lr 1e-4 halved every 500 iterations, L2CE weight 1) as one trial of B iterations;
   (b) search: a raybone search (TPE + ASHA, 5 trials, one rung at 3B/4) of about 4B trial-iterations, no trial
       longer than B, started from the recipe (start_from), over lr, decay step, L2 weight, weight decay and sex
@@ -18,7 +18,7 @@ scores as the median predictor, so an earlier rung would compare nothing.
 Each is exported as a model folder and scored once on the test set with six-crop averaging, beside the median
 predictor (always the training split's median class). Goals: (b) beats (a) by >= 0.10 y test RMSE, (c) by
 >= 0.20 y. `--device cuda` runs the same arms at 88 of 100 px with B = 2000 (the recipe reached 1.88 y there
-on 2 cores in 30 minutes; about 10 minutes of an H100/H200 for all three arms).
+on 2 cores in 30 minutes; about 10 minutes of an H100/H200 for all four arms).
 
     python bench/quality.py [--recipe-iterations B] [--trials 5] [--work DIR] [--quick] [--device cpu|cuda]
 """
