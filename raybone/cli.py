@@ -224,7 +224,24 @@ def _export_ensemble(experiment, metric, mode, top: int, from_top: int | None, e
             f"member {index}: trial {member.trial_id}, iteration {member.iteration}, "
             f"{member.metric} {member.metrics()[member.metric]:.4g}"
         )
-    _say(f"exported: {export_model(members, export, force=force)}")
+    folder = export_model(members, export, force=force)
+    _say(f"exported: {folder}")
+    _warn_if_worse_than_alone(folder, members[0])
+
+
+def _warn_if_worse_than_alone(folder: Path, best) -> None:
+    """Averaging in weaker members (trials stopped early, say) can make an ensemble worse than its best one."""
+    import json
+
+    from raybone.modelfolder.format import MODEL_JSON
+
+    together = json.loads((folder / MODEL_JSON).read_text())["metrics"].get(best.metric)
+    alone = best.metrics()[best.metric]
+    if together is not None and (together > alone if best.mode == "min" else together < alone):
+        _say(
+            f"note: the ensemble's {best.metric} on validation, {together:.4g}, is worse than its best member's "
+            f"alone ({alone:.4g}); `raybone best --export` without --top exports that member"
+        )
 
 
 @app.command()

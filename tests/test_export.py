@@ -359,6 +359,8 @@ def test_an_ensemble_of_the_top_trials_is_one_model_folder(experiment, ensemble)
         assert f"member {index}: trial {member.trial_id}, iteration {member.iteration}" in output
     card = (folder / "README.md").read_text()
     assert "an ensemble of 2 trials" in card and all(m.trial_id in card for m in members)
+    worse = meta["metrics"]["val_rmse"] > members[0].metrics()["val_rmse"]
+    assert ("is worse than its best member's alone" in output) == worse, output
 
 
 def test_an_ensemble_predicts_and_evaluates_with_its_members_probabilities_averaged(experiment, ensemble, tmp_path):
