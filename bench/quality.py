@@ -11,7 +11,7 @@ scratch, 64 px crops of the images warped to 73 px, batch 32) four models are bu
   (d) recipe-ema: the recipe with weight averaging (ema 0.99), one trial of B: the same budget as (a).
 The search trains with the same weight averaging and judges trials only at 3B/4. Without averaging, and with
 8 trials and a first rung at B/4 (bench/results/quality-no-averaging.json), single validations swung by up to
-2.9 y between evaluations (2.43 -> 5.36 -> 2.43 y) and 5 of 8 trials were stopped at B/4 before any had
+2.9 y between evaluations (2.85 -> 5.36 -> 2.43 y) and 5 of 8 trials were stopped at B/4 before any had
 learned, so ASHA and the best-checkpoint rule selected on noise and the search lost to the recipe by 0.17 y.
 With averaging the validation curve falls steadily, but only from about 0.6B: before that the averaged model
 scores as the median predictor, so an earlier rung would compare nothing.
@@ -25,6 +25,7 @@ on 2 cores in 30 minutes; about 10 minutes of an H100/H200 for all four arms).
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ from raybone.api import export, load_experiment
 from raybone.core.metrics import classification_metrics
 from raybone.data import prepare
 from raybone.data.prepare import PreparedData, stratified_split
+from raybone.modelfolder.format import MODEL_JSON
 from raybone.modelfolder.predict import Predictor
 from raybone.spec import load_spec
 from raybone.tuning.cluster import start_local_ray
@@ -74,7 +76,7 @@ RECIPE_POINT = {**{name: PAPER[name] for name in SEARCHED if name in PAPER}, "se
 # model averages that stretch of training rather than one step's weights.
 AVERAGING = {"ema": 0.99}
 # ASHA judges trials once, at 3/4 of the budget: the averaged curves say nothing before ~0.6 of it.
-FIRST_RUNG = 0.75
+RUNG = 0.75
 ENSEMBLE = 3
 GOALS = {"search": 0.10, f"top{ENSEMBLE}": 0.20}  # test RMSE (y) each must gain on the recipe, same readout
 LEARNED = 2.5  # a model above this test RMSE (y) has not learned (median predictor: 3.60 y)
@@ -114,7 +116,7 @@ def median_rmse(train_labels: np.ndarray, labels: np.ndarray) -> float:
 
 
 def spec_file(work: Path, name: str, train: dict, device: str, samples: int = 1, start_from=()) -> Path:
-    """A search-space file: several trials share the machine under ASHA (one rung, at FIRST_RUNG of the
+    """A search-space file: several trials share the machine under ASHA (one rung, at RUNG of the
     iterations), a single run takes all of it."""
     gpu, single = device == "cuda", samples == 1
     spec = {
@@ -127,7 +129,7 @@ def spec_file(work: Path, name: str, train: dict, device: str, samples: int = 1,
         "start_from": list(start_from),
         "scheduler": {"type": "none"}
         if single
-        else {"type": "asha", "grace_period": int(FIRST_RUNG * train["iterations"]), "reduction_factor": 3},
+        else {"type": "asha", "grace_period": int(RUNG * train["iterations"]), "reduction_factor": 3},
         "resources": {  # a search runs two trials at once: 1-CPU workers on 2 cores, or half-GPU workers
             "cpus_per_worker": (8 if gpu else 2) if single else (4 if gpu else 1),
             "gpus_per_worker": (1 if single else 0.5) if gpu else 0,
@@ -177,7 +179,7 @@ def main() -> None:
         regime.update(iterations=100, eval_every=50)
         args.trials = 3
     started = time.perf_counter()
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="raybone-quality-"))
+    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="raybone-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     data, test = held_out_data(work)
     start_local_ray(num_cpus=None if args.device == "cuda" else 2)
@@ -201,6 +203,7 @@ def main() -> None:
             "recipe": train,
             "searched": SEARCHED,
             "averaging": AVERAGING,
+            "rung": RUNG,
             "trials": args.trials,
         },
         "test_images": len(test.labels),
@@ -224,6 +227,7 @@ def main() -> None:
                 for m in members
             ],
             "test": test_metrics(chosen, work / "models" / arm, test),
+            "validation": json.loads((work / "models" / arm / MODEL_JSON).read_text())["metrics"],
             "curves": curves(outcome.path),
         }
     finish("quality", args, results, _summary(results), started)

@@ -5,6 +5,7 @@ import shutil
 import struct
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime
@@ -361,6 +362,25 @@ def test_an_ensemble_of_the_top_trials_is_one_model_folder(experiment, ensemble)
     assert "an ensemble of 2 trials" in card and all(m.trial_id in card for m in members)
     worse = meta["metrics"]["val_rmse"] > members[0].metrics()["val_rmse"]
     assert ("is worse than its best member's alone" in output) == worse, output
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode", "together", "warned"),
+    [
+        ("val_rmse", "min", 2.46, True),
+        ("val_rmse", "min", 2.10, False),
+        ("val_top1", "max", 0.17, True),
+        ("val_top1", "max", 0.30, False),
+        ("val_kappa", "max", None, False),  # a metric the ensemble's model.json does not hold
+    ],
+)
+def test_an_ensemble_worse_than_its_best_member_is_noted(tmp_path, capsys, metric, mode, together, warned):
+    from raybone.cli import _warn_if_worse_than_alone
+
+    (tmp_path / "model.json").write_text(json.dumps({"metrics": {} if together is None else {metric: together}}))
+    best = SimpleNamespace(metric=metric, mode=mode, metrics=lambda: {metric: 2.19 if mode == "min" else 0.22})
+    _warn_if_worse_than_alone(tmp_path, best)
+    assert ("is worse than its best member's alone" in capsys.readouterr().out) == warned
 
 
 def test_an_ensemble_predicts_and_evaluates_with_its_members_probabilities_averaged(experiment, ensemble, tmp_path):

@@ -1,12 +1,15 @@
 """A real search on a real local Ray cluster: Tune + Optuna + ASHA driving Ray Train runs."""
 
+import io
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 from conftest import QUICK, TINY
+from rich.console import Console
 
 from raybone.errors import SpecError
 from raybone.spec import load_spec
@@ -372,8 +375,8 @@ def test_pbt_continues_a_perturbed_trial_from_its_donors_iteration_and_weights(l
 
 
 def test_the_progress_line_counts_only_trials_still_running():
-    # Tune calls on_trial_complete while the ending trial's status is still RUNNING (tune_controller.py); the
-    # line said "1 running" after the last trial had finished.
+    # Tune calls on_trial_complete while the ending trial's status is still RUNNING, on_trial_error after it set
+    # ERROR (tune_controller.py); the line said "1 running" after the last trial had finished.
     progress = TrialProgress(load_spec(QUICK, TINY))
     progress.setup()
     first, second = (SimpleNamespace(trial_id=i, status="RUNNING", last_result={}) for i in ("a", "b"))
@@ -382,28 +385,33 @@ def test_the_progress_line_counts_only_trials_still_running():
     def description():
         return progress._progress.tasks[0].description
 
-    progress.on_trial_result(0, trials, first, {"iteration": 2, "val_rmse": 3.5})
-    assert description() == "2 running, best val_rmse 3.500"
-    progress.on_trial_complete(0, trials, first)
-    assert description() == "1 running, best val_rmse 3.500"
-    first.status = "TERMINATED"
-    progress.on_trial_error(0, trials, second)
-    assert description() == "0 running, best val_rmse 3.500"
-    progress.on_experiment_end(trials)
-    assert description() == "finished, best val_rmse 3.500"
+    try:
+        progress.on_trial_result(0, trials, first, {"iteration": 2, "val_rmse": 3.5})
+        assert description() == "2 running, best val_rmse 3.500"
+        progress.on_experiment_end(trials)  # as after Ctrl-C
+        assert description() == "stopped, best val_rmse 3.500"
+        progress.on_trial_complete(0, trials, first)
+        assert description() == "1 running, best val_rmse 3.500"
+        first.status, second.status = "TERMINATED", "ERROR"
+        progress.on_trial_error(0, trials, second)
+        assert description() == "0 running, best val_rmse 3.500"
+        progress.on_experiment_end(trials)
+        assert description() == "finished, best val_rmse 3.500"
+    finally:
+        progress._progress.stop()
 
 
-def test_a_resume_with_another_spec_is_refused_and_the_experiment_kept(tiny_experiment):
+def test_a_resume_with_another_spec_is_refused_and_the_experiment_kept(tiny_experiment, tmp_path):
     # Resuming trains the unfinished trials with the given spec and rewrites spec.yaml: another spec would mix
     # two trainings in one experiment under the new one's name.
-    results, outcome = tiny_experiment
-    saved = (outcome.path / "spec.yaml").read_text()
+    shutil.copytree(tiny_experiment[1].path, tmp_path / "tiny")
+    saved = (tmp_path / "tiny" / "spec.yaml").read_text()
     changed = load_spec(QUICK, TINY + ["ema=0.99", "resources.cpus_per_worker=2"])
-    with pytest.raises(SpecError, match=r"cannot resume 'tiny'.*train\.ema: 0\.0 -> 0\.99\)") as refused:
-        run_search(changed, name="tiny", results_dir=results, resume=True)
-    assert "resources" not in str(refused.value)  # where trials run may change on resume
-    assert (outcome.path / "spec.yaml").read_text() == saved
-    same = run_search(
-        load_spec(QUICK, TINY + ["resources.cpus_per_worker=2"]), name="tiny", results_dir=results, resume=True
-    )
-    assert same.trials.trial_id.tolist() == outcome.trials.trial_id.tolist()
+    with pytest.raises(SpecError, match=r"cannot resume 'tiny'.*\(train\.ema: 0\.0 -> 0\.99\); only") as refused:
+        run_search(changed, name="tiny", results_dir=tmp_path, resume=True)
+    assert "cpus_per_worker" not in str(refused.value)  # where trials run may change on resume
+    assert (tmp_path / "tiny" / "spec.yaml").read_text() == saved
+    output = Console(file=io.StringIO())
+    same = load_spec(QUICK, TINY + ["resources.cpus_per_worker=2"])
+    run_search(same, name="tiny", results_dir=tmp_path, resume=True, console=output)
+    assert "already finished (2 trials); nothing to resume" in output.file.getvalue()

@@ -38,7 +38,9 @@ class TrialProgress(ray.tune.Callback):
         self._progress.start()
 
     def on_experiment_end(self, trials, **info):
-        self._describe(trials, state="finished")
+        # Tune calls this on Ctrl-C and on errors too, with trials still unfinished.
+        done = all(t.status in ("TERMINATED", "ERROR") for t in trials)
+        self._describe(trials, state="finished" if done else "stopped")
         self._progress.stop()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -66,8 +68,8 @@ class TrialProgress(ray.tune.Callback):
         self._describe(trials, ending=trial)
 
     def _describe(self, trials, ending=None, state: str | None = None) -> None:
-        """'2 running, best val_rmse 3.120'; Tune calls back before it marks an ending trial, so that one is not
-        counted."""
+        """'2 running, best val_rmse 3.120'. Tune calls on_trial_complete while the trial is still RUNNING, so the
+        ending trial is not counted."""
         running = sum(t.status == "RUNNING" and t is not ending for t in trials)
         best = f", best {self._spec.metric} {self._best:.3f}" if self._best is not None else ""
         self._progress.update(self._task, description=f"{state or f'{running} running'}{best}")

@@ -155,8 +155,8 @@ def _check_resumable(path: Path | str, spec: Spec) -> pd.DataFrame | None:
     changed = _spec_changes(parse_spec(results.read_text(saved), results.location_text(saved)), spec)
     if changed:
         raise SpecError(
-            f"cannot resume {name!r}: its trials started with another spec ({'; '.join(changed)}); "
-            "search with it under a new --name"
+            f"cannot resume {name!r}: its trials started with another spec ({'; '.join(changed)}); only "
+            "resources and loggers may change on resume: drop the other --set options, or search under a new --name"
         )
     if results.exists(results.join(path, TRIALS)):
         trials = results.read_parquet(results.join(path, TRIALS))
@@ -170,17 +170,18 @@ def _spec_changes(saved: Spec, spec: Spec) -> list[str]:
     they are logged to, which a resumed search may change."""
     before, after = (_flat_settings(s) for s in (saved, spec))
     return [
-        f"{key}: {before.get(key)} -> {after.get(key)}"
-        for key in sorted(set(before.index) | set(after.index))
+        f"{key}: {before.get(key, '(unset)')} -> {after.get(key, '(unset)')}"
+        for key in sorted(set(before) | set(after))
         if before.get(key) != after.get(key)
     ]
 
 
-def _flat_settings(spec: Spec) -> pd.Series:
-    """The spec's settings by dotted key, the train section with its defaults filled in."""
+def _flat_settings(spec: Spec) -> dict:
+    """The spec's settings by dotted key down to one hyperparameter (a searched one's range is one value), the
+    train section with its defaults filled in."""
     settings = spec.model_dump(mode="json", exclude={"resources", "loggers"})
     settings["train"] = TrainConfig().model_dump(mode="json") | settings["train"]
-    return pd.json_normalize(settings).iloc[0]
+    return pd.json_normalize(settings, max_level=1).iloc[0].to_dict()
 
 
 def _start_cluster(spec: Spec, root, address: str | None, shared_storage: bool, console: Console) -> int:
