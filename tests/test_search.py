@@ -341,6 +341,39 @@ def test_asha_stops_weak_trials_early(local_ray, tmp_path):
             assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == row.best_val_rmse
 
 
+def test_a_trial_relays_every_report_even_when_its_run_ends_the_moment_it_reports(local_ray, tmp_path):
+    """The race Train's TuneReportCallback loses: the run's last report and its end reach the trial together."""
+    import ray.tune
+    from ray.util.queue import Queue
+
+    from raybone.tuning.trial import _relay_to_tune
+
+    class RunThatEndsAtOnce:  # stands in for a TorchTrainer: reports as its controller would, then returns
+        def __init__(self, reports, fails):
+            self.reports, self.fails = reports, fails
+
+        def fit(self):
+            for iteration in (1, 2, 3):
+                self.reports.put({"iteration": iteration, "val_rmse": 1.0 / iteration})
+            if self.fails:
+                raise ValueError("worker lost")
+
+    def trial(config):
+        reports = Queue(actor_options={"num_cpus": 0})
+        _relay_to_tune(RunThatEndsAtOnce(reports, config["fails"]), reports, None)
+
+    grid = ray.tune.Tuner(
+        trial,
+        param_space={"fails": ray.tune.grid_search([False, False, False, True])},
+        run_config=ray.tune.RunConfig(name="relay", storage_path=str(tmp_path), verbose=0),
+    ).fit()
+    for result in grid:
+        assert result.metrics_dataframe.iteration.tolist() == [1, 2, 3]
+        assert (result.error is not None) == result.config["fails"]
+        if result.error is not None:
+            assert "worker lost" in str(result.error)
+
+
 def test_pbt_continues_a_perturbed_trial_from_its_donors_iteration_and_weights(local_ray, tmp_path):
     from raybone.core.checkpoint import read_checkpoint
 

@@ -1,10 +1,16 @@
 """One Tune trial: a Ray Train run of the worker loop (worker.py), named after the trial so that a resumed search
-finds its checkpoints. Train's TuneReportCallback relays each validation report to Tune.
+finds its checkpoints.
+
+The trial relays Train's reports to Tune itself: a Train callback puts each report in a queue, and the trial's own
+function reports it to Tune, returning only once every report is relayed. (Train's TuneReportCallback hands the
+reports to a second thread instead; when a run ends right after its last report, that report races the function's
+end for Tune's one-slot result queue, and the trial hangs. Ray's 2 s controller poll made the race rare; it also
+delayed every report and every run's end by up to 2 s, and polling sooner is what cuts that.)
 
 Population Based Training needs more: Tune must hold a checkpoint of each trial to hand to the trials that exploit
-it. Under PBT the trial relays the reports itself, each with a small Tune checkpoint that points at the Train
-checkpoint of that report; a trial that exploits another starts a new Train run of its own whose workers load the
-other's checkpoint (the worker loop's `start_from`), at its iteration, with the perturbed configuration.
+it. Under PBT each relayed report carries a small Tune checkpoint that points at the Train checkpoint of that
+report; a trial that exploits another starts a new Train run of its own whose workers load the other's checkpoint
+(the worker loop's `start_from`), at its iteration, with the perturbed configuration.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import ray
 import ray.train
 import ray.tune
 from ray.train.torch import TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.util.queue import Queue
 
 from raybone.data import PreparedData
@@ -34,6 +39,7 @@ from raybone.tuning.worker import train_loop_per_worker
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # the trial function only waits on its Train run
 NODE_START_TIMEOUT_S = 30 * 60  # how long a trial waits for the autoscaler's node (image pull, setup) per try
 POINTER = "train_checkpoint.json"  # a PBT trial's Tune checkpoint: where its Train checkpoint is
+CONTROLLER_POLL_S = 0.25  # how often Train's controller polls its workers (Ray's default: 2 s), see above
 
 
 def trial_seed(experiment_seed: int, trial_index: int) -> int:
@@ -47,17 +53,16 @@ def run_trial(config: dict, *, spec_json: str, data_ref: list, train_storage: st
     trial_id = ray.tune.get_context().get_trial_id()
     if spec.resources.max_concurrent_trials is not None:  # an autoscaling cluster: wait for a new node
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(NODE_START_TIMEOUT_S))
-    if spec.scheduler.type != "pbt":
-        _trainer(spec, config, data_ref, train_storage, f"trial-{trial_id}", [TuneReportCallback()]).fit()
-        return
-    start = _pointer(ray.tune.get_checkpoint())
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(CONTROLLER_POLL_S))
+    pbt = spec.scheduler.type == "pbt"
+    start = _pointer(ray.tune.get_checkpoint()) if pbt else None
     if start is None or start["trial_id"] == trial_id:  # a new trial, or itself after a restart: its own run
         run, donor = (start or {}).get("run", f"trial-{trial_id}"), None
-    else:  # exploiting another trial: a new run of its own, from the other's checkpoint
+    else:  # PBT, exploiting another trial: a new run of its own, from the other's checkpoint
         run, donor = f"trial-{trial_id}-{uuid.uuid4().hex[:6]}", start
     reports = Queue(actor_options={"num_cpus": 0})
     trainer = _trainer(spec, config, data_ref, train_storage, run, [_Relay(reports)], donor)
-    _relay_to_tune(trainer, reports, {"trial_id": trial_id, "run": run})
+    _relay_to_tune(trainer, reports, {"trial_id": trial_id, "run": run} if pbt else None)
 
 
 def trial_arrays(data: PreparedData) -> dict:
@@ -119,27 +124,30 @@ def _trainer(
 
 
 class _Relay(ray.train.UserCallback):
-    """On the Train controller: each report and its checkpoint's path, to the trial."""
+    """On the Train controller: each report, with its checkpoint's path, to the trial."""
 
     def __init__(self, reports: Queue):
         self._reports = reports
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
-        self._reports.put({**metrics[0], "checkpoint_path": checkpoint.path if checkpoint else None})
+        self._reports.put({**metrics[0], **({"checkpoint_path": checkpoint.path} if checkpoint else {})})
 
 
-def _relay_to_tune(trainer: TorchTrainer, reports: Queue, me: dict) -> None:
-    """Train in a thread; report each of its results to Tune with a pointer to its checkpoint."""
+def _relay_to_tune(trainer: TorchTrainer, reports: Queue, pointer: dict | None) -> None:
+    """Train in a thread; report each of its results to Tune, under PBT with a `pointer` to its checkpoint."""
     failure = []
     thread = threading.Thread(target=lambda: _fit(trainer, failure), daemon=True)
     thread.start()
     while thread.is_alive() or not reports.empty():
         try:
-            metrics = reports.get(timeout=1)
+            metrics = reports.get(timeout=CONTROLLER_POLL_S)
         except queue.Empty:
             continue
+        if pointer is None:
+            ray.tune.report(metrics)
+            continue
         with tempfile.TemporaryDirectory() as folder:
-            (Path(folder) / POINTER).write_text(json.dumps({**me, "path": metrics["checkpoint_path"]}))
+            (Path(folder) / POINTER).write_text(json.dumps({**pointer, "path": metrics.get("checkpoint_path")}))
             ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
     if failure:
         raise failure[0]
