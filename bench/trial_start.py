@@ -1,16 +1,18 @@
 """What starting a trial costs: raybone's Train-in-Tune trials next to plain Ray Tune function trials, one run.
 
-Two arms, each `--trials` trials one after another in one local Ray cluster of all the CPUs (started as
-`raybone search` starts one), each through its own Tuner:
-- tune:    a plain Tune function trial that reports once: what Ray Tune alone costs per trial.
-- raybone: raybone's own trial (`raybone.tuning.run.trial_trainable`: a TorchTrainer with one worker running
-           raybone's worker loop), as `raybone search` runs it.
+Three arms in one local Ray cluster of all the CPUs (started as `raybone search` starts one). Each arm runs
+twice, in the order tune, raybone, raybone_2s_poll, raybone_2s_poll, raybone, tune, so that drifting machine load
+hits every arm alike; each run is `--trials` trials one after another through a Tuner of its own:
+- tune:          a plain Tune function trial that reports once: what Ray Tune alone costs per trial.
+- raybone:       raybone's own trial (`raybone.tuning.run.trial_trainable`: a TorchTrainer with one worker running
+                 raybone's worker loop), as `raybone search` runs it.
+- raybone_2s_poll: the same trial with Ray's default controller poll (2 s): what raybone's 0.25 s poll saves.
 Every trial gets a new driver process, as in `raybone search`.
 
-Two ways to cut the cost were tried and dropped because they hang searches (see the README's Performance table):
-Tune's `reuse_actors` (a trial that ASHA stops cannot be reset, and the search stalled), and a shorter
-RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (0.5 s: fit() then returns before Tune has taken the last report from
-TuneReportCallback's queue, and the trial's driver blocks for ever on its own full result queue).
+Tune's `reuse_actors` was tried and dropped: a trial that ASHA stops cannot be reset, and the search stalled.
+The trial's Train controller polls its workers every 0.25 s (`raybone.tuning.trial.CONTROLLER_POLL_S`); with
+Train's TuneReportCallback so short a poll hung searches, so raybone's trials relay their reports themselves (see
+raybone/tuning/trial.py).
 The raybone trials do almost no work: one step of batch 4 at 32 px on 16 images, one six-crop evaluation of 8,
 one checkpoint; the train step's time is subtracted (from the worker's `images_per_s`), the evaluation and
 checkpoint of the 8 images are not (they stay in the fixed cost, which they can only overstate).
@@ -18,13 +20,16 @@ checkpoint of the 8 images are not (they stay in the fixed cost, which they can 
 A Tune callback clocks each trial on the driver: start -> first result (start-up and the work), last result ->
 end (teardown), and end -> the next trial's start (Tune starting the next driver process). The fixed cost of a
 trial is its start-to-end time less the train step, plus the gap before the next one; the summary takes the
-median over trials 2..N-1 (the first also starts the Tuner; the last has no next trial to measure the gap to).
+median over trials 2..N-1 of both runs (the first also starts the Tuner; the last has no next trial to measure the
+gap to).
 
     python bench/trial_start.py [--quick] [--trials N]     # JSON to bench/results/trial_start.json
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import tempfile
 import time
 
@@ -36,9 +41,10 @@ import ray.tune
 from raybone.data import prepare
 from raybone.spec import load_spec, search_space
 from raybone.tuning.run import trial_trainable
-from raybone.tuning.trial import trial_arrays
+from raybone.tuning.trial import run_trial, trial_arrays
 
 NAME = "trial_start"
+ORDER = ("tune", "raybone", "raybone_2s_poll", "raybone_2s_poll", "raybone", "tune")
 CONFIG = {"lr": 1e-3, "decay_steps": 50, "l2_weight": 0.1, "weight_decay": 1e-3}  # inside quick.yaml's space
 
 
@@ -62,7 +68,15 @@ def tune_trial(config: dict) -> None:
     ray.tune.report({"val_rmse": 0.0, "iteration": 1})
 
 
-def run_arm(arm: str, trainable, trials: int, storage: str, spec) -> list[dict]:
+def ray_poll_trial(config: dict, **kwargs) -> None:
+    """raybone's trial with Ray's default controller poll. Each trial has a new driver process, so this setting
+    stays in this arm."""
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "2.0"
+    run_trial(config, **kwargs)
+
+
+def run_arm(arm: str, trainable, trials: int, storage: str, spec) -> tuple[list[dict], list[dict]]:
+    """Per-trial costs, and the trials' own clock readings in start order."""
     clock = Clock()
     tuner = ray.tune.Tuner(
         trainable,
@@ -73,11 +87,11 @@ def run_arm(arm: str, trainable, trials: int, storage: str, spec) -> list[dict]:
     grid = tuner.fit()
     if grid.errors:
         raise RuntimeError(f"{arm}: {grid.errors[0]}")
-    return _per_trial(clock, spec.train["batch_size"])
+    clocked = sorted(clock.trials.values(), key=lambda t: t["start"])
+    return _per_trial(clocked, spec.train["batch_size"]), clocked
 
 
-def _per_trial(clock: Clock, batch_size: int) -> list[dict]:
-    rows = sorted(clock.trials.values(), key=lambda t: t["start"])
+def _per_trial(rows: list[dict], batch_size: int) -> list[dict]:
     out = []
     for this, following in zip(rows, rows[1:] + [None]):
         first, last = this["results"][0], this["results"][-1]
@@ -99,10 +113,10 @@ def _per_trial(clock: Clock, batch_size: int) -> list[dict]:
 
 def main() -> None:
     args = common.parse_args(
-        __doc__, lambda p: p.add_argument("--trials", type=int, default=None), "3 trials per arm (default: 5)"
+        __doc__, lambda p: p.add_argument("--trials", type=int, default=None), "3 trials per run (default: 4)"
     )
     started = time.perf_counter()
-    trials = args.trials or (3 if args.quick else 5)
+    trials = args.trials or (3 if args.quick else 4)
     if trials < 3:
         raise SystemExit("--trials: at least 3 (the first and the last trial are not steady)")
     threads = common.cpu_count()
@@ -120,13 +134,20 @@ def main() -> None:
     )
     arrays = _tiny(trial_arrays(prepare("demo", image_size=36, progress=False)))
     with common.local_ray(threads), tempfile.TemporaryDirectory(prefix="raybone-trial-start-") as storage:
-        arms = {
-            arm: run_arm(arm, trainable, trials, storage, spec)
-            for arm, trainable in (("tune", tune_trial), ("raybone", trial_trainable(spec, arrays, f"{storage}/train")))
+        trainables = {
+            "tune": tune_trial,
+            "raybone": trial_trainable(spec, arrays, f"{storage}/train"),
+            "raybone_2s_poll": trial_trainable(spec, arrays, f"{storage}/train", trial=ray_poll_trial),
         }
+        runs = [(arm, run_arm(f"{arm}-{i}", trainables[arm], trials, storage, spec)) for i, arm in enumerate(ORDER)]
+        arms, steady, paths = {}, {}, {}
+        for arm, (rows, clocked) in runs:
+            arms.setdefault(arm, []).append(rows)
+            # The first trial of a run also starts the Tuner and its first driver; the last has no gap after it.
+            steady.setdefault(arm, []).extend(rows[1:-1])
+            if arm != "tune":
+                paths.setdefault(arm, []).extend(_critical_path(clocked))
 
-    # The first trial of an arm also starts the Tuner and its first driver; the last has no gap after it.
-    steady = {arm: rows[1:-1] for arm, rows in arms.items()}
     fixed = {arm: common.median(r["fixed_cost_s"] for r in rows) for arm, rows in steady.items()}
     parts = {
         arm: {
@@ -137,19 +158,71 @@ def main() -> None:
     }
     goal_met = fixed["raybone"] <= 5.0
     results = {
-        "settings": {"trials_per_arm": trials, "threads": threads, "order": "tune, raybone"},
+        "settings": {"trials_per_run": trials, "threads": threads, "order": ", ".join(ORDER)},
         "fixed_cost_per_trial_s": fixed,
         "median_parts_s": parts,
         "raybone_minus_tune_s": fixed["raybone"] - fixed["tune"],
+        "critical_path_median_s": {
+            arm: {key: common.median(row[key] for row in path) for key in path[0]} for arm, path in paths.items()
+        },
+        "critical_path_s": paths,
         "goal": "raybone fixed cost per trial <= 5 s",
         "goal_met": goal_met,
         "trials": arms,
     }
     summary = (
-        f"trial start: raybone {fixed['raybone']:.1f} s per trial, plain Tune {fixed['tune']:.1f} s;"
-        f" goal <= 5 s {'met' if goal_met else 'MISSED'}"
+        f"trial start: raybone {fixed['raybone']:.1f} s per trial ({fixed['raybone_2s_poll']:.1f} s with Ray's 2 s"
+        f" poll), plain Tune {fixed['tune']:.1f} s; goal <= 5 s {'met' if goal_met else 'MISSED'}"
     )
     common.finish(NAME, args, results, summary, started)
+
+
+def _critical_path(trials: list[dict]) -> list[dict]:
+    """Where each raybone trial's time goes, from the previous trial's end to its own, in the order it is spent.
+
+    Ray's own records: the state API says when each process was launched and when it was up (registered with
+    Ray), and the timeline when each actor's setup ran. A trial's processes are those launched after the
+    previous trial's last result (Tune may launch the next driver before it calls the previous trial complete);
+    the first trial has no previous one and is left out. The parts add up to the span between the two ends.
+    """
+    from ray.util.state import list_actors, list_workers
+
+    # The last part of the class name: a wrapped trainable's driver is `wrap_function.<locals>.ImplicitFunc`.
+    kinds = {actor.pid: actor.class_name.rsplit(".", 1)[-1] for actor in list_actors(detail=True, limit=10_000)}
+    processes: dict[str, list[dict]] = {}
+    for w in list_workers(detail=True, limit=10_000):
+        if w.pid in kinds and w.worker_launch_time_ms and w.worker_launched_time_ms:
+            processes.setdefault(kinds[w.pid], []).append(
+                {"launch": w.worker_launch_time_ms / 1e3, "up": w.worker_launched_time_ms / 1e3, "id": w.worker_id}
+            )
+    tasks = {
+        (event["tid"].removeprefix("worker:"), event["name"]): (event["ts"] / 1e6, (event["ts"] + event["dur"]) / 1e6)
+        for event in ray.timeline()
+        if event.get("ph") == "X" and str(event.get("tid", "")).startswith("worker:")
+    }
+    rows = []
+    for before, trial in itertools.pairwise(trials):
+        own = {  # the trial driver, Train controller and Train worker this trial started
+            kind: next(p for p in processes[kind] if before["results"][-1][0] <= p["launch"] <= trial["end"])
+            for kind in ("ImplicitFunc", "TrainController", "RayTrainWorker")
+        }
+        driver, controller, worker = own["ImplicitFunc"], own["TrainController"], own["RayTrainWorker"]
+        controller_ready = tasks[(controller["id"], "__init__")][1]
+        context_start, context_end = tasks[(worker["id"], "init_train_context")]
+        rows.append(
+            {
+                "tune_launches_the_trial_driver_s": driver["launch"] - before["end"],
+                "driver_process_start_s": driver["up"] - driver["launch"],
+                "driver_loads_the_trial_s": trial["start"] - driver["up"],  # imports Ray Train and torch
+                "controller_process_start_s": controller["up"] - trial["start"],
+                "controller_setup_s": controller_ready - controller["up"],  # imports, storage, callbacks
+                "worker_group_start_s": context_start - controller_ready,  # placement group, 3 processes
+                "worker_train_context_s": context_end - context_start,  # imports the loop, process group
+                "worker_loop_to_first_result_s": trial["results"][0][0] - context_end,
+                "last_result_to_end_s": trial["end"] - trial["results"][-1][0],
+            }
+        )
+    return rows
 
 
 def _tiny(arrays: dict) -> dict:

@@ -116,12 +116,13 @@ def run_search(
     return SearchOutcome(path, trials, _best(trials, spec))
 
 
-def trial_trainable(spec: Spec, arrays: dict, train_storage: str):
-    """What Tune runs per trial: `run_trial` with the spec, the images and where Train keeps the checkpoints."""
+def trial_trainable(spec: Spec, arrays: dict, train_storage: str, trial=run_trial):
+    """What Tune runs per trial: `trial` (benchmarks wrap `run_trial`) with the spec, the images and where Train
+    keeps the checkpoints."""
     # The images go into the object store once per search; each node pulls them once (see the README).
     return ray.tune.with_resources(
         ray.tune.with_parameters(
-            run_trial, spec_json=spec.model_dump_json(), data_ref=[ray.put(arrays)], train_storage=train_storage
+            trial, spec_json=spec.model_dump_json(), data_ref=[ray.put(arrays)], train_storage=train_storage
         ),
         {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY},
     )
