@@ -8,7 +8,8 @@ scratch, 64 px crops of the images warped to 73 px, batch 32) four models are bu
       longer than B, started from the recipe (start_from), over lr, decay step, L2 weight, weight decay and sex
       input; its best checkpoint by validation RMSE (the best any trial kept, not its last);
   (c) top-3: the ensemble of the search's three best trials, as `raybone best --export --top 3` builds it;
-  (d) recipe-ema: the recipe with weight averaging (ema 0.99), one trial of B: the same budget as (a).
+  (d) recipe-ema: the recipe with weight averaging (ema 0.99), one trial of B: the same budget as (a);
+and the recipe twice more at other seeds, two trials at once: with (a), the seed-to-seed spread of its test RMSE.
 The search trains with the same weight averaging and judges trials only at 3B/4. Without averaging, and with
 8 trials and a first rung at B/4 (bench/results/quality-no-averaging.json), single validations swung by up to
 2.9 y between evaluations (2.85 -> 5.36 -> 2.43 y) and 5 of 8 trials were stopped at B/4 before any had
@@ -78,6 +79,9 @@ AVERAGING = {"ema": 0.99}
 # ASHA judges trials once, at 3/4 of the budget: the averaged curves say nothing before ~0.6 of it.
 RUNG = 0.75
 ENSEMBLE = 3
+# Two more runs of the recipe (experiment seed 1: other initial weights and batches): with (a), the seed-to-seed
+# spread of its test RMSE, which a gain must exceed to mean anything.
+REPEATS = 2
 GOALS = {"search": 0.10, f"top{ENSEMBLE}": 0.20}  # test RMSE (y) each must gain on the recipe, same readout
 LEARNED = 2.5  # a model above this test RMSE (y) has not learned (median predictor: 3.60 y)
 
@@ -115,12 +119,13 @@ def median_rmse(train_labels: np.ndarray, labels: np.ndarray) -> float:
     return float(np.sqrt(np.mean((labels - np.median(train_labels)) ** 2)))
 
 
-def spec_file(work: Path, name: str, train: dict, device: str, samples: int = 1, start_from=()) -> Path:
-    """A search-space file: several trials share the machine under ASHA (one rung, at RUNG of the
-    iterations), a single run takes all of it."""
+def spec_file(work: Path, name: str, train: dict, device: str, samples: int = 1, start_from=(), seed: int = 0) -> Path:
+    """A search-space file: a search's trials share the machine under ASHA (one rung, at RUNG of the
+    iterations), a single run takes all of it, and repeats of one configuration (seeds) run to the end."""
     gpu, single = device == "cuda", samples == 1
+    searched = any(isinstance(value, dict) for value in train.values())
     spec = {
-        "seed": 0,
+        "seed": seed,
         "metric": "val_rmse",
         "mode": "min",
         "num_samples": samples,
@@ -128,7 +133,7 @@ def spec_file(work: Path, name: str, train: dict, device: str, samples: int = 1,
         "train": train,
         "start_from": list(start_from),
         "scheduler": {"type": "none"}
-        if single
+        if single or not searched
         else {"type": "asha", "grace_period": int(RUNG * train["iterations"]), "reduction_factor": 3},
         "resources": {  # a search runs two trials at once: 1-CPU workers on 2 cores, or half-GPU workers
             "cpus_per_worker": (8 if gpu else 2) if single else (4 if gpu else 1),
@@ -140,10 +145,10 @@ def spec_file(work: Path, name: str, train: dict, device: str, samples: int = 1,
     return path
 
 
-def run_arm(work: Path, name: str, train: dict, device: str, samples: int = 1, start_from=()):
+def run_arm(work: Path, name: str, train: dict, device: str, samples: int = 1, start_from=(), seed: int = 0):
     """run_search of spec_file's space into work/name; with --work an arm that finished earlier is resumed
     (nothing reruns)."""
-    spec = load_spec(spec_file(work, name, train, device, samples, start_from))
+    spec = load_spec(spec_file(work, name, train, device, samples, start_from, seed))
     return run_search(spec, name=name, results_dir=work, resume=(work / name / "trials.parquet").is_file())
 
 
@@ -230,8 +235,22 @@ def main() -> None:
             "validation": json.loads((work / "models" / arm / MODEL_JSON).read_text())["metrics"],
             "curves": curves(outcome.path),
         }
+    results["recipe_seeds"] = _recipe_seeds(work, tag, train, args.device, test, results["arms"]["recipe"])
     finish("quality", args, results, _summary(results), started)
     ray.shutdown()
+
+
+def _recipe_seeds(work: Path, tag: str, train: dict, device: str, test: PreparedData, recipe: dict) -> dict:
+    """The recipe at REPEATS more seeds, scored as (a) is: test RMSE per seed, (a)'s first, with mean and SD."""
+    outcome = run_arm(work, f"quality-recipe-seeds-{tag}", train, device, samples=REPEATS, seed=1)
+    runs = [{"trial_id": recipe["members"][0]["trial_id"], "test": recipe["test"]}]
+    for i, trial in enumerate(load_experiment(outcome.path).top(REPEATS), start=1):
+        runs.append({"trial_id": trial.trial_id, "test": test_metrics(trial, work / "models" / f"recipe-{i}", test)})
+    spread = {}
+    for key in ("rmse_argmax", "rmse_expected"):
+        values = [run["test"][key] for run in runs]
+        spread[key] = {"values": values, "mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1))}
+    return {"runs": runs, "spread": spread, "curves": curves(outcome.path)}
 
 
 def _summary(results: dict) -> str:
@@ -252,9 +271,13 @@ def _summary(results: dict) -> str:
             f"{t['rmse_expected']:.2f} y MAE {t['mae_months_expected']:.1f} mo{learned}{gain}"
         )
 
+    spread = results["recipe_seeds"]["spread"]
+    seeds = "/".join(f"{spread[k]['mean']:.2f} ± {spread[k]['sd']:.2f}" for k in ("rmse_argmax", "rmse_expected"))
     return (
         f"held-out test ({results['test_images']} RSNA hands; RMSE arg-max/expected; median predictor "
-        f"{median:.2f} y): " + " | ".join(line(arm) for arm in arms)
+        f"{median:.2f} y): "
+        + " | ".join(line(arm) for arm in arms)
+        + f" | recipe over {len(spread['rmse_argmax']['values'])} seeds: RMSE {seeds} y (mean ± SD)"
     )
 
 
