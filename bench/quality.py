@@ -19,7 +19,7 @@ scores as the median predictor, so an earlier rung would compare nothing.
 Each is exported as a model folder and scored once on the test set with six-crop averaging, beside the median
 predictor (always the training split's median class). Goals: (b) beats (a) by >= 0.10 y test RMSE, (c) by
 >= 0.20 y. `--device cuda` runs the same arms at 88 of 100 px with B = 2000 (the recipe reached 1.88 y there
-on 2 cores in 30 minutes; about 10 minutes of an H100/H200 for all four arms).
+on 2 cores in 30 minutes; an estimated 10-15 minutes of an H100/H200 for all the arms).
 
     python bench/quality.py [--recipe-iterations B] [--trials 5] [--work DIR] [--quick] [--device cpu|cuda]
 """

@@ -183,7 +183,8 @@ def _critical_path(trials: list[dict]) -> list[dict]:
     Ray's own records: the state API says when each process was launched and when it was up (registered with
     Ray), and the timeline when each actor's setup ran. A trial's processes are those launched after the
     previous trial's last result (Tune may launch the next driver before it calls the previous trial complete);
-    the first trial has no previous one and is left out. The parts add up to the span between the two ends.
+    the first trial has no previous one and is left out, as is a trial whose processes Ray's records miss. With one
+    report per trial (as here) the parts add up to the span between the two ends.
     """
     from ray.util.state import list_actors, list_workers
 
@@ -202,10 +203,16 @@ def _critical_path(trials: list[dict]) -> list[dict]:
     }
     rows = []
     for before, trial in itertools.pairwise(trials):
-        own = {  # the trial driver, Train controller and Train worker this trial started
-            kind: next(p for p in processes[kind] if before["results"][-1][0] <= p["launch"] <= trial["end"])
+        own = {  # the trial driver, Train controller and Train worker this trial started: the first launched
+            kind: min(
+                (p for p in processes.get(kind, []) if before["results"][-1][0] <= p["launch"] <= trial["end"]),
+                key=lambda p: p["launch"],
+                default=None,
+            )
             for kind in ("ImplicitFunc", "TrainController", "RayTrainWorker")
         }
+        if None in own.values():
+            continue
         driver, controller, worker = own["ImplicitFunc"], own["TrainController"], own["RayTrainWorker"]
         controller_ready = tasks[(controller["id"], "__init__")][1]
         context_start, context_end = tasks[(worker["id"], "init_train_context")]
@@ -214,10 +221,12 @@ def _critical_path(trials: list[dict]) -> list[dict]:
                 "tune_launches_the_trial_driver_s": driver["launch"] - before["end"],
                 "driver_process_start_s": driver["up"] - driver["launch"],
                 "driver_loads_the_trial_s": trial["start"] - driver["up"],  # imports Ray Train and torch
-                "controller_process_start_s": controller["up"] - trial["start"],
+                "driver_builds_the_run_s": controller["launch"] - trial["start"],  # spec, queue, TorchTrainer
+                "controller_process_start_s": controller["up"] - controller["launch"],
                 "controller_setup_s": controller_ready - controller["up"],  # imports, storage, callbacks
                 "worker_group_start_s": context_start - controller_ready,  # placement group, 3 processes
                 "worker_train_context_s": context_end - context_start,  # imports the loop, process group
+                # model, data, step, evaluation, checkpoint, and the report's way to Tune (poll and relay)
                 "worker_loop_to_first_result_s": trial["results"][0][0] - context_end,
                 "last_result_to_end_s": trial["end"] - trial["results"][-1][0],
             }

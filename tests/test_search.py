@@ -343,18 +343,22 @@ def test_asha_stops_weak_trials_early(local_ray, tmp_path):
 
 def test_a_trial_relays_every_report_even_when_its_run_ends_the_moment_it_reports(local_ray, tmp_path):
     """The race Train's TuneReportCallback loses: the run's last report and its end reach the trial together."""
+    import ray.train
     import ray.tune
     from ray.util.queue import Queue
 
-    from raybone.tuning.trial import _relay_to_tune
+    from raybone.tuning.trial import _Relay, _relay_to_tune
 
-    class RunThatEndsAtOnce:  # stands in for a TorchTrainer: reports as its controller would, then returns
+    folder = str(tmp_path)
+
+    class RunThatEndsAtOnce:  # stands in for a TorchTrainer: reports through its controller's callback, returns
         def __init__(self, reports, fails):
-            self.reports, self.fails = reports, fails
+            self.relay, self.fails = _Relay(reports), fails
 
         def fit(self):
-            for iteration in (1, 2, 3):
-                self.reports.put({"iteration": iteration, "val_rmse": 1.0 / iteration})
+            for iteration in (1, 2, 3):  # the second report comes without a checkpoint
+                checkpoint = None if iteration == 2 else ray.train.Checkpoint(folder)
+                self.relay.after_report(None, [{"iteration": iteration, "val_rmse": 1.0 / iteration}], checkpoint)
             if self.fails:
                 raise ValueError("worker lost")
 
@@ -369,6 +373,8 @@ def test_a_trial_relays_every_report_even_when_its_run_ends_the_moment_it_report
     ).fit()
     for result in grid:
         assert result.metrics_dataframe.iteration.tolist() == [1, 2, 3]
+        assert result.metrics_dataframe.checkpoint_path.tolist()[::2] == [folder, folder]
+        assert result.metrics_dataframe.checkpoint_path.isna().tolist() == [False, True, False]
         assert (result.error is not None) == result.config["fails"]
         if result.error is not None:
             assert "worker lost" in str(result.error)

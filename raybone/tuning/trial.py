@@ -2,10 +2,11 @@
 finds its checkpoints.
 
 The trial relays Train's reports to Tune itself: a Train callback puts each report in a queue, and the trial's own
-function reports it to Tune, returning only once every report is relayed. (Train's TuneReportCallback hands the
-reports to a second thread instead; when a run ends right after its last report, that report races the function's
-end for Tune's one-slot result queue, and the trial hangs. Ray's 2 s controller poll made the race rare; it also
-delayed every report and every run's end by up to 2 s, and polling sooner is what cuts that.)
+function reports it to Tune, returning only once every report is relayed. (Train's TuneReportCallback leaves the
+reports for Tune's trainable to fetch from its own thread; when a run ends right after its last report, the
+function's end reaches Tune's one-slot result queue first, and moving that last report there blocks for ever.
+Ray's 2 s controller poll made the race rare; it also delayed every report and every run's end by up to 2 s, and
+polling sooner is what cuts that.)
 
 Population Based Training needs more: Tune must hold a checkpoint of each trial to hand to the trials that exploit
 it. Under PBT each relayed report carries a small Tune checkpoint that points at the Train checkpoint of that
@@ -140,7 +141,7 @@ def _relay_to_tune(trainer: TorchTrainer, reports: Queue, pointer: dict | None) 
     thread.start()
     while thread.is_alive() or not reports.empty():
         try:
-            metrics = reports.get(timeout=CONTROLLER_POLL_S)
+            metrics = reports.get(timeout=CONTROLLER_POLL_S)  # no report can come sooner than the next poll
         except queue.Empty:
             continue
         if pointer is None:
