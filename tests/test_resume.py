@@ -107,3 +107,22 @@ def test_resume_refuses_a_folder_raybone_did_not_create(tmp_path):
     )
     assert result.returncode == 2
     assert "is not a raybone experiment" in result.stderr
+
+
+def test_the_best_report_is_one_with_a_checkpoint_when_a_resumed_run_reports_its_last_metrics_again():
+    from raybone.tuning.tables import best_report
+
+    # iteration 4 was the best and finished the run; after a driver crash its workers reported it again, uncheckpointed
+    reports = pd.DataFrame(
+        {
+            "iteration": [2, 4, 4],
+            "val_rmse": [3.0, 2.0, 2.0],
+            "checkpoint_path": ["/ckpt/2", "/ckpt/4", None],
+        }
+    )
+    best = best_report(reports, "val_rmse", "min")
+    assert best.iteration == 4 and best.checkpoint_path == "/ckpt/4"
+    # equal values otherwise keep the latest, as Train keeps the latest of equal checkpoints
+    later = pd.DataFrame({"iteration": [2, 4], "val_rmse": [2.0, 2.0], "checkpoint_path": ["/ckpt/2", "/ckpt/4"]})
+    assert best_report(later, "val_rmse", "min").checkpoint_path == "/ckpt/4"
+    assert best_report(later.drop(columns="checkpoint_path"), "val_rmse", "min").iteration == 4

@@ -155,12 +155,16 @@ class LiveTables(ray.tune.Callback):
 
 
 def best_report(reports: pd.DataFrame | None, metric: str, mode: str) -> pd.Series | None:
-    """The report with the best `metric`, the latest of equals (as Train keeps the latest of equal checkpoints);
-    None if no report has it."""
+    """The report with the best `metric`, the latest of equals (as Train keeps the latest of equal checkpoints)
+    that has a checkpoint if any has; None if no report has the metric. (A run that had finished before a driver
+    crash reports its last metrics again on resume, without a checkpoint.)"""
     if reports is None or metric not in reports or reports[metric].isna().all():
         return None
     best = reports[metric].min() if mode == "min" else reports[metric].max()
-    return reports.loc[reports.index[reports[metric] == best][-1]]
+    equals = reports[reports[metric] == best]
+    if "checkpoint_path" in equals and equals.checkpoint_path.notna().any():
+        equals = equals[equals.checkpoint_path.notna()]
+    return equals.iloc[-1]
 
 
 def history_table(result_grid, storage_location: str | PurePath | None = None) -> pd.DataFrame:
