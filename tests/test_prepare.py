@@ -1,5 +1,6 @@
 import importlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from raybone.data import PreparedData, load_prepared, prepare
+from raybone.data import PreparedData, load_prepared, prepare, same_data
 from raybone.data.prepare import stratified_split
 from raybone.errors import DataError, RayboneError
 
@@ -106,6 +107,33 @@ def test_changed_settings_or_files_change_the_fingerprint(collection, tmp_path):
     assert reseeded.fingerprint != base.fingerprint
     Image.new("L", (20, 20), 50).save(collection / "images" / "2.png")  # a replaced radiograph
     assert prepare(collection, out=tmp_path / "c", image_size=16, progress=False).fingerprint != base.fingerprint
+
+
+def test_a_copied_source_is_the_same_data_and_a_relabelled_one_is_not(collection, tmp_path):
+    """A copy with new file dates is prepared again (new fingerprint) but holds the same data; a changed
+    reading, sex or split does not, also for artifacts written before content_sha256."""
+    base = prepare(collection, out=tmp_path / "a", image_size=16, progress=False)
+    copy = shutil.copytree(collection, tmp_path / "copy", copy_function=shutil.copyfile)  # new mtimes
+    copied = prepare(copy, out=tmp_path / "b", image_size=16, progress=False)
+    assert copied.fingerprint != base.fingerprint and same_data(copied.meta, base.meta)
+
+    csv = copy / "boneage.csv"
+    original = csv.read_text()
+    changed = {}
+    for change, text in {"reading": ("3,12,", "3,30,"), "sex": ("3,12,True", "3,12,False")}.items():
+        csv.write_text(original.replace(*text))
+        changed[change] = prepare(copy, out=tmp_path / change, image_size=16, progress=False)
+        np.testing.assert_array_equal(changed[change].images, base.images)
+        assert not same_data(changed[change].meta, base.meta)
+    resplit = prepare(collection, out=tmp_path / "d", image_size=16, val_fraction=0.5, progress=False)
+    assert not same_data(resplit.meta, base.meta)
+
+    def legacy(meta: dict) -> dict:
+        return {key: value for key, value in meta.items() if key != "content_sha256"}
+
+    assert same_data(legacy(copied.meta), legacy(base.meta))
+    assert not same_data(legacy(changed["reading"].meta), base.meta)  # a reading in another year: other counts
+    assert not same_data(legacy(resplit.meta), legacy(base.meta))
 
 
 def test_default_output_goes_to_the_cache_not_beside_the_images(collection, cache):

@@ -15,6 +15,7 @@ from raybone.core.augment import test_crops
 from raybone.core.model import create_model
 from raybone.core.saliency import grad_cam
 from raybone.data.phantom import render_hand
+from raybone.experiments import Experiment
 from raybone.report import PAGE, write_report
 
 
@@ -68,12 +69,27 @@ def test_report_prepares_the_data_again_when_the_prepared_folder_is_gone(tiny_ex
     assert all((folder / name).stat().st_size > 0 for name in _figures((folder / PAGE).read_text()))
 
 
+def test_data_prepared_again_from_a_copied_source_is_still_the_experiments(tiny_experiment, tmp_path):
+    """A copy of the source with new file dates changes the fingerprint, not what was prepared from it."""
+    results, _ = tiny_experiment
+    copy = tmp_path / "results"
+    shutil.copytree(results / "tiny", copy / "tiny")
+    environment = json.loads((copy / "tiny" / "environment.json").read_text())
+    environment["data_fingerprint"] = environment["data_meta"]["fingerprint"] = "0" * 64
+    (copy / "tiny" / "environment.json").write_text(json.dumps(environment))
+
+    data = Experiment.open(copy, "tiny").best().prepared_data()
+
+    assert str(data.path) == environment["data_path"] and data.fingerprint != environment["data_fingerprint"]
+
+
 def test_report_refuses_data_that_changed_since_the_search(tiny_experiment, tmp_path):
     results, _ = tiny_experiment
     copy = tmp_path / "results"
     shutil.copytree(results / "tiny", copy / "tiny")
     environment = json.loads((copy / "tiny" / "environment.json").read_text())
     environment["data_fingerprint"] = "0" * 64
+    environment["data_meta"].update(images_sha256="0" * 64, content_sha256="0" * 64)  # other images
     (copy / "tiny" / "environment.json").write_text(json.dumps(environment))
 
     result = CliRunner().invoke(app, ["report", "tiny", "--results-dir", str(copy)])

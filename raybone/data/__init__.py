@@ -2,7 +2,7 @@
 
 from raybone.data.decode import decode_image, warp_image
 from raybone.data.phantom import render_hand, write_phantom_atlas
-from raybone.data.prepare import PreparedData, load_prepared, prepare
+from raybone.data.prepare import PreparedData, load_prepared, prepare, same_data
 
 __all__ = [
     "PreparedData",
@@ -10,6 +10,7 @@ __all__ = [
     "load_prepared",
     "prepare",
     "render_hand",
+    "same_data",
     "warp_image",
     "write_phantom_atlas",
 ]

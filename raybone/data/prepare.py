@@ -4,7 +4,7 @@ Artifact folder (written to a temporary sibling, then renamed into place, so it 
   images.npy        uint8 [N, S, S] grey radiographs warped to S x S (aspect not kept, as in Chen's paper)
   manifest.parquet  id, label, age_months, sex, split, source, checksum: one row per image, same order
   skipped.csv       file, reason: everything left out and why
-  prepared.json     meta: fingerprint, settings, counts, images_sha256, versions
+  prepared.json     meta: fingerprint, settings, counts, images_sha256, content_sha256, versions
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ DATA_VERSION = 1  # bump when decoding, warping or splitting changes what an art
 DEMO_ATLAS_SIZE = 600
 META_FILE = "prepared.json"
 MANIFEST_COLUMNS = ["id", "label", "age_months", "sex", "split", "source", "checksum"]
+CONTENT_COLUMNS = [c for c in MANIFEST_COLUMNS if c != "source"]  # what a model sees, not where it came from
+# Settings and counts that, with identical images, identify artifacts from before content_sha256.
+_LEGACY_CONTENT_KEYS = (
+    *("images_sha256", "data_version", "format", "image_size", "num_classes", "seed", "val_fraction", "counts"),
+)
 ARTIFACT_FILES = ("images.npy", "manifest.parquet", "skipped.csv", META_FILE)
 KIND = "prepared dataset"
 _LEGACY = Legacy(META_FILE, b'"fingerprint"', frozenset(ARTIFACT_FILES))
@@ -113,6 +118,21 @@ def prepare(
         return _announce_loaded(cached, "Using cached prepared dataset")
     check_replaceable(out, KIND, force, _LEGACY)  # before decoding anything
     return _build(scan, table, scan.skipped + skipped, settings, fingerprint, out, progress, force)
+
+
+def same_data(meta: dict, recorded: dict) -> bool:
+    """Whether the artifact with prepared.json `meta` holds the data `recorded` (another artifact's meta) held.
+
+    The fingerprint stamps the source files' dates, so a copied source (same bytes, new dates) is prepared
+    again; what it holds is then compared: the images and the manifest's labels, sexes, split and file
+    checksums (content_sha256), or, for artifacts written before that hash, the images, settings and
+    per-class counts of each split (which cannot see a changed sex or two readings swapped).
+    """
+    if meta.get("fingerprint") and meta.get("fingerprint") == recorded.get("fingerprint"):
+        return True
+    if meta.get("content_sha256") and recorded.get("content_sha256"):
+        return meta["content_sha256"] == recorded["content_sha256"]
+    return all(meta.get(key) is not None and meta.get(key) == recorded.get(key) for key in _LEGACY_CONTENT_KEYS)
 
 
 def load_prepared(path) -> PreparedData:
@@ -352,12 +372,18 @@ def _write_artifact(
         keep_existing=lambda: _same_fingerprint(out, meta["fingerprint"]) and _intact(out),
     ) as staging:
         np.save(staging / "images.npy", images, allow_pickle=False)
-        meta = {**meta, "images_sha256": file_sha256(staging / "images.npy")}
+        images_sha256 = file_sha256(staging / "images.npy")
+        meta = {**meta, "images_sha256": images_sha256, "content_sha256": _content_sha256(images_sha256, manifest)}
         manifest.to_parquet(staging / "manifest.parquet", index=False)
         shown = [(printable(where), printable(reason)) for where, reason in skipped]
         pd.DataFrame(shown, columns=["file", "reason"]).to_csv(staging / "skipped.csv", index=False)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return PreparedData(out, images, manifest, meta)
+
+
+def _content_sha256(images_sha256: str, manifest: pd.DataFrame) -> str:
+    table = manifest[CONTENT_COLUMNS].to_csv(index=False, lineterminator="\n")
+    return hashlib.sha256(f"{images_sha256}\n{table}".encode()).hexdigest()
 
 
 def _same_fingerprint(out: Path, fingerprint: str) -> bool:

@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from raybone.core.checkpoint import CHECKPOINT_FILE
-from raybone.data.prepare import META_FILE, PreparedData, cache_root, load_prepared
+from raybone.data.prepare import META_FILE, PreparedData, cache_root, load_prepared, same_data
 from raybone.errors import RayboneError, one_line
 from raybone.experiments.storage import (
     ENVIRONMENT,
@@ -294,14 +294,16 @@ class BestTrial:
         """The data the search trained on: its prepared folder if still there, else prepared again from the
         source; refused if the source changed since the search."""
         environment = self.experiment.environment
-        recorded = environment.get("data_path")
-        found = recorded and (Path(recorded) / META_FILE).is_file()
-        data = load_prepared(recorded) if found else self.spec.prepare_data()
+        folder = environment.get("data_path")
+        found = folder and (Path(folder) / META_FILE).is_file()
+        data = load_prepared(folder) if found else self.spec.prepare_data()
         expected = environment.get("data_fingerprint")
-        if expected and data.fingerprint != expected:
+        trained_on = {**(environment.get("data_meta") or {}), "fingerprint": expected}
+        if expected and not same_data(data.meta, trained_on):
             raise RayboneError(
                 f"{data.path}: not the data experiment {self.experiment.name!r} was trained on (fingerprint "
-                f"{data.fingerprint[:12]}, expected {expected[:12]}); the source changed since the search"
+                f"{data.fingerprint[:12]}, expected {expected[:12]}); its images, labels or split changed "
+                "since the search"
             )
         return data
 

@@ -279,7 +279,10 @@ def model_meta(best: BestTrial, cfg: TrainConfig, num_classes: int, image_size: 
             "path": environment.get("data_path"),
             **{
                 key: data.get(key)
-                for key in ("source", "format", "labels_csv", "num_classes", "seed", "val_fraction", "counts")
+                for key in (
+                    *("source", "format", "labels_csv", "image_size", "num_classes", "seed", "val_fraction"),
+                    *("counts", "data_version", "images_sha256", "content_sha256"),
+                )
             },
         },
         "experiment": best.experiment.name,

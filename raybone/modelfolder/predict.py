@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from raybone.core.inputs import resize, sex_values, test_crops
 from raybone.core.metrics import confusion_matrix, readout_metrics
-from raybone.data import decode_image, prepare, warp_image
+from raybone.data import decode_image, prepare, same_data, warp_image
 from raybone.data.decode import IMAGE_SUFFIXES, UNSUPPORTED_SUFFIXES
 from raybone.data.sources import MAX_LABELS_BYTES, SEX_CODES, parse_sex
 from raybone.errors import DataError, RayboneError, one_line, printable
@@ -347,8 +347,8 @@ def evaluate(
             f"{prepared.path}: prepared at {prepared.images.shape[1]} px but the model needs "
             f"{predictor.image_size} px; pass the source folder instead"
         )
-    same_data = prepared.fingerprint == trained_on.get("fingerprint")
-    split = split or ("val" if same_data else "all")
+    trained_here = same_data(prepared.meta, trained_on)
+    split = split or ("val" if trained_here else "all")
     chosen = np.ones(len(prepared.labels), dtype=bool) if split == "all" else (prepared.is_train == (split == "train"))
     labels = prepared.labels[chosen]
     if not len(labels):
@@ -365,7 +365,7 @@ def evaluate(
         "trial_id": predictor.meta.get("trial_id"),
         "data": str(prepared.path),
         "fingerprint": prepared.fingerprint,
-        "same_data_as_training": same_data,
+        "same_data_as_training": trained_here,
         "split": split,
         "images": len(labels),
         "readout": predictor.config.get("readout", "argmax"),
