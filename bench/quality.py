@@ -119,11 +119,28 @@ def median_rmse(train_labels: np.ndarray, labels: np.ndarray) -> float:
     return float(np.sqrt(np.mean((labels - np.median(train_labels)) ** 2)))
 
 
-def spec_file(work: Path, name: str, train: dict, device: str, samples: int = 1, start_from=(), seed: int = 0) -> Path:
+def spec_file(
+    work: Path,
+    name: str,
+    train: dict,
+    device: str,
+    samples: int = 1,
+    start_from=(),
+    seed: int = 0,
+    scheduler: dict | None = None,
+    searcher: str = "tpe",
+) -> Path:
     """A search-space file: a search's trials share the machine under ASHA (one rung, at RUNG of the
-    iterations), a single run takes all of it, and repeats of one configuration (seeds) run to the end."""
+    iterations, unless `scheduler` says otherwise), a single run takes all of it, and repeats of one
+    configuration (seeds) run to the end."""
     gpu, single = device == "cuda", samples == 1
     searched = any(isinstance(value, dict) for value in train.values())
+    if scheduler is None:
+        scheduler = (
+            {"type": "none"}
+            if single or not searched
+            else {"type": "asha", "grace_period": int(RUNG * train["iterations"]), "reduction_factor": 3}
+        )
     spec = {
         "seed": seed,
         "metric": "val_rmse",
@@ -132,9 +149,8 @@ def spec_file(work: Path, name: str, train: dict, device: str, samples: int = 1,
         "data": {"source": str(work / "prepared"), "image_size": 100},
         "train": train,
         "start_from": list(start_from),
-        "scheduler": {"type": "none"}
-        if single or not searched
-        else {"type": "asha", "grace_period": int(RUNG * train["iterations"]), "reduction_factor": 3},
+        "scheduler": scheduler,
+        "searcher": {"type": searcher},
         "resources": {  # a search runs two trials at once: 1-CPU workers on 2 cores, or half-GPU workers
             "cpus_per_worker": (8 if gpu else 2) if single else (4 if gpu else 1),
             "gpus_per_worker": (1 if single else 0.5) if gpu else 0,
@@ -145,10 +161,10 @@ def spec_file(work: Path, name: str, train: dict, device: str, samples: int = 1,
     return path
 
 
-def run_arm(work: Path, name: str, train: dict, device: str, samples: int = 1, start_from=(), seed: int = 0):
-    """run_search of spec_file's space into work/name; with --work an arm that finished earlier is resumed
-    (nothing reruns)."""
-    spec = load_spec(spec_file(work, name, train, device, samples, start_from, seed))
+def run_arm(work: Path, name: str, train: dict, device: str, samples: int = 1, start_from=(), seed: int = 0, **space):
+    """run_search of spec_file's space (`space`: its scheduler and searcher) into work/name; with --work an arm
+    that finished earlier is resumed (nothing reruns)."""
+    spec = load_spec(spec_file(work, name, train, device, samples, start_from, seed, **space))
     return run_search(spec, name=name, results_dir=work, resume=(work / name / "trials.parquet").is_file())
 
 
