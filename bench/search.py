@@ -1,212 +1,236 @@
-"""Search efficiency on real radiographs: ASHA + TPE (raybone's default) versus random search without early
-stopping, the same number of trials, the same space, the same trial seeds.
+"""Search efficiency where models learn (issue 16, item 2): which search finds a good model with the least compute?
 
-Both searches run `raybone.tuning.run.run_search` on ../shared/data/rsna-100 (skipped with a message where absent)
-at a small size: 40 px images, 32 px crops, GoogLeNet from scratch, batch 32, the space of
-search_spaces/quick.yaml (lr, decay_steps, l2_weight, weight_decay), validation every 20 iterations on 5 % of
-the images (six crops each, so a report stays cheap). Random search is spec override `scheduler.type=none`
-plus Optuna's RandomSampler: raybone has no searcher option yet, so this script swaps the sampler of
-`raybone.tuning.searcher.searcher`'s result (seeded as TPE is, so both draw the same configs until TPE's start-up
-trials are used up).
+On ../shared/data/rsna-100, with bench/quality.py's held-out 20 % test split (no arm trains or selects on it) and
+its learned CPU regime (GoogLeNet from scratch, 64 of 73 px, batch 32, weight averaging 0.99, expected-age
+readout, no trial longer than B = 1000 iterations, validation every 125), four searches of quality.py's space
+(lr, decay steps, L2 weight, weight decay, sex input) run at `--seeds` experiment seeds each:
+  asha-tpe  TPE + ASHA, one rung at 3B/4 (reduction factor 3), 6 trials: raybone's default in this regime
+            (quality.py: the averaged curves say nothing before about 0.6B);
+  random    random search, every trial to B, 6 trials;
+  top-k     Egele et al. (2023)'s one-epoch rule: 8 random configurations trained one epoch (250 iterations),
+            the best 2 continued to B; as ASHA with a single rung at one epoch and reduction factor 4 (ASHA is
+            asynchronous: the first trials to reach the rung are judged against fewer than all 8; at B = 2000,
+            --device cuda, a single rung needs factor 8: the best one continues);
+  pbt       Population Based Training of 4 trials to B (raybone draws the population; no searcher), the worst
+            quarter copying a better trial's weights and perturbing lr, L2 weight and weight decay every two
+            validations (250 iterations).
+Two trials train at once (1-CPU workers). Compute is counted in trial-iterations, from each trial's reports
+(history.parquet) in time order (Tune's timestamps, to the second): a report counts the iterations its trial
+trained since its previous report in the same run, or since the checkpoint the run started from (a resume, a
+PBT exploit), so a finished trial's result repeated on resume counts nothing.
+Each arm-seed's best checkpoint is exported and scored once on the test set, beside the median predictor; a
+search whose best scores above 2.5 y test RMSE has NOT LEARNED and counts for nothing: the target is within 5 %
+of the best validation RMSE any learned search found, and per arm the median (and range over seeds) of the
+trial-iterations its running best needed to reach it ("never" counts as all it spent). Goal: the recommended
+arm (asha-tpe) needs <= 1/3 of random search's trial-iterations, both learned.
 
-Compute is counted in trial-iterations. "To within 5 %": ASHA+TPE's reports in time order (Tune's per-trial
-result.json), cumulative iterations reported by all its trials, until its running best val_rmse <= 1.05 x
-random search's best. Goal: at most a third of random search's iterations.
+About 18,500 trial-iterations per seed, 3 hours on 2 cores (quality.py's search: 0.6 s of wall time per
+trial-iteration, two trials at once), so 9 hours for 3 seeds: `--work DIR` keeps finished arms and resumes an
+interrupted one, and `--arms` / `--seeds` run a part; the figures cover every arm-seed finished in DIR.
 
-    python bench/search.py [--quick]      # JSON to bench/results/search.json; ~15 min (quick ~4) on 2 cores
+    python bench/search.py --work DIR [--arms asha-tpe,random,top-k,pbt] [--seeds 3] [--quick] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+import math
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-import _common as common
-import optuna
+import numpy as np
 import pandas as pd
-from rich.console import Console
+import ray
+from _common import finish, parse_args
+from quality import (
+    AVERAGING,
+    LEARNED,
+    REGIMES,
+    RUNG,
+    SEARCHED,
+    held_out_data,
+    median_rmse,
+    recipe_train,
+    run_arm,
+    test_metrics,
+)
 
-import raybone.tuning.run
-import raybone.tuning.searcher
-from raybone.spec import TrainConfig, load_spec
+from raybone.api import load_experiment
+from raybone.tuning.cluster import start_local_ray
 
-NAME = "search"
-SOURCE = "rsna-100"
-QUICK_YAML = common.REPO / "search_spaces" / "quick.yaml"
 TOLERANCE = 1.05
+GOAL = 1 / 3  # the recommended arm's trial-iterations to the target over random search's
+EPOCH = 250  # iterations: 8,142 training images at batch 32 are 254 steps, rounded to the validation cadence
+TOP_K = 2
 
 
-def spec_for(source: Path, scheduler: str, trials: int, iterations: int) -> object:
-    overrides = [
-        f"data.source={source}",
-        "data.format=rsna",
-        "data.image_size=40",
-        "data.val_fraction=0.05",
-        "model=googlenet",
-        "weights=none",
-        "input_size=32",
-        "batch_size=32",
-        f"iterations={iterations}",
-        "eval_every=20",
-        f"num_samples={trials}",
-        f"scheduler.type={scheduler}",
-        "scheduler.grace_period=20",
-        "scheduler.reduction_factor=2",
-        "resources.num_workers=1",
-        "resources.cpus_per_worker=1",
-        "seed=0",
-    ]
-    if "crop_fraction" in TrainConfig.model_fields:
-        overrides.append("crop_fraction=0.8")  # 32 of 40 px: the workers crop the prepared images as they are
-    return load_spec(QUICK_YAML, overrides)
-
-
-@contextmanager
-def random_sampler():
-    """raybone's searcher, with Optuna's RandomSampler in place of TPE (same seed, same study)."""
-    tpe_searcher = raybone.tuning.run.searcher
-
-    def searcher(spec, path):
-        search = tpe_searcher(spec, path)
-        if not isinstance(getattr(search, "_sampler", None), optuna.samplers.TPESampler):
-            raise RuntimeError(
-                "raybone.tuning.searcher.searcher no longer returns an OptunaSearch with a TPE sampler; "
-                "update bench/search.py"
-            )
-        search._sampler = optuna.samplers.RandomSampler(seed=spec.seed)
-        return search
-
-    raybone.tuning.run.searcher = searcher
-    try:
-        yield
-    finally:
-        raybone.tuning.run.searcher = tpe_searcher
-
-
-def search(spec, name: str, results_dir: Path) -> dict:
-    with common.stopwatch() as elapsed:
-        outcome = raybone.tuning.run.run_search(spec, name=name, results_dir=results_dir, console=Console(quiet=True))
-    trials = outcome.trials
-    reports = _reports(trials)
+def arms(iterations: int, eval_every: int) -> dict[str, dict]:
+    """Each arm's trials, sampler and scheduler (the top-k rung and PBT's interval on the validation cadence)."""
+    epoch = min(max(eval_every, round(EPOCH / eval_every) * eval_every), iterations - eval_every)
+    trials = 8
     return {
-        "trials": trials,
-        "reports": reports,
-        "wall_s": elapsed(),
-        "trial_iterations": int(trials.iteration.sum()),
-        "best_val_rmse": float(trials.val_rmse.min()),
-        "statuses": trials.status.value_counts().to_dict(),
+        "asha-tpe": {  # quality.py's search: one rung at 3B/4
+            "samples": 6,
+            "searcher": "tpe",
+            "scheduler": {"type": "asha", "grace_period": int(RUNG * iterations), "reduction_factor": 3},
+        },
+        "random": {"samples": 6, "searcher": "random", "scheduler": {"type": "none"}},
+        "top-k": {
+            "samples": trials,
+            "searcher": "random",
+            # One rung: the next one (epoch x reduction factor) would lie beyond the last iteration.
+            "scheduler": {
+                "type": "asha",
+                "grace_period": epoch,
+                "reduction_factor": max(trials / TOP_K, math.ceil(iterations / epoch) + 0.01),
+            },
+        },
+        "pbt": {
+            "samples": 4,
+            "scheduler": {"type": "pbt", "perturbation_interval": 2 * eval_every, "quantile_fraction": 0.25},
+        },
     }
 
 
-def _reports(trials: pd.DataFrame) -> pd.DataFrame:
-    """Every validation report of every trial with its wall-clock time, from Tune's result.json files."""
-    rows = []
-    for trial in trials.itertuples():
-        result_json = Path(trial.trial_path) / "result.json"
-        lines = (
-            [json.loads(line) for line in result_json.read_text().splitlines() if line.strip()]
-            if result_json.is_file()
-            else []
-        )
-        if not lines:  # a trial that failed before its first report
-            continue
-        start = min(r["timestamp"] - r["time_total_s"] for r in lines)
-        rows += [
-            {
-                "trial_id": trial.trial_id,
-                "iteration": r["iteration"],
-                "val_rmse": r["val_rmse"],
-                "time": start + r["time_total_s"],
-            }
-            for r in lines
-        ]
-    return pd.DataFrame(rows, columns=["trial_id", "iteration", "val_rmse", "time"]).sort_values(
-        ["time", "iteration"], ignore_index=True
+def _options(parser) -> None:
+    parser.add_argument("--work", required=True, help="working folder: its prepared data and finished arms are kept")
+    parser.add_argument("--arms", default="asha-tpe,random,top-k,pbt", help="comma-separated arms to run")
+    parser.add_argument("--seeds", type=int, default=3, help="experiment seeds per arm (0, 1, ...)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+
+
+def compute_curve(history: pd.DataFrame) -> pd.DataFrame:
+    """The running best val_rmse against trial-iterations spent, one row per report in time order."""
+    reports = history.dropna(subset=["val_rmse"]).sort_values(["timestamp", "iteration"], ignore_index=True)
+    started = reports["resumed_from"].fillna(0)
+    previous = reports.groupby(["trial_id", started]).iteration.shift()
+    trained = (reports.iteration - previous.fillna(started)).clip(lower=0)
+    return pd.DataFrame(
+        {
+            "trial_iterations": trained.cumsum().astype(int),
+            "best_val_rmse": reports["val_rmse"].cummin(),
+            "trial_id": reports["trial_id"],
+            "iteration": reports["iteration"],
+        }
     )
 
 
-def compute_to_reach(reports: pd.DataFrame, target: float) -> dict | None:
-    """Trial-iterations (and seconds) spent until the running best val_rmse first gets to `target`."""
-    latest: dict[str, int] = {}
-    best, start = float("inf"), reports.time.min()
-    for row in reports.itertuples():
-        latest[row.trial_id] = max(latest.get(row.trial_id, 0), row.iteration)
-        best = min(best, row.val_rmse)
-        if best <= target:
-            return {
-                "trial_iterations": sum(latest.values()),
-                "seconds": row.time - start,
-                "val_rmse": best,
-                "trials_started": len(latest),
-            }
-    return None
+def to_target(curve: pd.DataFrame, target: float) -> int | None:
+    """Trial-iterations until the running best first reaches `target` (None: never)."""
+    reached = curve.index[curve.best_val_rmse <= target]
+    return int(curve.trial_iterations[reached[0]]) if len(reached) else None
 
 
 def main() -> None:
-    args = common.parse_args(__doc__, quick_help="6 trials of 60 iterations per search (default: 16 of 120)")
+    args = parse_args(__doc__, _options, quick_help="iterations 100, validation every 25, one seed")
+    regime = dict(REGIMES[args.device])
+    if args.quick:
+        regime.update(iterations=100, eval_every=25)
+        args.seeds = 1
     started = time.perf_counter()
-    source = common.shared_folder(SOURCE)
-    trials, iterations = (6, 60) if args.quick else (16, 120)
-    threads = common.cpu_count()
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    data, test = held_out_data(work)
+    start_local_ray(num_cpus=None if args.device == "cuda" else 2)
 
-    with tempfile.TemporaryDirectory(prefix="raybone-bench-search-") as tmp:
-        os.environ["RAYBONE_CACHE"] = str(Path(tmp) / "cache")  # the prepared data: never beside the source
-        with common.local_ray(threads):  # run_search uses the running cluster
-            asha = search(spec_for(source, "asha", trials, iterations), "asha-tpe", Path(tmp) / "results")
-            with random_sampler():
-                rand = search(spec_for(source, "none", trials, iterations), "random", Path(tmp) / "results")
+    train = {**recipe_train(**regime), **AVERAGING, **SEARCHED, "readout": "expected"}
+    tag = f"{regime['input_size']}of{regime['resize_to']}px-{regime['iterations']}"
+    plans = arms(regime["iterations"], regime["eval_every"])
+    for arm in filter(None, args.arms.split(",")):
+        for seed in range(args.seeds):
+            run_arm(work, _name(arm, tag, seed), train, args.device, seed=seed, **plans[arm])
+    ray.shutdown()
+    runs = _finished(work, tag, plans)
+    results = _results(runs, plans, regime, work / "models", data, test)
+    finish("search", args, results, _summary(results), started)
 
-    target = TOLERANCE * rand["best_val_rmse"]
-    reached = compute_to_reach(asha["reports"], target)
-    fraction = common.ratio(reached["trial_iterations"], rand["trial_iterations"]) if reached else None
-    startup = raybone.tuning.searcher.startup_trials(trials)
-    results = {
-        "settings": {
-            "source": str(source),
-            "trials": trials,
-            "iterations": iterations,
-            "eval_every": 20,
-            "image_size": 40,
-            "input_size": 32,
-            "model": "googlenet",
-            "batch_size": 32,
-            "val_fraction": 0.05,
-            "asha": {"grace_period": 20, "reduction_factor": 2},
-            "concurrent_trials": threads,
-            "tpe_startup_trials": startup,
+
+def _name(arm: str, tag: str, seed: int) -> str:
+    return f"search-{arm}-{tag}-seed{seed}"
+
+
+def _finished(work: Path, tag: str, plans: dict) -> dict[tuple[str, int], Path]:
+    """Every arm-seed of this regime in `work` whose search has written its tables: (arm, seed) -> folder."""
+    found = {}
+    for arm in plans:
+        for folder in work.glob(_name(arm, tag, "*")):
+            if (folder / "history.parquet").is_file():
+                found[arm, int(folder.name.rsplit("seed", 1)[1])] = folder
+    return dict(sorted(found.items()))
+
+
+def _results(runs: dict, plans: dict, regime: dict, models: Path, data, test) -> dict:
+    per_run, curves = {}, {}
+    for (arm, seed), folder in runs.items():
+        curves[arm, seed], best = (
+            compute_curve(pd.read_parquet(folder / "history.parquet")),
+            load_experiment(folder).best(),
+        )
+        scored = test_metrics(best, models / folder.name, test)
+        per_run.setdefault(arm, {})[seed] = {
+            "best": {"trial_id": best.trial_id, "iteration": best.iteration, **best.hyperparameters()},
+            "test": scored,
+            "learned": min(scored["rmse_argmax"], scored["rmse_expected"]) <= LEARNED,
+            "trial_iterations": int(curves[arm, seed].trial_iterations.iloc[-1]),
+        }
+    learned = [curves[key].best_val_rmse.min() for key in curves if per_run[key[0]][key[1]]["learned"]]
+    target = TOLERANCE * float(min(learned)) if learned else None
+    for (arm, seed), curve in curves.items():
+        run = per_run[arm][seed]
+        run["to_target"] = to_target(curve, target) if target else None
+        run["curve"] = curve[["trial_iterations", "best_val_rmse"]].values.round(3).tolist()
+    summary = {arm: _arm_summary(seeds) for arm, seeds in per_run.items()}
+    both = {"asha-tpe", "random"} <= summary.keys() and all(summary[a]["learned"] for a in ("asha-tpe", "random"))
+    ratio = summary["asha-tpe"]["to_target_median"] / summary["random"]["to_target_median"] if both else None
+    return {
+        "settings": {"regime": regime, "searched": SEARCHED, "averaging": AVERAGING, "arms": plans},
+        "reference": {
+            "median_predictor_val_rmse": median_rmse(data.labels[data.is_train], data.labels[~data.is_train]),
+            "median_predictor_test_rmse": median_rmse(data.labels[data.is_train], test.labels),
         },
-        "asha_tpe": {k: v for k, v in asha.items() if k not in ("trials", "reports")},
-        "random": {k: v for k, v in rand.items() if k not in ("trials", "reports")},
         "target_val_rmse": target,
-        "asha_tpe_to_target": reached,
-        "asha_tpe_to_target_over_random_iterations": fraction,
-        "iterations_asha_tpe_over_random": common.ratio(asha["trial_iterations"], rand["trial_iterations"]),
-        "goal": "asha_tpe_to_target_over_random_iterations <= 1/3",
-        "goal_met": fraction is not None and fraction <= 1 / 3,
-        "trials": {
-            label: run["trials"]
-            .drop(columns=["trial_path", "checkpoint_path"], errors="ignore")
-            .to_dict(orient="records")
-            for label, run in (("asha_tpe", asha), ("random", rand))
-        },
+        "arms": summary,
+        "runs": {arm: {str(seed): run for seed, run in seeds.items()} for arm, seeds in per_run.items()},
+        "asha_tpe_over_random": ratio,
+        "goal": f"asha-tpe's median trial-iterations to the target <= {GOAL:.2f} x random's, both learned",
+        "goal_met": ratio is not None and ratio <= GOAL,
     }
-    reach = (
-        f"within 5 % of random's best after {reached['trial_iterations']} trial-iterations ="
-        f" {common.fmt_ratio(fraction)} of random's"
-        if reached
-        else "never within 5 % of random's best"
+
+
+def _arm_summary(seeds: dict) -> dict:
+    """Median and range over seeds of the trial-iterations to the target (all it spent where never reached);
+    the arm has learned when most of its seeds did."""
+    spent = [run["to_target"] if run["to_target"] is not None else run["trial_iterations"] for run in seeds.values()]
+    return {
+        "to_target_median": float(np.median(spent)),
+        "to_target_range": [min(spent), max(spent)],
+        "reached": sum(run["to_target"] is not None for run in seeds.values()),
+        "seeds": len(seeds),
+        "test_rmse_expected_median": float(np.median([run["test"]["rmse_expected"] for run in seeds.values()])),
+        "learned": 2 * sum(run["learned"] for run in seeds.values()) > len(seeds),
+    }
+
+
+def _summary(results: dict) -> str:
+    median = results["reference"]["median_predictor_test_rmse"]
+    lines = []
+    for arm, s in results["arms"].items():
+        learned = "" if s["learned"] else " NOT LEARNED"
+        lines.append(
+            f"{arm} {s['to_target_median']:.0f} trial-it to target (range {s['to_target_range'][0]}-"
+            f"{s['to_target_range'][1]}; reached at {s['reached']} of {s['seeds']} seeds), test RMSE "
+            f"{s['test_rmse_expected_median']:.2f} y{learned}"
+        )
+    target = results["target_val_rmse"]
+    best = "none learned" if target is None else f"{target / TOLERANCE:.2f} y"
+    ratio = results["asha_tpe_over_random"]
+    verdict = "" if ratio is None else f"; asha-tpe / random {ratio:.2f}x (goal <= {GOAL:.2f}x: "
+    verdict += "" if ratio is None else ("met)" if results["goal_met"] else "MISSED)")
+    return (
+        f"search to within 5 % of the best val RMSE any learned search found ({best}), "
+        f"medians over seeds; test RMSE (expected age) on held-out hands, median predictor {median:.2f} y: "
+        + " | ".join(lines)
+        + verdict
     )
-    summary = (
-        f"search ({trials} trials x {iterations} it): ASHA+TPE {asha['trial_iterations']} trial-iterations,"
-        f" best val_rmse {asha['best_val_rmse']:.3f}, {asha['wall_s']:.0f} s vs random"
-        f" {rand['trial_iterations']}, best {rand['best_val_rmse']:.3f}, {rand['wall_s']:.0f} s; ASHA+TPE {reach}"
-        f" (goal <= 0.33x {'met' if results['goal_met'] else 'MISSED'})"
-    )
-    common.finish(NAME, args, results, summary, started)
 
 
 if __name__ == "__main__":
