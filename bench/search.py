@@ -60,20 +60,20 @@ from raybone.tuning.cluster import start_local_ray
 TOLERANCE = 1.05
 GOAL = 1 / 3  # the recommended arm's trial-iterations to the target over random search's
 EPOCH = 250  # iterations: 8,142 training images at batch 32 are 254 steps, rounded to the validation cadence
-TOP_K = 2
 
 
-def arms(iterations: int, eval_every: int) -> dict[str, dict]:
-    """Each arm's trials, sampler and scheduler (the top-k rung and PBT's interval on the validation cadence)."""
+def arms(iterations: int, eval_every: int, trials: int = 8) -> dict[str, dict]:
+    """Each arm's trials, sampler and scheduler (the top-k rung and PBT's interval on the validation cadence):
+    `trials` for top-k, which keeps a quarter of them, 3/4 of that for asha-tpe and random, half for PBT."""
     epoch = min(max(eval_every, round(EPOCH / eval_every) * eval_every), iterations - eval_every)
-    trials = 8
+    population = trials // 2
     return {
         "asha-tpe": {  # quality.py's search: one rung at 3B/4
-            "samples": 6,
+            "samples": 3 * trials // 4,
             "searcher": "tpe",
             "scheduler": {"type": "asha", "grace_period": int(RUNG * iterations), "reduction_factor": 3},
         },
-        "random": {"samples": 6, "searcher": "random", "scheduler": {"type": "none"}},
+        "random": {"samples": 3 * trials // 4, "searcher": "random", "scheduler": {"type": "none"}},
         "top-k": {
             "samples": trials,
             "searcher": "random",
@@ -81,12 +81,12 @@ def arms(iterations: int, eval_every: int) -> dict[str, dict]:
             "scheduler": {
                 "type": "asha",
                 "grace_period": epoch,
-                "reduction_factor": max(trials / TOP_K, math.ceil(iterations / epoch) + 0.01),
+                "reduction_factor": max(4, math.ceil(iterations / epoch) + 0.01),
             },
         },
-        "pbt": {
-            "samples": 4,
-            "scheduler": {"type": "pbt", "perturbation_interval": 2 * eval_every, "quantile_fraction": 0.25},
+        "pbt": {  # one trial in the bottom quantile
+            "samples": population,
+            "scheduler": {"type": "pbt", "perturbation_interval": 2 * eval_every, "quantile_fraction": 1 / population},
         },
     }
 
@@ -121,7 +121,7 @@ def to_target(curve: pd.DataFrame, target: float) -> int | None:
 
 
 def main() -> None:
-    args = parse_args(__doc__, _options, quick_help="iterations 100, validation every 25, one seed")
+    args = parse_args(__doc__, _options, quick_help="iterations 100, validation every 25, half the trials, one seed")
     regime = dict(REGIMES[args.device])
     if args.quick:
         regime.update(iterations=100, eval_every=25)
@@ -134,7 +134,7 @@ def main() -> None:
 
     train = {**recipe_train(**regime), **AVERAGING, **SEARCHED, "readout": "expected"}
     tag = f"{regime['input_size']}of{regime['resize_to']}px-{regime['iterations']}"
-    plans = arms(regime["iterations"], regime["eval_every"])
+    plans = arms(regime["iterations"], regime["eval_every"], trials=4 if args.quick else 8)
     for arm in filter(None, args.arms.split(",")):
         for seed in range(args.seeds):
             run_arm(work, _name(arm, tag, seed), train, args.device, seed=seed, **plans[arm])
