@@ -54,8 +54,9 @@ def main() -> None:
     data, test = held_out_data(work)
     start_local_ray(num_cpus=None if args.device == "cuda" else 2)
     recipe = {**recipe_train(args.input_size, args.resize_to, args.iterations, args.eval_every), "lr": args.lr}
-    size, lr = f"{args.input_size}of{args.resize_to}", "" if args.lr == PAPER["lr"] else f"-lr{args.lr:g}"
-    name = f"recipe-{size}px-{args.iterations}{lr}"
+    size = f"{args.input_size}of{args.resize_to}"
+    lr_tag = "" if args.lr == PAPER["lr"] else f"-lr{args.lr:g}"  # the recipe's own lr keeps the old names
+    name = f"recipe-{size}px-{args.iterations}{lr_tag}"
     spec = load_spec(spec_file(work, name, recipe, args.device))
     outcome = run_search(spec, name=name, results_dir=work)
     history = pd.read_parquet(outcome.path / "history.parquet")
@@ -109,7 +110,7 @@ def main() -> None:
         f"{reference['median_predictor_test_rmse']:.2f} y) on {len(test.labels)} held-out hands"
     )
     ray.shutdown()
-    finish(f"regime-{size}{lr}", args, results, summary, started)
+    finish(f"regime-{size}{lr_tag}", args, results, summary, started)
 
 
 if __name__ == "__main__":

@@ -149,11 +149,14 @@ def _name(arm: str, tag: str, seed: int) -> str:
 
 
 def _finished(work: Path, tag: str, plans: dict) -> dict[tuple[str, int], Path]:
-    """Every arm-seed of this regime in `work` whose search has written its tables: (arm, seed) -> folder."""
+    """Every arm-seed of this regime in `work` whose search ended (all its trials in trials.parquet, none still
+    running): (arm, seed) -> folder."""
     found = {}
-    for arm in plans:
-        for folder in work.glob(_name(arm, tag, "*")):
-            if (folder / "history.parquet").is_file():
+    for arm, plan in plans.items():
+        for folder in filter(Path.is_dir, work.glob(_name(arm, tag, "*"))):
+            table = folder / "trials.parquet"
+            trials = pd.read_parquet(table) if table.is_file() else pd.DataFrame({"status": ["running"]})
+            if len(trials) >= plan["samples"] and not (trials.status == "running").any():
                 found[arm, int(folder.name.rsplit("seed", 1)[1])] = folder
     return dict(sorted(found.items()))
 

@@ -21,6 +21,16 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory):
+    """Prepared data and the demo atlas in the session's own folder, never in the user's ~/.cache/raybone:
+    tests neither leave files there nor read what another raybone version prepared."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RAYBONE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def shared_data():
     if not SHARED_DATA.is_dir():

@@ -100,6 +100,8 @@ def test_model_json_describes_model_preprocessing_and_provenance(experiment, exp
     for name in ("val_top1", "val_top2", "val_rmse", "val_mae", "val_rmse_expected", "val_mae_expected"):
         assert meta["metrics"][name] == pytest.approx(row[name], abs=1e-12)
     assert meta["data"]["fingerprint"] == environment["data_fingerprint"]
+    for identity in ("images_sha256", "content_sha256"):  # what evaluate recognises a copied source by
+        assert meta["data"][identity] == environment["data_meta"][identity]
     assert meta["data"]["seed"] == 0 and meta["data"]["val_fraction"] == 0.25
     assert meta["packages"] == environment["packages"] and meta["export_packages"]["onnxruntime"]
     assert meta["experiment"] == "tiny" and meta["trial_id"] == row.trial_id

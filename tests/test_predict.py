@@ -2,6 +2,8 @@
 
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -188,6 +190,19 @@ def test_evaluate_reproduces_the_trials_validation_metrics(tiny_experiment, mode
 def test_evaluate_recognises_the_training_source(model, best_row):
     # The demo source, prepared again with the model's settings, is the data the model was trained on.
     again = evaluate(model, "demo")
+    assert again["split"] == "val" and again["same_data_as_training"] and again["images"] == 160
+    assert again["metrics"]["rmse"] == pytest.approx(best_row.val_rmse, abs=1e-6)
+
+
+def test_evaluate_recognises_a_copy_of_the_training_source(model, best_row, tmp_path, monkeypatch):
+    # Copied with new file dates: prepared again under another fingerprint, yet the same data.
+    source = Path(json.loads((model / "model.json").read_text())["data"]["source"])
+    copy = shutil.copytree(source, tmp_path / "copy", copy_function=shutil.copyfile)
+    for image in copy.rglob("*.png"):
+        os.utime(image, ns=(1, 1))
+    monkeypatch.setenv("RAYBONE_CACHE", str(tmp_path / "cache"))
+    again = evaluate(model, str(copy))
+    assert again["fingerprint"] != json.loads((model / "model.json").read_text())["data"]["fingerprint"]
     assert again["split"] == "val" and again["same_data_as_training"] and again["images"] == 160
     assert again["metrics"]["rmse"] == pytest.approx(best_row.val_rmse, abs=1e-6)
 

@@ -69,13 +69,16 @@ def test_report_prepares_the_data_again_when_the_prepared_folder_is_gone(tiny_ex
     assert all((folder / name).stat().st_size > 0 for name in _figures((folder / PAGE).read_text()))
 
 
-def test_data_prepared_again_from_a_copied_source_is_still_the_experiments(tiny_experiment, tmp_path):
+@pytest.mark.parametrize("recorded", ["with content_sha256", "before content_sha256"])
+def test_data_prepared_again_from_a_copied_source_is_still_the_experiments(tiny_experiment, recorded, tmp_path):
     """A copy of the source with new file dates changes the fingerprint, not what was prepared from it."""
     results, _ = tiny_experiment
     copy = tmp_path / "results"
     shutil.copytree(results / "tiny", copy / "tiny")
     environment = json.loads((copy / "tiny" / "environment.json").read_text())
     environment["data_fingerprint"] = environment["data_meta"]["fingerprint"] = "0" * 64
+    if recorded == "before content_sha256":
+        environment["data_meta"].pop("content_sha256", None)
     (copy / "tiny" / "environment.json").write_text(json.dumps(environment))
 
     data = Experiment.open(copy, "tiny").best().prepared_data()

@@ -1,6 +1,7 @@
 """A real search on a real local Ray cluster: Tune + Optuna + ASHA driving Ray Train runs."""
 
 import io
+import json
 import re
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from conftest import QUICK, TINY
 from rich.console import Console
 
-from raybone.errors import SpecError
+from raybone.errors import RayboneError, SpecError
 from raybone.spec import load_spec
 from raybone.tuning.cluster import concurrent_trials
 from raybone.tuning.progress import TrialProgress
@@ -438,6 +439,21 @@ def test_the_progress_line_counts_only_trials_still_running():
         assert description() == "finished, best val_rmse 3.500"
     finally:
         progress._progress.stop()
+
+
+def test_a_resume_on_other_data_is_refused_and_the_experiment_kept(tiny_experiment, tmp_path):
+    # The unfinished trials would go on training on other images or readings, and environment.json would then
+    # record only the new data.
+    shutil.copytree(tiny_experiment[1].path, tmp_path / "tiny")
+    (tmp_path / "tiny" / "trials.parquet").unlink()  # as if the driver died before the search ended
+    environment_file = tmp_path / "tiny" / "environment.json"
+    environment = json.loads(environment_file.read_text())
+    environment["data_fingerprint"] = "0" * 64
+    environment["data_meta"].update(images_sha256="0" * 64, content_sha256="0" * 64)
+    environment_file.write_text(json.dumps(environment))
+    with pytest.raises(RayboneError, match=r"cannot resume 'tiny': its trials started on other data"):
+        run_search(load_spec(QUICK, TINY), name="tiny", results_dir=tmp_path, resume=True)
+    assert json.loads(environment_file.read_text()) == environment
 
 
 def test_a_resume_with_another_spec_is_refused_and_the_experiment_kept(tiny_experiment, tmp_path):

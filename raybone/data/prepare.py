@@ -36,9 +36,16 @@ DEMO_ATLAS_SIZE = 600
 META_FILE = "prepared.json"
 MANIFEST_COLUMNS = ["id", "label", "age_months", "sex", "split", "source", "checksum"]
 CONTENT_COLUMNS = [c for c in MANIFEST_COLUMNS if c != "source"]  # what a model sees, not where it came from
-# Settings and counts that, with identical images, identify artifacts from before content_sha256.
+# What identifies an artifact from before content_sha256: its images, settings and per-class split counts.
 _LEGACY_CONTENT_KEYS = (
-    *("images_sha256", "data_version", "format", "image_size", "num_classes", "seed", "val_fraction", "counts"),
+    "images_sha256",
+    "counts",
+    "data_version",
+    "format",
+    "image_size",
+    "num_classes",
+    "seed",
+    "val_fraction",
 )
 ARTIFACT_FILES = ("images.npy", "manifest.parquet", "skipped.csv", META_FILE)
 KIND = "prepared dataset"
@@ -124,14 +131,15 @@ def same_data(meta: dict, recorded: dict) -> bool:
     """Whether the artifact with prepared.json `meta` holds the data `recorded` (another artifact's meta) held.
 
     The fingerprint stamps the source files' dates, so a copied source (same bytes, new dates) is prepared
-    again; what it holds is then compared: the images and the manifest's labels, sexes, split and file
-    checksums (content_sha256), or, for artifacts written before that hash, the images, settings and
-    per-class counts of each split (which cannot see a changed sex or two readings swapped).
+    again. What it holds is compared instead: the images and the manifest's ids, readings, sexes, split and
+    file checksums (content_sha256). An artifact written before that hash is matched by its fingerprint, or
+    by its images, settings and per-class counts of each split, which cannot see changed ids or sexes, an age
+    changed within its year, or readings swapped between images.
     """
-    if meta.get("fingerprint") and meta.get("fingerprint") == recorded.get("fingerprint"):
-        return True
     if meta.get("content_sha256") and recorded.get("content_sha256"):
         return meta["content_sha256"] == recorded["content_sha256"]
+    if meta.get("fingerprint") and meta.get("fingerprint") == recorded.get("fingerprint"):
+        return True
     return all(meta.get(key) is not None and meta.get(key) == recorded.get(key) for key in _LEGACY_CONTENT_KEYS)
 
 

@@ -292,18 +292,17 @@ class BestTrial:
 
     def prepared_data(self) -> PreparedData:
         """The data the search trained on: its prepared folder if still there, else prepared again from the
-        source; refused if the source changed since the search."""
+        source; refused if what it holds changed since the search (a copy with new file dates is accepted)."""
         environment = self.experiment.environment
         folder = environment.get("data_path")
         found = folder and (Path(folder) / META_FILE).is_file()
         data = load_prepared(folder) if found else self.spec.prepare_data()
         expected = environment.get("data_fingerprint")
-        trained_on = {**(environment.get("data_meta") or {}), "fingerprint": expected}
-        if expected and not same_data(data.meta, trained_on):
+        if expected and not same_data(data.meta, recorded_data(environment)):
             raise RayboneError(
-                f"{data.path}: not the data experiment {self.experiment.name!r} was trained on (fingerprint "
-                f"{data.fingerprint[:12]}, expected {expected[:12]}); its images, labels or split changed "
-                "since the search"
+                f"{data.path}: not the data experiment {self.experiment.name!r} was trained on: its images, "
+                f"readings or split changed since the search (prepared data {data.fingerprint[:12]}, "
+                f"trained on {expected[:12]})"
             )
         return data
 
@@ -343,6 +342,11 @@ def load_trained_model(folder: str | Path):
     )
     model.load_state_dict(state["model"])
     return model.eval(), cfg, state["num_classes"]
+
+
+def recorded_data(environment: dict) -> dict:
+    """The prepared data's prepared.json as a search recorded it in environment.json, with its fingerprint."""
+    return {**(environment.get("data_meta") or {}), "fingerprint": environment.get("data_fingerprint")}
 
 
 def best_row(trials: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:

@@ -44,6 +44,12 @@ from raybone.spec import TrainConfig
 TOLERANCE = 1e-4  # max |difference| of class probabilities between PyTorch and TorchScript / ONNX
 CROPS = ["top-left", "top-right", "bottom-left", "bottom-right", "centre", "centre, flipped horizontally"]
 EXPORT_PACKAGES = ("torch", "safetensors", "onnx", "onnxruntime", "onnxscript")
+# From the prepared data's prepared.json into model.json: where it came from, its settings, and what identifies it
+# when its source is copied (raybone.data.same_data).
+DATA_KEYS = (
+    *("source", "labels_csv", "format", "image_size", "num_classes", "seed", "val_fraction", "counts"),
+    *("data_version", "images_sha256", "content_sha256"),
+)
 
 
 def export_model(best: BestTrial | list[BestTrial], out, force: bool = False) -> Path:
@@ -277,13 +283,7 @@ def model_meta(best: BestTrial, cfg: TrainConfig, num_classes: int, image_size: 
         "data": {
             "fingerprint": data.get("fingerprint") or environment.get("data_fingerprint"),
             "path": environment.get("data_path"),
-            **{
-                key: data.get(key)
-                for key in (
-                    *("source", "format", "labels_csv", "image_size", "num_classes", "seed", "val_fraction"),
-                    *("counts", "data_version", "images_sha256", "content_sha256"),
-                )
-            },
+            **{key: data[key] for key in DATA_KEYS if data.get(key) is not None},
         },
         "experiment": best.experiment.name,
         "trial_id": best.trial_id,

@@ -328,8 +328,8 @@ def evaluate(
     """Metrics and confusion matrix of the model on a prepared data set or a labelled source.
 
     A source is prepared with the model's image size, classes, seed and validation fraction, so the data the
-    model was trained on gets the same fingerprint and split back; then the default split is its validation
-    split. On other data the default is all of it.
+    model was trained on (or a copy of it) gets the same content and split back; then the default split is its
+    validation split. On other data the default is all of it.
     """
     if split is not None and split not in SPLITS:
         raise RayboneError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")

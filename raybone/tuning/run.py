@@ -6,6 +6,7 @@ resolved spec and the environment first, Ray Tune's own state while it runs, the
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -17,10 +18,10 @@ import ray.tune
 from ray.tune.schedulers import ASHAScheduler
 from rich.console import Console
 
-from raybone.data import PreparedData
+from raybone.data import PreparedData, same_data
 from raybone.errors import RayboneError, SpecError
 from raybone.experiments import storage as results
-from raybone.experiments.experiment import best_row
+from raybone.experiments.experiment import best_row, recorded_data
 from raybone.experiments.storage import ENVIRONMENT, HISTORY, SPEC, STUDY, TRIALS
 from raybone.spec import Choice, Range, Spec, TrainConfig, dump_spec, load_spec, parse_spec, search_space
 from raybone.tuning.cluster import (
@@ -89,6 +90,8 @@ def run_search(
     callbacks = [TrialProgress(spec), LiveTables(spec, path, root if remote else None), *loggers(spec, name)]
     data = spec.prepare_data()
     _check_input_size(spec, data)
+    if resume:
+        _check_same_data(path, data)
     max_concurrent = _start_cluster(spec, root, address, shared_storage, console)
     study.mkdir(parents=True, exist_ok=True)
     _save_provenance(spec, data, path, study)
@@ -149,7 +152,7 @@ def _check_new(path: Path | str, study: Path, remote: bool, name: str, root) -> 
 def _check_resumable(path: Path | str, spec: Spec) -> pd.DataFrame | None:
     """Refuse folders raybone did not create (Tune's restore unpickles them) and a spec that would train the
     trials differently from how they started; the trials if already done."""
-    name = Path(results.location_text(path).partition("?")[0]).name
+    name = _name(path)
     if not results.exists(results.join(path, ENVIRONMENT)) or not ray.tune.Tuner.can_restore(str(path)):
         raise RayboneError(f"cannot resume {name!r}: {path} is not a raybone experiment")
     saved = results.join(path, SPEC)
@@ -164,6 +167,21 @@ def _check_resumable(path: Path | str, spec: Spec) -> pd.DataFrame | None:
         if len(trials) >= spec.num_samples and not (trials.status == "error").any():
             return trials
     return None
+
+
+def _check_same_data(path: Path | str, data: PreparedData) -> None:
+    """Refuse to resume trials on other data than they started on: the experiment would mix two datasets, and
+    environment.json, rewritten on resume, would record only the second."""
+    environment = json.loads(results.read_text(results.join(path, ENVIRONMENT)))
+    if not same_data(data.meta, recorded_data(environment)):
+        raise RayboneError(
+            f"cannot resume {_name(path)!r}: its trials started on other data ({data.path}: the images, readings or "
+            "split changed since); restore that data, or search under a new --name"
+        )
+
+
+def _name(path: Path | str) -> str:
+    return Path(results.location_text(path).partition("?")[0]).name
 
 
 def _spec_changes(saved: Spec, spec: Spec) -> list[str]:
