@@ -283,7 +283,7 @@ def model_meta(best: BestTrial, cfg: TrainConfig, num_classes: int, image_size: 
         "data": {
             "fingerprint": data.get("fingerprint") or environment.get("data_fingerprint"),
             "path": environment.get("data_path"),
-            **{key: data[key] for key in DATA_KEYS if data.get(key) is not None},
+            **{key: data.get(key) for key in DATA_KEYS},  # null where older prepared data did not record it
         },
         "experiment": best.experiment.name,
         "trial_id": best.trial_id,
