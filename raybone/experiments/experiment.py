@@ -297,12 +297,11 @@ class BestTrial:
         folder = environment.get("data_path")
         found = folder and (Path(folder) / META_FILE).is_file()
         data = load_prepared(folder) if found else self.spec.prepare_data()
-        expected = environment.get("data_fingerprint")
-        if expected and not same_data(data.meta, recorded_data(environment)):
+        if data_changed(environment, data):
             raise RayboneError(
                 f"{data.path}: not the data experiment {self.experiment.name!r} was trained on: its images, "
                 f"readings or split changed since the search (prepared data {data.fingerprint[:12]}, "
-                f"trained on {expected[:12]})"
+                f"trained on {environment['data_fingerprint'][:12]})"
             )
         return data
 
@@ -344,9 +343,12 @@ def load_trained_model(folder: str | Path):
     return model.eval(), cfg, state["num_classes"]
 
 
-def recorded_data(environment: dict) -> dict:
-    """The prepared data's prepared.json as a search recorded it in environment.json, with its fingerprint."""
-    return {**(environment.get("data_meta") or {}), "fingerprint": environment.get("data_fingerprint")}
+def data_changed(environment: dict, data: PreparedData) -> bool:
+    """Whether `data` is not what a search recorded in environment.json (its prepared.json and fingerprint): a
+    copy of the source with new file dates is the same data; a search that recorded none is not checked."""
+    fingerprint = environment.get("data_fingerprint")
+    recorded = {**(environment.get("data_meta") or {}), "fingerprint": fingerprint}
+    return bool(fingerprint) and not same_data(data.meta, recorded)
 
 
 def best_row(trials: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:

@@ -18,10 +18,10 @@ import ray.tune
 from ray.tune.schedulers import ASHAScheduler
 from rich.console import Console
 
-from raybone.data import PreparedData, same_data
+from raybone.data import PreparedData
 from raybone.errors import RayboneError, SpecError
 from raybone.experiments import storage as results
-from raybone.experiments.experiment import best_row, recorded_data
+from raybone.experiments.experiment import best_row, data_changed
 from raybone.experiments.storage import ENVIRONMENT, HISTORY, SPEC, STUDY, TRIALS
 from raybone.spec import Choice, Range, Spec, TrainConfig, dump_spec, load_spec, parse_spec, search_space
 from raybone.tuning.cluster import (
@@ -173,7 +173,7 @@ def _check_same_data(path: Path | str, data: PreparedData) -> None:
     """Refuse to resume trials on other data than they started on: the experiment would mix two datasets, and
     environment.json, rewritten on resume, would record only the second."""
     environment = json.loads(results.read_text(results.join(path, ENVIRONMENT)))
-    if not same_data(data.meta, recorded_data(environment)):
+    if data_changed(environment, data):
         raise RayboneError(
             f"cannot resume {_name(path)!r}: its trials started on other data ({data.path}: the images, readings or "
             "split changed since); restore that data, or search under a new --name"
