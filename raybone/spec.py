@@ -130,6 +130,9 @@ class Scheduler(_Strict):
     perturbation_interval: int = Field(0, ge=0)
     quantile_fraction: float = Field(0.25, gt=0, le=0.5)
     resample_probability: float = Field(0.25, ge=0, le=1)
+    # pbt: Ray's asynchronous PBT lets each trial compare itself, at its own interval, with the others' last
+    # scores, so in a small population an exploit may never come; synchronous waits for all (pausing each).
+    synchronous: bool = False
 
 
 class Searcher(_Strict):

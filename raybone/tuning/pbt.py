@@ -24,6 +24,7 @@ def pbt_scheduler(spec: Spec) -> PopulationBasedTraining:
         hyperparam_mutations={name: _tune_domain(searched[name]) for name in PERTURBED if name in searched},
         quantile_fraction=spec.scheduler.quantile_fraction,
         resample_probability=spec.scheduler.resample_probability,
+        synch=spec.scheduler.synchronous,
     )
 
 
