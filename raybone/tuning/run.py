@@ -109,9 +109,13 @@ def run_search(
         f"{spec.iterations} iterations each, data {data.path}"
     )
     grid = tuner.fit()
-    trials = trials_table(grid, spec, storage_location=root if remote else None)
+    live = results.join(path, HISTORY)
+    history = history_table(
+        grid, root if remote else None, results.read_parquet(live) if results.exists(live) else None
+    )
+    trials = trials_table(grid, spec, history, storage_location=root if remote else None)
     results.write_parquet(trials, results.join(path, TRIALS))
-    results.write_parquet(history_table(grid, root if remote else None), results.join(path, HISTORY))
+    results.write_parquet(history, live)
     if remote and (study / STUDY).is_file():  # a copy beside the tables, so the storage holds the whole experiment
         results.copy_file(study / STUDY, results.join(path, STUDY))
     if "mlflow" in spec.loggers and not remote:

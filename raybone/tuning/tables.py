@@ -35,20 +35,23 @@ HISTORY_COLUMNS = [
 ]
 
 
-def trials_table(result_grid, spec: Spec, storage_location: str | PurePath | None = None) -> pd.DataFrame:
-    """One row per trial. With `storage_location` a URI, checkpoint and trial paths are URIs too (Ray reports
-    them without their scheme)."""
+def trials_table(
+    result_grid, spec: Spec, history: pd.DataFrame, storage_location: str | PurePath | None = None
+) -> pd.DataFrame:
+    """One row per trial, its best report found in `history` (history_table's). With `storage_location` a URI,
+    checkpoint and trial paths are URIs too (Ray reports them without their scheme)."""
     rows = []
     for result in result_grid:
         metrics, config = result.metrics or {}, result.config or {}
         status = _status(result.error, metrics.get("iteration", 0), spec.iterations)
+        trial_id = metrics.get("trial_id") or config.get("__trial_id", "")
         rows.append(
             trial_row(
                 spec,
-                metrics.get("trial_id") or config.get("__trial_id", ""),
+                trial_id,
                 config,
                 metrics,
-                result.metrics_dataframe,
+                history[history.trial_id == trial_id],
                 status,
                 result.error,
                 result.path,
@@ -167,7 +170,12 @@ def best_report(reports: pd.DataFrame | None, metric: str, mode: str) -> pd.Seri
     return equals.iloc[-1]
 
 
-def history_table(result_grid, storage_location: str | PurePath | None = None) -> pd.DataFrame:
+def history_table(
+    result_grid, storage_location: str | PurePath | None = None, live: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Every report: Tune's record, with those that only the `live` table (LiveTables') kept. A trial that
+    restarts (paused by PBT or a scheduler, or resumed) gets its result.json copied back from storage, where it
+    may not yet hold the trial's last reports, and they are gone from Tune's record."""
     frames = []
     for result in result_grid:
         df = result.metrics_dataframe
@@ -175,12 +183,15 @@ def history_table(result_grid, storage_location: str | PurePath | None = None) -
             frames.append(
                 _located_checkpoints(df[[c for c in HISTORY_COLUMNS if c in df.columns]].copy(), storage_location)
             )
+    if live is not None and len(live):
+        frames.append(live[[c for c in HISTORY_COLUMNS if c in live.columns]])
     if not frames:
         return pd.DataFrame(columns=HISTORY_COLUMNS)
-    # A function trial's last report comes back once more as its final result.
+    # A function trial's last report comes back once more as its final result; the live table holds Tune's too.
     history = pd.concat(frames, ignore_index=True)
     keys = [c for c in ("trial_id", "iteration", "checkpoint_path") if c in history.columns]
-    return history.drop_duplicates(subset=keys, keep="first", ignore_index=True)
+    history = history.drop_duplicates(subset=keys, keep="first", ignore_index=True)
+    return history.sort_values(["trial_id", "timestamp", "iteration"], kind="stable", ignore_index=True)
 
 
 def _located_checkpoints(history: pd.DataFrame, storage_location: str | PurePath | None) -> pd.DataFrame:

@@ -43,8 +43,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     average = _average(model, cfg)
     start_from = loop_config.get("start_from") or {}  # PBT: the checkpoint of the trial this one exploits
     iteration, last_metrics, restored = _restore(model, average, optimizer, schedule, cfg, start_from.get("path"))
-    if iteration >= cfg.iterations and last_metrics:
-        ray.train.report(last_metrics)  # the run finished before a driver crash: tell Tune its result again
     # Where the run started and trains: visible in history.parquet after a restart or a lost node.
     placement = {
         "resumed_from": iteration,
@@ -52,6 +50,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         "restored_from": restored,
         "exploited_from": start_from.get("trial_id"),  # PBT's lineage
     }
+    if iteration >= cfg.iterations and last_metrics:
+        # The run had finished (before a driver crash, or PBT copied a finished trial): Tune hears its result
+        # again, placed where this run started, not where the checkpoint's own run did.
+        ray.train.report(last_metrics | placement)
     weights = balanced_class_weights(train.labels, num_classes)
     loss_fn = create_loss(cfg.loss, cfg.l2_weight, weights if cfg.class_balance == "loss" else None)
     draw = _sampler(
