@@ -16,9 +16,24 @@ from ray.tune.schedulers import PopulationBasedTraining
 from raybone.spec import PERTURBED, Choice, Range, Spec
 
 
+class _Population(PopulationBasedTraining):
+    """Ray's PBT up to the last iteration. There it would pause a trial that has just finished (to restart it only
+    to report again) and let a worse trial copy a finished one, leaving two of the same model in the results."""
+
+    def __init__(self, last_iteration: int, **options):
+        super().__init__(**options)
+        self._last_iteration = last_iteration
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get("iteration", 0) >= self._last_iteration:
+            return self.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+
 def pbt_scheduler(spec: Spec) -> PopulationBasedTraining:
     searched = spec.searched()
-    return PopulationBasedTraining(
+    return _Population(
+        spec.iterations,
         time_attr="iteration",
         perturbation_interval=spec.scheduler.perturbation_interval or spec.train_config({}).eval_every,
         hyperparam_mutations={name: _tune_domain(searched[name]) for name in PERTURBED if name in searched},

@@ -173,9 +173,10 @@ def best_report(reports: pd.DataFrame | None, metric: str, mode: str) -> pd.Seri
 def history_table(
     result_grid, storage_location: str | PurePath | None = None, live: pd.DataFrame | None = None
 ) -> pd.DataFrame:
-    """Every report: Tune's record, with those that only the `live` table (LiveTables') kept. A trial that
-    restarts (paused by PBT or a scheduler, or resumed) gets its result.json copied back from storage, where it
-    may not yet hold the trial's last reports, and they are gone from Tune's record."""
+    """Every validation report: Tune's record, with those that only the `live` table (LiveTables') kept. A trial
+    that restarts (paused by PBT or a scheduler, or resumed) gets its result.json copied back from storage, where
+    it may not yet hold the trial's last reports, and they are gone from Tune's record. A finished run that tells
+    Tune its result again (at its resumed_from iteration: it trained nothing) validated nothing new."""
     frames = []
     for result in result_grid:
         df = result.metrics_dataframe
@@ -191,6 +192,8 @@ def history_table(
     history = pd.concat(frames, ignore_index=True)
     keys = [c for c in ("trial_id", "iteration", "checkpoint_path") if c in history.columns]
     history = history.drop_duplicates(subset=keys, keep="first", ignore_index=True)
+    if "resumed_from" in history:
+        history = history[history.iteration != history.resumed_from]
     return history.sort_values(["trial_id", "timestamp", "iteration"], kind="stable", ignore_index=True)
 
 
