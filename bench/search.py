@@ -13,7 +13,7 @@ readout, no trial longer than B = 1000 iterations, validation every 125), four s
             --device cuda, a single rung needs factor 8: the best one continues);
   pbt       Population Based Training of 4 trials to B (raybone draws the population; no searcher), the worst
             quarter copying a better trial's weights and perturbing lr, L2 weight and weight decay every two
-            validations (250 iterations).
+            validations (250 iterations), synchronous (every trial waits for the rest at each interval).
 Two trials train at once (1-CPU workers). Compute is counted in trial-iterations, from each trial's reports
 (history.parquet) in time order (Tune's timestamps, to the second): a report counts the iterations its trial
 trained since its previous report in the same run, or since the checkpoint the run started from (a resume, a
@@ -25,14 +25,19 @@ trial-iterations its running best needed to reach it ("never" counts as all it s
 arm (asha-tpe) needs <= 1/3 of random search's trial-iterations, both learned.
 
 About 18,500 trial-iterations per seed, 3 hours on 2 cores (quality.py's search: 0.6 s of wall time per
-trial-iteration, two trials at once), so 9 hours for 3 seeds: `--work DIR` keeps finished arms and resumes an
-interrupted one, and `--arms` / `--seeds` run a part; the figures cover every arm-seed finished in DIR.
+trial-iteration, two trials at once), so 9 hours for 3 seeds, more than a session. Each arm-seed, once
+finished and scored, is recorded in <--out>/search-runs/ (bench/results/search-runs/, committed), and a seed
+recorded there is not run again: `--arms` / `--seeds` run a part, a later session (a fresh machine) the rest, and
+the figures cover every recorded arm-seed of these settings. `--work DIR` keeps the prepared data and resumes an
+arm-seed interrupted on this machine.
 
     python bench/search.py --work DIR [--arms asha-tpe,random,top-k,pbt] [--seeds 3] [--quick] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import time
 from pathlib import Path
@@ -40,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import ray
-from _common import finish, parse_args
+from _common import finish, parse_args, write_result
 from quality import (
     AVERAGING,
     LEARNED,
@@ -86,7 +91,12 @@ def arms(iterations: int, eval_every: int, trials: int = 8) -> dict[str, dict]:
         },
         "pbt": {  # one trial in the bottom quantile
             "samples": population,
-            "scheduler": {"type": "pbt", "perturbation_interval": 2 * eval_every, "quantile_fraction": 1 / population},
+            "scheduler": {
+                "type": "pbt",
+                "perturbation_interval": 2 * eval_every,
+                "quantile_fraction": 1 / population,
+                "synchronous": True,  # asynchronous, the worst trial may never copy the best (see the README)
+            },
         },
     }
 
@@ -135,12 +145,21 @@ def main() -> None:
     train = {**recipe_train(**regime), **AVERAGING, **SEARCHED, "readout": "expected"}
     tag = f"{regime['input_size']}of{regime['resize_to']}px-{regime['iterations']}"
     plans = arms(regime["iterations"], regime["eval_every"], trials=4 if args.quick else 8)
+    data_hash = {"searched": data.meta["content_sha256"], "test": test.meta["content_sha256"]}
+    settings = {"regime": regime, "train": train, "plans": plans, "data_content_sha256": data_hash}
+    records = _Records(args, settings)
     for arm in filter(None, args.arms.split(",")):
         for seed in range(args.seeds):
-            run_arm(work, _name(arm, tag, seed), train, args.device, seed=seed, **plans[arm])
+            name = _name(arm, tag, seed)
+            if records.read(name):
+                print(f"{name}: kept from {records.path(name)}", flush=True)
+                continue
+            arm_started = time.perf_counter()
+            outcome = run_arm(work, name, train, args.device, seed=seed, **plans[arm])
+            run = _scored_run(outcome.path, work / "models", test)
+            records.write(name, {"arm": arm, "seed": seed, **run}, arm_started)
     ray.shutdown()
-    runs = _finished(work, tag, plans)
-    results = _results(runs, plans, regime, work / "models", data, test)
+    results = _results(records.every(_name("*", tag, "*")), settings, data, test)
     finish("search", args, results, _summary(results), started)
 
 
@@ -148,44 +167,63 @@ def _name(arm: str, tag: str, seed: int) -> str:
     return f"search-{arm}-{tag}-seed{seed}"
 
 
-def _finished(work: Path, tag: str, plans: dict) -> dict[tuple[str, int], Path]:
-    """Every arm-seed of this regime in `work` whose search ended (all its trials in trials.parquet, none still
-    running): (arm, seed) -> folder."""
-    found = {}
-    for arm, plan in plans.items():
-        for folder in filter(Path.is_dir, work.glob(_name(arm, tag, "*"))):
-            table = folder / "trials.parquet"
-            trials = pd.read_parquet(table) if table.is_file() else pd.DataFrame({"status": ["running"]})
-            if len(trials) >= plan["samples"] and not (trials.status == "running").any():
-                found[arm, int(folder.name.rsplit("seed", 1)[1])] = folder
-    return dict(sorted(found.items()))
+class _Records:
+    """One JSON per finished arm-seed under <--out>/search-runs (the machine, date and command with it): a later
+    session adds seeds and arms to them, where a working folder does not outlive its machine. A record of other
+    settings (regime, space, arms, data) is not used."""
+
+    def __init__(self, args, settings: dict):
+        self._args = argparse.Namespace(**{**vars(args), "out": args.out / "search-runs"})
+        self._settings = json.loads(json.dumps(settings))
+
+    def path(self, name: str) -> Path:
+        return self._args.out / f"{name}.json"
+
+    def read(self, name: str) -> dict | None:
+        path = self.path(name)
+        record = json.loads(path.read_text()) if path.is_file() else None
+        return record if record and record["settings"] == self._settings else None
+
+    def every(self, pattern: str) -> dict[tuple[str, int], dict]:
+        """(arm, seed) -> record, for every record of these settings matching the glob `pattern`."""
+        found = {}
+        for path in sorted(self._args.out.glob(f"{pattern}.json")):
+            record = self.read(path.stem)
+            if record:
+                found[record["arm"], record["seed"]] = record
+        return found
+
+    def write(self, name: str, run: dict, started: float) -> None:
+        write_result(name, self._args, {"settings": self._settings, **run}, name, started)
 
 
-def _results(runs: dict, plans: dict, regime: dict, models: Path, data, test) -> dict:
-    per_run, curves = {}, {}
-    for (arm, seed), folder in runs.items():
-        curves[arm, seed], best = (
-            compute_curve(pd.read_parquet(folder / "history.parquet")),
-            load_experiment(folder).best(),
-        )
-        scored = test_metrics(best, models / folder.name, test)
-        per_run.setdefault(arm, {})[seed] = {
-            "best": {"trial_id": best.trial_id, "iteration": best.iteration, **best.hyperparameters()},
-            "test": scored,
-            "learned": min(scored["rmse_argmax"], scored["rmse_expected"]) <= LEARNED,
-            "trial_iterations": int(curves[arm, seed].trial_iterations.iloc[-1]),
-        }
-    learned = [curves[key].best_val_rmse.min() for key in curves if per_run[key[0]][key[1]]["learned"]]
+def _scored_run(folder: Path, models: Path, test) -> dict:
+    """A finished arm-seed: its compute curve (from history.parquet) and its best trial, scored once on the
+    held-out hands."""
+    curve, best = compute_curve(pd.read_parquet(folder / "history.parquet")), load_experiment(folder).best()
+    scored = test_metrics(best, models / folder.name, test)
+    return {
+        "best": {"trial_id": best.trial_id, "iteration": best.iteration, **best.hyperparameters()},
+        "test": scored,
+        "learned": min(scored["rmse_argmax"], scored["rmse_expected"]) <= LEARNED,
+        "trial_iterations": int(curve.trial_iterations.iloc[-1]),
+        "curve": curve[["trial_iterations", "best_val_rmse"]].values.round(3).tolist(),
+    }
+
+
+def _results(runs: dict[tuple[str, int], dict], settings: dict, data, test) -> dict:
+    learned = [min(v for _, v in run["curve"]) for run in runs.values() if run["learned"]]
     target = TOLERANCE * float(min(learned)) if learned else None
-    for (arm, seed), curve in curves.items():
-        run = per_run[arm][seed]
-        run["to_target"] = to_target(curve, target) if target else None
-        run["curve"] = curve[["trial_iterations", "best_val_rmse"]].values.round(3).tolist()
+    per_run = {}
+    for (arm, seed), record in runs.items():
+        run = {key: record[key] for key in ("best", "test", "learned", "trial_iterations", "wall_s", "date")}
+        curve = pd.DataFrame(record["curve"], columns=["trial_iterations", "best_val_rmse"])
+        per_run.setdefault(arm, {})[seed] = {**run, "to_target": to_target(curve, target) if target else None}
     summary = {arm: _arm_summary(seeds) for arm, seeds in per_run.items()}
     both = {"asha-tpe", "random"} <= summary.keys() and all(summary[a]["learned"] for a in ("asha-tpe", "random"))
     ratio = summary["asha-tpe"]["to_target_median"] / summary["random"]["to_target_median"] if both else None
     return {
-        "settings": {"regime": regime, "searched": SEARCHED, "averaging": AVERAGING, "arms": plans},
+        "settings": settings,
         "reference": {
             "median_predictor_val_rmse": median_rmse(data.labels[data.is_train], data.labels[~data.is_train]),
             "median_predictor_test_rmse": median_rmse(data.labels[data.is_train], test.labels),
@@ -209,6 +247,7 @@ def _arm_summary(seeds: dict) -> dict:
         "reached": sum(run["to_target"] is not None for run in seeds.values()),
         "seeds": len(seeds),
         "test_rmse_expected_median": float(np.median([run["test"]["rmse_expected"] for run in seeds.values()])),
+        "wall_min_median": float(np.median([run["wall_s"] for run in seeds.values()])) / 60,
         "learned": 2 * sum(run["learned"] for run in seeds.values()) > len(seeds),
     }
 
@@ -220,7 +259,8 @@ def _summary(results: dict) -> str:
         learned = "" if s["learned"] else " NOT LEARNED"
         lines.append(
             f"{arm} {s['to_target_median']:.0f} trial-it to target (range {s['to_target_range'][0]}-"
-            f"{s['to_target_range'][1]}; reached at {s['reached']} of {s['seeds']} seeds), test RMSE "
+            f"{s['to_target_range'][1]}; reached at {s['reached']} of {s['seeds']} seeds; "
+            f"{s['wall_min_median']:.0f} min), test RMSE "
             f"{s['test_rmse_expected_median']:.2f} y{learned}"
         )
     target = results["target_val_rmse"]
