@@ -25,11 +25,11 @@ trial-iterations its running best needed to reach it ("never" counts as all it s
 arm (asha-tpe) needs <= 1/3 of random search's trial-iterations, both learned.
 
 About 18,500 trial-iterations per seed, 90 minutes on 2 cores (asha-tpe's first seed: 4,750 in 23 minutes,
-0.29 s of wall time per trial-iteration, two trials at once), so 4.5 hours for 3 seeds, more than a session. Each arm-seed, once
-finished and scored, is recorded in <--out>/search-runs/ (bench/results/search-runs/, committed), and a seed
-recorded there is not run again: `--arms` / `--seeds` run a part, a later session (a fresh machine) the rest, and
-the figures cover every recorded arm-seed of these settings. `--work DIR` keeps the prepared data and resumes an
-arm-seed interrupted on this machine.
+0.29 s of wall time per trial-iteration, two trials at once), so 4.5 hours for 3 seeds, more than a session.
+Each arm-seed, once finished and scored, is recorded in <--out>/search-runs/ (bench/results/search-runs/,
+committed), and a seed recorded there is not run again: `--arms` / `--seeds` run a part, a later session (a fresh
+machine) the rest, and the figures cover every recorded arm-seed of these settings. `--work DIR` keeps the
+prepared data and resumes an arm-seed interrupted on this machine.
 
     python bench/search.py --work DIR [--arms asha-tpe,random,top-k,pbt] [--seeds 3] [--quick] [--device cpu|cuda]
 """
