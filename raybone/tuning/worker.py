@@ -51,8 +51,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         "exploited_from": start_from.get("trial_id"),  # PBT's lineage
     }
     if iteration >= cfg.iterations and last_metrics:
-        # The run had finished (before a driver crash, or PBT copied a finished trial): Tune hears its result
-        # again, placed where this run started, not where the checkpoint's own run did.
+        # The run had finished before a driver crash: Tune hears its result again, placed where this run started
+        # (resumed_from == iteration), so history.parquet knows it for a repeat and leaves it out.
         ray.train.report(last_metrics | placement)
     weights = balanced_class_weights(train.labels, num_classes)
     loss_fn = create_loss(cfg.loss, cfg.l2_weight, weights if cfg.class_balance == "loss" else None)
