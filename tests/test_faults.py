@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import ray
 import torch
+from conftest import TINY
+from ray.util.placement_group import placement_group
 from ray.util.state import list_actors
 
 from raybone.spec import load_spec
@@ -45,6 +48,25 @@ def _train_worker_pids(dashboard_url: str) -> list[int]:
         address=f"http://{dashboard_url}", filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
     )
     return [actor.pid for actor in actors]
+
+
+def test_a_trial_whose_workers_cannot_be_placed_errors_instead_of_waiting_for_ever(tmp_path, monkeypatch):
+    """Every CPU held (as a placement group leaked by an ended trial would hold it): Train's default is to retry
+    the worker group without end, and the search waits in silence."""
+    from raybone.tuning.cluster import start_local_ray
+
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "2")  # the cluster's processes inherit it
+    start_local_ray(num_cpus=2)
+    try:
+        ray.get(placement_group([{"CPU": 2}]).ready())
+        spec = load_spec(QUICK, TINY + ["num_samples=1", "scheduler.type=none", "resources.max_failures=0"])
+        outcome = run_search(spec, name="stuck", results_dir=tmp_path)  # before, it never returned
+    finally:
+        ray.shutdown()
+    (row,) = outcome.trials.itertuples()
+    assert row.status == "error" and "worker group startup timed out" in row.error, row.error
+    assert row.error.startswith("Training failed")  # the trial's own message, not the traceback Ray puts first
+    assert outcome.best is None
 
 
 def test_killed_train_worker_resumes_from_its_checkpoint(local_ray, tmp_path):

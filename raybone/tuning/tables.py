@@ -91,7 +91,8 @@ def trial_row(
         "wall_time_s": last.get("time_total_s"),
         "node": last.get("node"),
         "checkpoint_path": located(last.get("checkpoint_path")),
-        "error": one_line(error) if error else None,
+        # A Ray task error's cause is what the trial raised: its message, without the remote traceback before it.
+        "error": one_line(getattr(error, "cause", None) or error) if error else None,
         "trial_path": located(path),
     }
 

@@ -41,6 +41,9 @@ TRIAL_DRIVER_MEMORY = 256 * 1024**2  # the trial function only waits on its Trai
 NODE_START_TIMEOUT_S = 30 * 60  # how long a trial waits for the autoscaler's node (image pull, setup) per try
 POINTER = "train_checkpoint.json"  # a PBT trial's Tune checkpoint: where its Train checkpoint is
 CONTROLLER_POLL_S = 0.25  # how often Train's controller polls its workers (Ray's default: 2 s), see above
+# Train retries a worker group that cannot be placed without end: a trial whose CPUs are held by something else
+# waited silently for ever (a search hung). After this many retries the trial errors with Train's message.
+WORKER_START_RETRIES = 2
 
 
 def trial_seed(experiment_seed: int, trial_index: int) -> int:
@@ -111,7 +114,9 @@ def _trainer(
             name=run,
             storage_path=storage,
             callbacks=callbacks,
-            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=r.max_failures, controller_failure_limit=WORKER_START_RETRIES
+            ),
             # The best checkpoints by the search's metric survive the trial's later iterations; Train also keeps
             # the latest, which a restarted worker group resumes from. Under PBT every one stays: a trial may
             # exploit another at any report.
