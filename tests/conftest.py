@@ -47,6 +47,35 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test on a local cluster reports what held the cluster then: a hung search says which placement
+    groups and actors kept its trials from starting (CI saw one once, and its traceback showed only a wait)."""
+    report = yield
+    cluster = getattr(item, "funcargs", {}).get("local_ray")
+    if report.when == "call" and report.failed and cluster is not None and ray.is_initialized():
+        report.sections.append(("Ray cluster when the test failed", _cluster_state(cluster.dashboard_url)))
+    return report
+
+
+def _cluster_state(dashboard_url: str) -> str:
+    from ray.util.state import list_actors
+
+    try:
+        groups = [
+            f"placement group {key[:12]} {group['state']} {list(group['bundles'].values())}"
+            for key, group in ray.util.placement_group_table().items()
+            if group["state"] != "REMOVED"
+        ]
+        actors = [
+            f"actor {actor.class_name} {actor.state} pid {actor.pid} placement group {actor.placement_group_id}"
+            for actor in list_actors(address=f"http://{dashboard_url}", filters=[("state", "!=", "DEAD")], limit=500)
+        ]
+    except Exception as err:  # the test's own failure matters more than this report of it
+        return f"cluster state unavailable: {err!r}"
+    return "\n".join([f"available {ray.available_resources()}", *groups, *actors])
+
+
 @pytest.fixture(scope="session")
 def tiny_experiment(tmp_path_factory):
     """(results folder, SearchOutcome) of one TINY search, shared by the modules that only read it."""
