@@ -192,6 +192,13 @@ def test_a_resumed_searcher_keeps_its_trial_map(tmp_path):
     restored.restore(tmp_path / "searcher.json")
     restored.on_trial_complete("t0", {spec.metric: 2.0, "iteration": spec.iterations})
     assert restored.study.trials[0].state.name == "COMPLETE" and restored.study.trials[0].value == 2.0
+    # The driver died after the study heard the trial end and before Tune saved that it had: resumed, Tune runs the
+    # trial again, its run repeats its last result, and the trial ends again (Optuna refuses a second tell).
+    again = pickle.loads(pickle.dumps(search))
+    again.restore(tmp_path / "searcher.json")
+    again.on_trial_result("t0", {spec.metric: 2.0, "iteration": spec.iterations})
+    again.on_trial_complete("t0", {spec.metric: 2.0, "iteration": spec.iterations})
+    assert again.study.trials[0].state.name == "COMPLETE" and again.study.trials[0].value == 2.0
 
 
 def test_a_warm_start_seeds_the_study_with_an_earlier_experiments_trials(tmp_path):

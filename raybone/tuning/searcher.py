@@ -124,7 +124,9 @@ class OptunaSearcher(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         number = self._numbers.get(trial_id)
-        if number is None:
+        # A trial the study already knows as finished ended before its driver died, after Tune last saved its own
+        # state: on resume Tune runs it again, it reports its result again and ends again (told once is enough).
+        if number is None or self.study.trials[number].state.is_finished():
             return
         if result and not error:  # a result the scheduler stopped the trial on reaches no on_trial_result
             self.on_trial_result(trial_id, result)
