@@ -34,10 +34,14 @@ def parse_args(
     """--quick and --out for every benchmark, plus whatever `configure` adds."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for <name>.json (default bench/results)")
+    parser.add_argument(
+        "--out", type=Path, help="folder for <name>.json (default bench/results; bench/results/quick with --quick)"
+    )
     if configure is not None:
         configure(parser)
     args = parser.parse_args()
+    # A quick run's figures must never replace the committed full ones beside them.
+    args.out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     args.load_at_start = _load_average()  # the machine's load when the benchmark began, for the JSON
     return args
 
