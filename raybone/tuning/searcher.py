@@ -126,7 +126,7 @@ class OptunaSearcher(Searcher):
         number = self._numbers.get(trial_id)
         # A trial the study already knows as finished ended before its driver died, after Tune last saved its own
         # state: on resume Tune runs it again, it reports its result again and ends again (told once is enough).
-        if number is None or self.study.trials[number].state.is_finished():
+        if number is None or self._trial(number).state.is_finished():
             return
         if result and not error:  # a result the scheduler stopped the trial on reaches no on_trial_result
             self.on_trial_result(trial_id, result)
@@ -144,15 +144,24 @@ class OptunaSearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         self._numbers = json.loads(Path(checkpoint_path).read_text())["numbers"]
 
-    def _report(self, number: int, value: float, step: int) -> None:
-        """The trial's intermediate value at an SGD iteration, through Optuna's public storage interface."""
+    def _trial(self, number: int) -> optuna.trial.FrozenTrial:
+        """One trial, where `study.trials` would read every trial of the study from SQLite."""
+        trial = self._trial_id(number)  # first: it opens the study (and its storage) on a resumed searcher
+        return self._storage.get_trial(trial)
+
+    def _trial_id(self, number: int) -> int:
+        """The storage's id of trial `number`, through Optuna's public storage interface."""
         storage = self.study and self._storage
-        trial = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(self._name), number)
-        if storage.get_trial(trial).state == TrialState.RUNNING:
-            storage.set_trial_intermediate_value(trial, step, value)
+        return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(self._name), number)
+
+    def _report(self, number: int, value: float, step: int) -> None:
+        """The trial's intermediate value at an SGD iteration."""
+        trial = self._trial_id(number)
+        if self._storage.get_trial(trial).state == TrialState.RUNNING:
+            self._storage.set_trial_intermediate_value(trial, step, value)
 
     def _best_reported(self, number: int) -> float | None:
-        values = [v for v in self.study.trials[number].intermediate_values.values() if _finite(v)]
+        values = [v for v in self._trial(number).intermediate_values.values() if _finite(v)]
         if not values:
             return None
         return min(values) if self._spec.mode == "min" else max(values)
