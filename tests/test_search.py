@@ -388,23 +388,39 @@ def test_a_trial_relays_every_report_even_when_its_run_ends_the_moment_it_report
             assert "worker lost" in str(result.error)
 
 
-def test_pbt_continues_a_perturbed_trial_from_its_donors_iteration_and_weights(local_ray, tmp_path):
+# A trial stuck at its first weights and one that learns: asynchronous PBT compares a trial at its own interval with
+# the others' last scores, so only a population whose order holds is sure to exploit (here at iteration 8 or 12).
+_STUCK_AND_LEARNING = (
+    "start_from=[{lr: 1.0e-5, decay_steps: 60, l2_weight: 0.1, weight_decay: 0.01},"
+    " {lr: 3.0e-3, decay_steps: 60, l2_weight: 0.1, weight_decay: 0.01}]"
+)
+
+
+@pytest.mark.parametrize(
+    "iterations, mode",
+    [
+        (8, ["scheduler.synchronous=true"]),  # every trial waits for the rest at each interval; the worst copies
+        (16, [_STUCK_AND_LEARNING]),  # asynchronous (the default): the donor trains on while the worst copies it
+    ],
+    ids=["synchronous", "asynchronous"],
+)
+def test_pbt_continues_a_perturbed_trial_from_its_donors_iteration_and_weights(local_ray, tmp_path, iterations, mode):
     from raybone.core.checkpoint import read_checkpoint
 
     spec = load_spec(
         QUICK,
         TINY
         + [
-            "iterations=8",
+            f"iterations={iterations}",
             "scheduler.type=pbt",
             "scheduler.perturbation_interval=4",
             "scheduler.quantile_fraction=0.5",
-            "scheduler.synchronous=true",  # asynchronous PBT may never exploit in a population of two
             "lr={distribution: loguniform, low: 1.0e-5, high: 0.1}",
+            *mode,
         ],
     )
     outcome = run_search(spec, name="pbt", results_dir=tmp_path)
-    assert (outcome.trials.status == "completed").all() and (outcome.trials.iteration == 8).all()
+    assert (outcome.trials.status == "completed").all() and (outcome.trials.iteration == iterations).all()
     assert sorted(outcome.trials.trial_index) == [0, 1]
     history = pd.read_parquet(outcome.path / "history.parquet")
     exploits = history[history.exploited_from.notna()]
@@ -418,13 +434,20 @@ def test_pbt_continues_a_perturbed_trial_from_its_donors_iteration_and_weights(l
         donors_reports = history[(history.trial_id == donor) & (history.checkpoint_path == row.restored_from)]
         assert donors_reports.iteration.tolist() == [row.resumed_from]  # ... from the donor's reported checkpoint
         assert row.iteration == row.resumed_from + 2  # and reported two iterations later
-    assert (history.resumed_from < 8).all()  # at the last iteration no trial paused or copied a finished one
+    assert (history.resumed_from < iterations).all()  # at the last iteration no trial paused or copied a finished one
     lineage = history.dropna(subset=["exploited_from"])
     assert (lineage.exploited_from != lineage.trial_id).all()
     for trial, reports in history.groupby("trial_id"):  # no report lost where a trial paused and restarted
-        assert {2, 4, 6, 8} <= set(reports.iteration), trial
-    with pytest.raises(SpecError, match="scheduler.type pbt needs one of lr, l2_weight, weight_decay, contrast"):
-        load_spec(QUICK, ["scheduler.type=pbt", "lr=1.0e-3", "l2_weight=0.1", "weight_decay=0.01"])
+        assert set(range(2, iterations + 1, 2)) <= set(reports.iteration), trial
+
+
+def test_a_pbt_population_larger_than_the_trials_at_once_is_called_out():
+    from raybone.tuning.pbt import population_warning
+
+    spec = load_spec(QUICK, ["scheduler.type=pbt", "num_samples=5"])
+    assert population_warning(spec, 5) is None
+    assert "trains as 3 groups of up to 2, one after another" in population_warning(spec, 2)
+    assert population_warning(load_spec(QUICK, ["num_samples=5"]), 2) is None  # ASHA starts trials as others end
 
 
 def test_the_progress_line_counts_only_trials_still_running():
