@@ -13,7 +13,9 @@ readout, no trial longer than B = 1000 iterations, validation every 125), four s
             --device cuda, a single rung needs factor 8: the best one continues);
   pbt       Population Based Training of 4 trials to B (raybone draws the population; no searcher), the worst
             quarter copying a better trial's weights and perturbing lr, L2 weight and weight decay every two
-            validations (250 iterations), synchronous (every trial waits for the rest at each interval).
+            validations (250 iterations), synchronous (every trial waits for the rest at each interval). With
+            two trials at a time Tune runs these 4 as two populations of 2, one after the other (it creates a
+            trial only when a live one ends, and a paused one is live; found here, `raybone search` now warns).
 Two trials train at once (1-CPU workers). Compute is counted in trial-iterations, from each trial's reports
 (history.parquet) in time order (Tune's timestamps, to the second): a report counts the iterations its trial
 trained since its previous report in the same run, or since the checkpoint the run started from (a resume, a

@@ -43,6 +43,20 @@ def pbt_scheduler(spec: Spec) -> PopulationBasedTraining:
     )
 
 
+def population_warning(spec: Spec, max_concurrent: int) -> str | None:
+    """What a user must know when the population is larger than the trials that train at once: Tune creates a
+    trial only when a live one ends, and a paused PBT trial is live, so the population trains in groups, one after
+    another, each exploiting only within itself."""
+    if spec.scheduler.type != "pbt" or spec.num_samples <= max_concurrent:
+        return None
+    groups = -(-spec.num_samples // max_concurrent)
+    return (
+        f"PBT with num_samples {spec.num_samples} but {max_concurrent} trials at a time: the population trains as "
+        f"{groups} groups of up to {max_concurrent}, one after another, each exploiting only within itself. For one "
+        f"population set num_samples to {max_concurrent}, or give the cluster room for {spec.num_samples} trials."
+    )
+
+
 def pbt_space(spec: Spec) -> dict:
     """Tune's param_space for a PBT search: one trial per index, each drawing its own start (seeded)."""
     space = {"trial_index": ray.tune.grid_search(list(range(spec.num_samples)))}

@@ -32,7 +32,7 @@ from raybone.tuning.cluster import (
     trials_that_fit,
 )
 from raybone.tuning.loggers import log_best_checkpoint, loggers
-from raybone.tuning.pbt import pbt_scheduler, pbt_space
+from raybone.tuning.pbt import pbt_scheduler, pbt_space, population_warning
 from raybone.tuning.progress import TrialProgress
 from raybone.tuning.searcher import OptunaSearcher, warm_start_trials
 from raybone.tuning.tables import LiveTables, history_table, trials_table
@@ -108,6 +108,8 @@ def run_search(
         f"[bold]search[/] {name}: {spec.num_samples} trials{starts}, up to {max_concurrent} at a time, "
         f"{spec.iterations} iterations each, data {data.path}"
     )
+    if warning := population_warning(spec, max_concurrent):
+        console.print(f"[yellow]warning:[/] {warning}")
     grid = tuner.fit()
     live = results.join(path, HISTORY)
     history = history_table(
