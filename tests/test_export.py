@@ -1,6 +1,7 @@
 """`raybone best` and its model folder, from a real (tiny) search on a real local Ray cluster."""
 
 import json
+import os
 import shutil
 import struct
 import zipfile
@@ -117,12 +118,41 @@ def test_torchscript_and_onnx_give_the_checkpoint_models_probabilities(experimen
     with torch.no_grad():
         expected = network(crops).softmax(-1).numpy()
         traced = torch.jit.load(str(model / "model.ts"))(crops).softmax(-1).numpy()
-    session = onnxruntime.InferenceSession(str(model / "model.onnx"), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(["logits"], {"crops": crops.numpy()})
-    onnx = torch.from_numpy(logits).softmax(-1).numpy()
+    onnx = _onnx_probabilities(model, crops)
     assert expected.shape == traced.shape == onnx.shape == (30, 20)
     np.testing.assert_allclose(traced, expected, atol=1e-4, rtol=0)
     np.testing.assert_allclose(onnx, expected, atol=1e-4, rtol=0)
+
+
+def test_onnx_falls_back_to_the_torch_export_exporter_where_the_torchscript_one_fails(
+    experiment, exported, checkpoint_model, tmp_path, monkeypatch, capfd
+):
+    results, outcome = experiment
+    assert json.loads((exported[0] / "model.json").read_text())["onnx_exporter"] == "torchscript"
+    export = torch.onnx.export
+
+    def failing_torchscript_exporter(*args, dynamo, **kwargs):
+        if not dynamo:  # as PyTorch's does on a graph it cannot translate: its C++ logger dumps it to fd 1
+            os.write(1, b"Torch IR graph at exception: graph(...)\n")
+            raise RuntimeError("Unsupported: ONNX export of operator adaptive_avg_pool2d")
+        return export(*args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", failing_torchscript_exporter)
+    capfd.readouterr()
+    model = export_model(Experiment.open(results, "tiny").best(), tmp_path / "model")
+    assert "Torch IR graph" not in capfd.readouterr().out
+    assert json.loads((model / "model.json").read_text())["onnx_exporter"] == "torch.export"
+    _, network, cfg, _ = checkpoint_model
+    crops = test_crops(_val_images(outcome), cfg.input_size).flatten(0, 1)
+    with torch.no_grad():
+        expected = network(crops).softmax(-1).numpy()
+    np.testing.assert_allclose(_onnx_probabilities(model, crops), expected, atol=1e-4, rtol=0)
+
+
+def _onnx_probabilities(model: Path, crops: torch.Tensor) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(model / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"crops": crops.numpy()})
+    return torch.from_numpy(logits).softmax(-1).numpy()
 
 
 def test_weights_are_plain_safetensors_equal_to_the_checkpoint(exported, checkpoint_model):

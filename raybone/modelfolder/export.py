@@ -6,8 +6,11 @@ one; TorchScript and ONNX are each checked against the PyTorch network before an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import sys
 import warnings
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -67,10 +70,11 @@ def export_model(best: BestTrial | list[BestTrial], out, force: bool = False) ->
             folder = staging if len(members) == 1 else staging / f"member-{index}"
             folder.mkdir(exist_ok=True)
             model, cfg, num_classes = member.load_model()
-            _save_network(model, cfg, num_classes, folder)
+            onnx_exporter = _save_network(model, cfg, num_classes, folder)
             metas.append(
                 {
                     **model_meta(member, cfg, num_classes, image_size),
+                    "onnx_exporter": onnx_exporter,
                     "folder": folder.relative_to(staging).as_posix(),
                     "sha256": {name: file_sha256(folder / name) for name in NETWORK_FILES},
                 }
@@ -145,12 +149,13 @@ def _ensemble_meta(members: list[BestTrial], metas: list[dict]) -> dict:
     }
 
 
-def _save_network(model: nn.Module, cfg: TrainConfig, num_classes: int, folder: Path) -> None:
-    """weights.safetensors, model.ts and model.onnx of one network, the last two checked against PyTorch."""
+def _save_network(model: nn.Module, cfg: TrainConfig, num_classes: int, folder: Path) -> str:
+    """weights.safetensors, model.ts and model.onnx of one network, the last two checked against PyTorch; returns
+    the ONNX exporter used."""
     _save_weights(model, folder / WEIGHTS, cfg, num_classes)
     inputs = _sample_inputs(cfg)
     _save_torchscript(model, inputs, folder / TORCHSCRIPT)
-    _save_onnx(model, inputs, folder / ONNX)
+    return _save_onnx(model, inputs, folder / ONNX)
 
 
 def _save_weights(model: nn.Module, path: Path, cfg: TrainConfig, num_classes: int) -> None:
@@ -181,31 +186,60 @@ def _save_torchscript(model: nn.Module, inputs: tuple, path: Path) -> None:
         _check_agreement("TorchScript", _softmax(model(*inputs)), _softmax(torch.jit.load(str(path))(*inputs)))
 
 
-def _save_onnx(model: nn.Module, inputs: tuple, path: Path) -> None:
+def _save_onnx(model: nn.Module, inputs: tuple, path: Path) -> str:
+    """Write model.onnx and check it against PyTorch on all 24 crops; returns the exporter that wrote it."""
     import onnxruntime
 
     names = _onnx_inputs(len(inputs))
-    batch = torch.export.Dim("batch")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(
-                model,
-                tuple(x[:6] for x in inputs),
-                str(path),
-                input_names=names,
-                output_names=[ONNX_OUTPUT],
-                dynamic_shapes=tuple({0: batch} for _ in inputs),
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
-        except Exception as err:
-            raise RayboneError(f"ONNX export failed: {type(err).__name__}: {one_line(err)}") from err
+        exporter = _export_onnx(model, tuple(x[:6] for x in inputs), path, names)
         expected = _softmax(model(*inputs))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (logits,) = session.run([ONNX_OUTPUT], {name: x.numpy() for name, x in zip(names, inputs)})
     _check_agreement("ONNX", expected, _softmax(torch.from_numpy(logits)))
+    return exporter
+
+
+def _export_onnx(model: nn.Module, sample: tuple, path: Path, names: list[str]) -> str:
+    """PyTorch's TorchScript-based exporter where it still works, else the torch.export-based one; returns which.
+
+    The first writes GoogLeNet in under a second where the second takes 7-9 s on 2 cores (most of `best
+    --export`), and onnxruntime runs both graphs equally fast. It is deprecated upstream and will be removed, so a
+    torch without it, or a network it cannot translate, gets the durable exporter; either file is then checked.
+    """
+    named = {"input_names": names, "output_names": [ONNX_OUTPUT]}
+    try:
+        axes = {name: {0: "batch"} for name in (*names, ONNX_OUTPUT)}
+        with _native_stdout_silenced():
+            torch.onnx.export(model, sample, str(path), **named, dynamic_axes=axes, dynamo=False)
+        return "torchscript"
+    except Exception:  # whatever stops the deprecated path, the durable one below may still export the network
+        path.unlink(missing_ok=True)
+    batch = torch.export.Dim("batch")
+    shapes = tuple({0: batch} for _ in sample)
+    try:
+        torch.onnx.export(
+            model, sample, str(path), **named, dynamic_shapes=shapes, dynamo=True, external_data=False, verbose=False
+        )
+    except Exception as err:
+        raise RayboneError(f"ONNX export failed: {type(err).__name__}: {one_line(err)}") from err
+    return "torch.export"
+
+
+@contextlib.contextmanager
+def _native_stdout_silenced():
+    """File descriptor 1 to /dev/null: where the TorchScript-based exporter fails (VGG16 at 64 px: an adaptive
+    pooling it cannot translate), its C++ logger prints the whole graph there, whatever `verbose` says."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _onnx_inputs(count: int) -> list[str]:
