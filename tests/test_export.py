@@ -124,23 +124,31 @@ def test_torchscript_and_onnx_give_the_checkpoint_models_probabilities(experimen
     np.testing.assert_allclose(onnx, expected, atol=1e-4, rtol=0)
 
 
+def _raise_after_a_graph_dump(path: str) -> None:
+    os.write(1, b"Torch IR graph at exception: graph(...)\n")  # as PyTorch's C++ logger does on fd 1
+    raise RuntimeError("Unsupported: ONNX export of operator adaptive_avg_pool2d")
+
+
+def _write_an_unreadable_file(path: str) -> None:
+    Path(path).write_bytes(b"not an ONNX graph")
+
+
+@pytest.mark.parametrize("failure", [_raise_after_a_graph_dump, _write_an_unreadable_file])
 def test_onnx_falls_back_to_the_torch_export_exporter_where_the_torchscript_one_fails(
-    experiment, exported, checkpoint_model, tmp_path, monkeypatch, capfd
+    experiment, exported, checkpoint_model, tmp_path, monkeypatch, capfd, failure
 ):
     results, outcome = experiment
     assert json.loads((exported[0] / "model.json").read_text())["onnx_exporter"] == "torchscript"
     export = torch.onnx.export
 
-    def failing_torchscript_exporter(*args, dynamo, **kwargs):
-        if not dynamo:  # as PyTorch's does on a graph it cannot translate: its C++ logger dumps it to fd 1
-            os.write(1, b"Torch IR graph at exception: graph(...)\n")
-            raise RuntimeError("Unsupported: ONNX export of operator adaptive_avg_pool2d")
-        return export(*args, dynamo=dynamo, **kwargs)
+    def failing_torchscript_exporter(model, args, f, *, dynamo, **kwargs):
+        return failure(f) if not dynamo else export(model, args, f, dynamo=dynamo, **kwargs)
 
     monkeypatch.setattr(torch.onnx, "export", failing_torchscript_exporter)
     capfd.readouterr()
     model = export_model(Experiment.open(results, "tiny").best(), tmp_path / "model")
-    assert "Torch IR graph" not in capfd.readouterr().out
+    os.write(1, b"stdout is back\n")
+    assert capfd.readouterr().out == "stdout is back\n"
     assert json.loads((model / "model.json").read_text())["onnx_exporter"] == "torch.export"
     _, network, cfg, _ = checkpoint_model
     crops = test_crops(_val_images(outcome), cfg.input_size).flatten(0, 1)

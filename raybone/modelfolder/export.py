@@ -187,51 +187,64 @@ def _save_torchscript(model: nn.Module, inputs: tuple, path: Path) -> None:
 
 
 def _save_onnx(model: nn.Module, inputs: tuple, path: Path) -> str:
-    """Write model.onnx and check it against PyTorch on all 24 crops; returns the exporter that wrote it."""
-    import onnxruntime
+    """Write model.onnx, checked against PyTorch on all 24 crops; returns the exporter that wrote it.
 
-    names = _onnx_inputs(len(inputs))
+    PyTorch's TorchScript-based exporter goes first: it writes GoogLeNet in under a second where the
+    torch.export-based one takes 7-9 s on 2 cores (most of `best --export`), and onnxruntime runs both graphs
+    equally fast. It is deprecated upstream and will be removed, so where it is gone, fails, or writes a file that
+    does not pass the check, the durable exporter writes the file instead.
+    """
+    feeds = dict(zip(_onnx_inputs(len(inputs)), inputs))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        exporter = _export_onnx(model, tuple(x[:6] for x in inputs), path, names)
         expected = _softmax(model(*inputs))
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (logits,) = session.run([ONNX_OUTPUT], {name: x.numpy() for name, x in zip(names, inputs)})
-    _check_agreement("ONNX", expected, _softmax(torch.from_numpy(logits)))
-    return exporter
-
-
-def _export_onnx(model: nn.Module, sample: tuple, path: Path, names: list[str]) -> str:
-    """PyTorch's TorchScript-based exporter where it still works, else the torch.export-based one; returns which.
-
-    The first writes GoogLeNet in under a second where the second takes 7-9 s on 2 cores (most of `best
-    --export`), and onnxruntime runs both graphs equally fast. It is deprecated upstream and will be removed, so a
-    torch without it, or a network it cannot translate, gets the durable exporter; either file is then checked.
-    """
-    named = {"input_names": names, "output_names": [ONNX_OUTPUT]}
-    try:
-        axes = {name: {0: "batch"} for name in (*names, ONNX_OUTPUT)}
-        with _native_stdout_silenced():
-            torch.onnx.export(model, sample, str(path), **named, dynamic_axes=axes, dynamo=False)
-        return "torchscript"
-    except Exception:  # whatever stops the deprecated path, the durable one below may still export the network
-        path.unlink(missing_ok=True)
-    batch = torch.export.Dim("batch")
-    shapes = tuple({0: batch} for _ in sample)
-    try:
-        torch.onnx.export(
-            model, sample, str(path), **named, dynamic_shapes=shapes, dynamo=True, external_data=False, verbose=False
-        )
-    except Exception as err:
-        raise RayboneError(f"ONNX export failed: {type(err).__name__}: {one_line(err)}") from err
+        try:
+            _export_onnx(model, feeds, path, dynamo=False)
+            _check_onnx(path, feeds, expected)
+            return "torchscript"
+        except Exception as err:  # whatever stops the deprecated path, the durable one may still export the network
+            first = f"{type(err).__name__}: {one_line(err)}"
+        try:
+            _export_onnx(model, feeds, path, dynamo=True)
+        except Exception as err:
+            raise RayboneError(
+                f"ONNX export failed: {type(err).__name__}: {one_line(err)} "
+                f"(and before it, with the TorchScript-based exporter: {first})"
+            ) from err
+        _check_onnx(path, feeds, expected)
     return "torch.export"
+
+
+def _export_onnx(model: nn.Module, feeds: dict[str, torch.Tensor], path: Path, dynamo: bool) -> None:
+    """Export with one of PyTorch's two exporters, traced on one image's six crops; the batch axis stays free."""
+    sample = tuple(x[:6] for x in feeds.values())
+    io_names = {"input_names": list(feeds), "output_names": [ONNX_OUTPUT]}
+    if dynamo:
+        batch = torch.export.Dim("batch")
+        shapes = tuple({0: batch} for _ in sample)
+        torch.onnx.export(
+            model, sample, str(path), **io_names, dynamic_shapes=shapes, dynamo=True, external_data=False, verbose=False
+        )
+        return
+    axes = {name: {0: "batch"} for name in (*feeds, ONNX_OUTPUT)}
+    with _native_stdout_silenced():
+        torch.onnx.export(model, sample, str(path), **io_names, dynamic_axes=axes, dynamo=False)
+
+
+def _check_onnx(path: Path, feeds: dict[str, torch.Tensor], expected: np.ndarray) -> None:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run([ONNX_OUTPUT], {name: x.numpy() for name, x in feeds.items()})
+    _check_agreement("ONNX", expected, _softmax(torch.from_numpy(logits)))
 
 
 @contextlib.contextmanager
 def _native_stdout_silenced():
     """File descriptor 1 to /dev/null: where the TorchScript-based exporter fails (VGG16 at 64 px: an adaptive
     pooling it cannot translate), its C++ logger prints the whole graph there, whatever `verbose` says."""
-    sys.stdout.flush()
+    if sys.stdout:  # None under pythonw and some service runners
+        sys.stdout.flush()
     saved = os.dup(1)
     try:
         with open(os.devnull, "wb") as devnull:
