@@ -26,13 +26,13 @@ from raybone.core.model import create_model, parameter_groups
 from raybone.data.phantom import render_hand
 from raybone.spec import TrainConfig
 
+CUDA_GRAPHS = "bf16_channels_last_cuda_graphs"
 MODES = {
     "fp32": {"amp": False, "channels_last": False},
     "bf16_channels_last": {"amp": True, "channels_last": True},
     # GoogLeNet at batch 32 waits on kernel launches (issue 18): CUDA graphs replay the network's in one call.
-    "bf16_channels_last_cuda_graphs": {"amp": True, "channels_last": True, "compile": "reduce-overhead"},
+    CUDA_GRAPHS: {"amp": True, "channels_last": True, "compile": "reduce-overhead"},
 }
-CUDA_GRAPHS = "bf16_channels_last_cuda_graphs"
 LAUNCH_BOUND = ("googlenet",)  # the networks worth CUDA graphs' minutes of compiling on a lent device's budget
 WARMUP = 5  # steps before timing; torch.compile compiles in the first and records its CUDA graphs in the next
 
