@@ -58,10 +58,16 @@ def checkpoint_model(experiment):
     return row, *load_trained_model(row.checkpoint_path)
 
 
-def _val_images(outcome) -> torch.Tensor:
-    environment = json.loads((outcome.path / "environment.json").read_text())
+@pytest.fixture(scope="module")
+def val_crops(experiment, checkpoint_model):
+    """30 test-time crops of five validation images (not the traced batch of 6) and the checkpoint's
+    probabilities for them: what every exported graph must reproduce."""
+    environment = json.loads((experiment[1].path / "environment.json").read_text())
     data = load_prepared(environment["data_path"])
-    return torch.from_numpy(data.images[~data.is_train][:5])
+    _, network, cfg, _ = checkpoint_model
+    crops = test_crops(torch.from_numpy(data.images[~data.is_train][:5]), cfg.input_size).flatten(0, 1)
+    with torch.no_grad():
+        return crops, network(crops).softmax(-1).numpy()
 
 
 def test_export_writes_the_whole_folder_and_replaces_the_old_one(exported):
@@ -110,13 +116,10 @@ def test_model_json_describes_model_preprocessing_and_provenance(experiment, exp
     assert meta["preprocessing"]["network_input"]["shape"] == ["batch", 1, 32, 32]
 
 
-def test_torchscript_and_onnx_give_the_checkpoint_models_probabilities(experiment, exported, checkpoint_model):
-    _, outcome = experiment
+def test_torchscript_and_onnx_give_the_checkpoint_models_probabilities(exported, val_crops):
     model, _ = exported
-    _, network, cfg, _ = checkpoint_model
-    crops = test_crops(_val_images(outcome), cfg.input_size).flatten(0, 1)  # 30 crops: not the traced batch of 6
+    crops, expected = val_crops
     with torch.no_grad():
-        expected = network(crops).softmax(-1).numpy()
         traced = torch.jit.load(str(model / "model.ts"))(crops).softmax(-1).numpy()
     onnx = _onnx_probabilities(model, crops)
     assert expected.shape == traced.shape == onnx.shape == (30, 20)
@@ -135,9 +138,8 @@ def _write_an_unreadable_file(path: str) -> None:
 
 @pytest.mark.parametrize("failure", [_raise_after_a_graph_dump, _write_an_unreadable_file])
 def test_onnx_falls_back_to_the_torch_export_exporter_where_the_torchscript_one_fails(
-    experiment, exported, checkpoint_model, tmp_path, monkeypatch, capfd, failure
+    experiment, exported, val_crops, tmp_path, monkeypatch, capfd, failure
 ):
-    results, outcome = experiment
     assert json.loads((exported[0] / "model.json").read_text())["onnx_exporter"] == "torchscript"
     export = torch.onnx.export
 
@@ -146,14 +148,11 @@ def test_onnx_falls_back_to_the_torch_export_exporter_where_the_torchscript_one_
 
     monkeypatch.setattr(torch.onnx, "export", failing_torchscript_exporter)
     capfd.readouterr()
-    model = export_model(Experiment.open(results, "tiny").best(), tmp_path / "model")
+    model = export_model(Experiment.open(experiment[0], "tiny").best(), tmp_path / "model")
     os.write(1, b"stdout is back\n")
     assert capfd.readouterr().out == "stdout is back\n"
     assert json.loads((model / "model.json").read_text())["onnx_exporter"] == "torch.export"
-    _, network, cfg, _ = checkpoint_model
-    crops = test_crops(_val_images(outcome), cfg.input_size).flatten(0, 1)
-    with torch.no_grad():
-        expected = network(crops).softmax(-1).numpy()
+    crops, expected = val_crops
     np.testing.assert_allclose(_onnx_probabilities(model, crops), expected, atol=1e-4, rtol=0)
 
 

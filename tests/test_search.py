@@ -4,43 +4,20 @@ import io
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-import ray
 from conftest import QUICK, TINY
 from rich.console import Console
 
 from raybone.errors import RayboneError, SpecError
 from raybone.spec import load_spec
-from raybone.tuning.cluster import concurrent_trials, start_local_ray
+from raybone.tuning.cluster import concurrent_trials
 from raybone.tuning.progress import TrialProgress
 from raybone.tuning.run import run_search
 from raybone.tuning.trial import trial_seed
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cluster_after_leaked_placement_groups(request):
-    """Ray Tune can leave a trial's placement group behind when a run ends (CI saw two after the ASHA test, holding
-    both CPUs of the module's cluster: the next three tests hung for 20 minutes each). A test that leaves any is
-    followed by a fresh cluster. A `raybone search` is a process of its own, so a user never inherits one."""
-    yield
-    if "local_ray" in request.fixturenames and ray.is_initialized() and _placement_groups_left():
-        ray.shutdown()
-        start_local_ray(num_cpus=2)
-
-
-def _placement_groups_left(grace_s: float = 30) -> list[dict]:
-    """Placement groups not removed within `grace_s` (Train's cleaner releases a finished run's in seconds)."""
-    deadline = time.monotonic() + grace_s
-    while True:
-        left = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(1)
 
 
 @pytest.fixture(scope="module")
