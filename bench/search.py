@@ -16,6 +16,8 @@ readout, no trial longer than B = 1000 iterations, validation every 125), four s
             validations (250 iterations), synchronous (every trial waits for the rest at each interval). With
             two trials at a time Tune runs these 4 as two populations of 2, one after the other (it creates a
             trial only when a live one ends, and a paused one is live; found here, `raybone search` now warns).
+            Only the first group exploits: Ray's synchronous PBT keeps one clock, which the first group moves to
+            B, so the second pauses at every validation and never exploits (found after all 3 seeds had run).
 Two trials train at once (1-CPU workers). Compute is counted in trial-iterations, from each trial's reports
 (history.parquet) in time order (Tune's timestamps, to the second): a report counts the iterations its trial
 trained since its previous report in the same run, or since the checkpoint the run started from (a resume, a

@@ -446,7 +446,10 @@ def test_a_pbt_population_larger_than_the_trials_at_once_is_called_out():
 
     spec = load_spec(QUICK, ["scheduler.type=pbt", "num_samples=5"])
     assert population_warning(spec, 5) is None
-    assert "trains as 3 groups of up to 2, one after another" in population_warning(spec, 2)
+    warning = population_warning(spec, 2)
+    assert "trains as 3 groups of up to 2, one after another; each exploiting only within itself" in warning
+    synchronous = load_spec(QUICK, ["scheduler.type=pbt", "scheduler.synchronous=true", "num_samples=4"])
+    assert "2 groups of up to 2, one after another; only the first exploits" in population_warning(synchronous, 2)
     assert population_warning(load_spec(QUICK, ["num_samples=5"]), 2) is None  # ASHA starts trials as others end
 
 

@@ -46,14 +46,22 @@ def pbt_scheduler(spec: Spec) -> PopulationBasedTraining:
 def population_warning(spec: Spec, max_concurrent: int) -> str | None:
     """What a user must know when the population is larger than the trials that train at once: Tune creates a
     trial only when a live one ends, and a paused PBT trial is live, so the population trains in groups, one after
-    another, each exploiting only within itself."""
+    another. Asynchronous PBT ranks live trials only, so each group exploits within itself. Synchronous PBT keeps
+    one clock for the whole population, which the first group has moved on: a later group pauses at every validation
+    (a Train restart each) and exploits nothing until it catches up (the search benchmark's second group never did)."""
     if spec.scheduler.type != "pbt" or spec.num_samples <= max_concurrent:
         return None
     groups = -(-spec.num_samples // max_concurrent)
+    within = (
+        "only the first exploits: the later ones pause at every validation and exploit nothing until they reach the "
+        "iteration where the first stopped (synchronous PBT keeps one clock)"
+        if spec.scheduler.synchronous
+        else "each exploiting only within itself"
+    )
     return (
         f"PBT with num_samples {spec.num_samples} but {max_concurrent} trials at a time: the population trains as "
-        f"{groups} groups of up to {max_concurrent}, one after another, each exploiting only within itself. For one "
-        f"population set num_samples to {max_concurrent}, or give the cluster room for {spec.num_samples} trials."
+        f"{groups} groups of up to {max_concurrent}, one after another; {within}. For one population set "
+        f"num_samples to {max_concurrent}, or give the cluster room for {spec.num_samples} trials."
     )
 
 
