@@ -176,7 +176,7 @@ def _name(arm: str, tag: str, seed: int) -> str:
 class _Records:
     """One JSON per finished arm-seed under <--out>/search-runs (the machine, date and command with it): a later
     session adds seeds and arms to them, where a working folder does not outlive its machine. A record of other
-    settings (regime, space, arms, data) is not used."""
+    settings (regime, space, data, or its own arm's plan) is not used; another arm added or changed keeps it."""
 
     def __init__(self, args, settings: dict):
         self._args = argparse.Namespace(**{**vars(args), "out": args.out / "search-runs"})
@@ -188,7 +188,13 @@ class _Records:
     def read(self, name: str) -> dict | None:
         path = self.path(name)
         record = json.loads(path.read_text()) if path.is_file() else None
-        return record if record and record["settings"] == self._settings else None
+        return record if record and self._same_settings(record) else None
+
+    def _same_settings(self, record: dict) -> bool:
+        theirs, mine = record["settings"], self._settings
+        common = [key for key in mine if key != "plans"]
+        same_arm = theirs["plans"].get(record["arm"]) == mine["plans"].get(record["arm"])
+        return same_arm and [theirs.get(key) for key in common] == [mine[key] for key in common]
 
     def every(self, pattern: str) -> dict[tuple[str, int], dict]:
         """(arm, seed) -> record, for every record of these settings matching the glob `pattern`."""
