@@ -191,10 +191,11 @@ class _Records:
         return record if record and self._same_settings(record) else None
 
     def _same_settings(self, record: dict) -> bool:
-        theirs, mine = record["settings"], self._settings
-        common = [key for key in mine if key != "plans"]
-        same_arm = theirs["plans"].get(record["arm"]) == mine["plans"].get(record["arm"])
-        return same_arm and [theirs.get(key) for key in common] == [mine[key] for key in common]
+        theirs, mine = (
+            {**settings, "plans": settings["plans"].get(record["arm"])}
+            for settings in (record["settings"], self._settings)
+        )
+        return theirs == mine
 
     def every(self, pattern: str) -> dict[tuple[str, int], dict]:
         """(arm, seed) -> record, for every record of these settings matching the glob `pattern`."""
