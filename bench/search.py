@@ -2,7 +2,7 @@
 
 On ../shared/data/rsna-100, with bench/quality.py's held-out 20 % test split (no arm trains or selects on it) and
 its learned CPU regime (GoogLeNet from scratch, 64 of 73 px, batch 32, weight averaging 0.99, expected-age
-readout, no trial longer than B = 1000 iterations, validation every 125), four searches of quality.py's space
+readout, no trial longer than B = 1000 iterations, validation every 125), five searches of quality.py's space
 (lr, decay steps, L2 weight, weight decay, sex input) run at `--seeds` experiment seeds each:
   asha-tpe  TPE + ASHA, one rung at 3B/4 (reduction factor 3), 6 trials: raybone's default in this regime
             (quality.py: the averaged curves say nothing before about 0.6B);
@@ -18,6 +18,8 @@ readout, no trial longer than B = 1000 iterations, validation every 125), four s
             trial only when a live one ends, and a paused one is live; found here, `raybone search` now warns).
             Only the first group exploits: Ray's synchronous PBT keeps one clock, which the first group moves to
             B, so the second pauses at every validation and never exploits (found after all 3 seeds had run).
+  pbt-pair  the same PBT with a population of the 2 trials that train at once: one group, which exploits
+            (added after the defect above, to measure a PBT that works as meant).
 Two trials train at once (1-CPU workers). Compute is counted in trial-iterations, from each trial's reports
 (history.parquet) in time order (Tune's timestamps, to the second): a report counts the iterations its trial
 trained since its previous report in the same run, or since the checkpoint the run started from (a resume, a
@@ -37,7 +39,8 @@ committed), and a seed recorded there is not run again: `--arms` / `--seeds` run
 machine) the rest, and the figures cover every recorded arm-seed of these settings. `--work DIR` keeps the
 prepared data and resumes an arm-seed interrupted on this machine.
 
-    python bench/search.py --work DIR [--arms asha-tpe,random,top-k,pbt] [--seeds 3] [--quick] [--device cpu|cuda]
+    python bench/search.py --work DIR [--arms asha-tpe,random,top-k,pbt,pbt-pair] [--seeds 3] [--quick]
+        [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -71,11 +74,13 @@ from raybone.tuning.cluster import start_local_ray
 TOLERANCE = 1.05
 GOAL = 1 / 3  # the recommended arm's trial-iterations to the target over random search's
 EPOCH = 250  # iterations: 8,142 training images at batch 32 are 254 steps, rounded to the validation cadence
+PAIR = 2  # the trials that train at once here (1-CPU workers on 2 cores): one PBT population, no later groups
 
 
 def arms(iterations: int, eval_every: int, trials: int = 8) -> dict[str, dict]:
     """Each arm's trials, sampler and scheduler (the top-k rung and PBT's interval on the validation cadence):
-    `trials` for top-k, which keeps a quarter of them, 3/4 of that for asha-tpe and random, half for PBT."""
+    `trials` for top-k, which keeps a quarter of them, 3/4 of that for asha-tpe and random, half for PBT, and a
+    PBT population of the trials that train at once (pbt-pair)."""
     epoch = min(max(eval_every, round(EPOCH / eval_every) * eval_every), iterations - eval_every)
     population = trials // 2
     return {
@@ -95,21 +100,27 @@ def arms(iterations: int, eval_every: int, trials: int = 8) -> dict[str, dict]:
                 "reduction_factor": max(4, math.ceil(iterations / epoch) + 0.01),
             },
         },
-        "pbt": {  # one trial in the bottom quantile
-            "samples": population,
-            "scheduler": {
-                "type": "pbt",
-                "perturbation_interval": 2 * eval_every,
-                "quantile_fraction": 1 / population,
-                "synchronous": True,  # asynchronous, the worst trial may never copy the best (see the README)
-            },
+        "pbt": _pbt(population, eval_every),
+        "pbt-pair": _pbt(PAIR, eval_every),
+    }
+
+
+def _pbt(population: int, eval_every: int) -> dict:
+    """Synchronous PBT with one trial in the bottom quantile, exploiting every two validations."""
+    return {
+        "samples": population,
+        "scheduler": {
+            "type": "pbt",
+            "perturbation_interval": 2 * eval_every,
+            "quantile_fraction": 1 / population,
+            "synchronous": True,  # asynchronous, the worst trial may never copy the best (see the README)
         },
     }
 
 
 def _options(parser) -> None:
     parser.add_argument("--work", required=True, help="working folder: its prepared data and finished arms are kept")
-    parser.add_argument("--arms", default="asha-tpe,random,top-k,pbt", help="comma-separated arms to run")
+    parser.add_argument("--arms", default="asha-tpe,random,top-k,pbt,pbt-pair", help="comma-separated arms to run")
     parser.add_argument("--seeds", type=int, default=3, help="experiment seeds per arm (0, 1, ...)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
 
