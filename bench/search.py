@@ -30,10 +30,11 @@ of the best validation RMSE any learned search found, and per arm the median (an
 trial-iterations its running best needed to reach it ("never" counts as all it spent). Goal: the recommended
 arm (asha-tpe) needs <= 1/3 of random search's trial-iterations, both learned.
 
-About 19,000 trial-iterations per seed, 2 hours on 2 cores (seed 0: asha-tpe 23, random 30, top-k 23 and PBT 50
-minutes, about 0.29 s of wall time per trial-iteration with two trials at once; PBT also pays a Train restart
-at each pause), so 6 hours for 3 seeds, more than a session; on an Intel Xeon VM, seeds 1 and 2 took about twice as long
-(asha-tpe 45 and 45, random 60 and 52, top-k 60 and 61 minutes), except PBT (40 and 41 minutes).
+About 19,000 trial-iterations per seed for the first four arms, 2 hours on 2 cores (seed 0: asha-tpe 23,
+random 30, top-k 23 and PBT 50 minutes, about 0.29 s of wall time per trial-iteration with two trials at once;
+PBT also pays a Train restart at each pause), so 6 hours for 3 seeds, more than a session; on an Intel Xeon VM,
+seeds 1 and 2 took about twice as long (asha-tpe 45 and 45, random 60 and 52, top-k 60 and 61 minutes), except
+PBT (40 and 41 minutes); pbt-pair's 2,000 trial-iterations per seed took 21, 20 and 23 minutes there.
 Each arm-seed, once finished and scored, is recorded in <--out>/search-runs/ (bench/results/search-runs/,
 committed), and a seed recorded there is not run again: `--arms` / `--seeds` run a part, a later session (a fresh
 machine) the rest, and the figures cover every recorded arm-seed of these settings. `--work DIR` keeps the
