@@ -34,7 +34,7 @@ About 19,000 trial-iterations per seed for the first four arms, 2 hours on 2 cor
 random 30, top-k 23 and PBT 50 minutes, about 0.29 s of wall time per trial-iteration with two trials at once;
 PBT also pays a Train restart at each pause), so 6 hours for 3 seeds, more than a session; on an Intel Xeon VM,
 seeds 1 and 2 took about twice as long (asha-tpe 45 and 45, random 60 and 52, top-k 60 and 61 minutes), except
-PBT (40 and 41 minutes); pbt-pair's 2,000 trial-iterations per seed took 21, 20 and 23 minutes there.
+PBT (40 and 41 minutes); pbt-pair's 2,000 trial-iterations per seed took 21, 20 and 24 minutes there.
 Each arm-seed, once finished and scored, is recorded in <--out>/search-runs/ (bench/results/search-runs/,
 committed), and a seed recorded there is not run again: `--arms` / `--seeds` run a part, a later session (a fresh
 machine) the rest, and the figures cover every recorded arm-seed of these settings. `--work DIR` keeps the
@@ -75,7 +75,7 @@ from raybone.tuning.cluster import start_local_ray
 TOLERANCE = 1.05
 GOAL = 1 / 3  # the recommended arm's trial-iterations to the target over random search's
 EPOCH = 250  # iterations: 8,142 training images at batch 32 are 254 steps, rounded to the validation cadence
-PAIR = 2  # the trials that train at once here (1-CPU workers on 2 cores): one PBT population, no later groups
+PAIR = 2  # the trials that train at once (quality.spec_file's resources): one PBT population, no later groups
 
 
 def arms(iterations: int, eval_every: int, trials: int = 8) -> dict[str, dict]:
