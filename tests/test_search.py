@@ -390,9 +390,10 @@ def test_a_trial_relays_every_report_even_when_its_run_ends_the_moment_it_report
 
 # A trial stuck at its first weights and one that learns: asynchronous PBT compares a trial at its own interval with
 # the others' last scores, so only a population whose order holds is sure to exploit (here at iteration 8 or 12).
+# The learning one's weight decay sits at the space's upper bound, where a copy perturbed by 1.2 must be clipped.
 _STUCK_AND_LEARNING = (
     "start_from=[{lr: 1.0e-5, decay_steps: 60, l2_weight: 0.1, weight_decay: 0.01},"
-    " {lr: 3.0e-3, decay_steps: 60, l2_weight: 0.1, weight_decay: 0.01}]"
+    " {lr: 3.0e-3, decay_steps: 60, l2_weight: 0.1, weight_decay: 0.3}]"
 )
 
 
@@ -439,6 +440,19 @@ def test_pbt_continues_a_perturbed_trial_from_its_donors_iteration_and_weights(l
     assert (lineage.exploited_from != lineage.trial_id).all()
     for trial, reports in history.groupby("trial_id"):  # no report lost where a trial paused and restarted
         assert set(range(2, iterations + 1, 2)) <= set(reports.iteration), trial
+    for row in outcome.trials.to_dict("records"):  # what trained is what trials.parquet records, in the space
+        trained = read_checkpoint(row["checkpoint_path"])["config"]
+        for name, param in spec.searched().items():
+            assert row[name] == trained[name] and param.low <= row[name] <= param.high, (name, row[name])
+
+
+def test_a_perturbed_pbt_configuration_is_clipped_into_the_searched_ranges():
+    from raybone.tuning.pbt import within_space
+
+    spec = load_spec(QUICK, ["scheduler.type=pbt"])
+    perturbed = {"trial_index": 1, "lr": 3.6e-3, "decay_steps": 29.4, "l2_weight": 0.5, "weight_decay": 0.36}
+    clipped = {"trial_index": 1, "lr": 3.0e-3, "decay_steps": 30, "l2_weight": 0.5, "weight_decay": 0.3}
+    assert within_space(perturbed, spec) == clipped
 
 
 def test_a_pbt_population_larger_than_the_trials_at_once_is_called_out():

@@ -9,6 +9,8 @@ searcher would use.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import ray.tune
 from ray.tune.schedulers import PopulationBasedTraining
@@ -40,6 +42,7 @@ def pbt_scheduler(spec: Spec) -> PopulationBasedTraining:
         quantile_fraction=spec.scheduler.quantile_fraction,
         resample_probability=spec.scheduler.resample_probability,
         synch=spec.scheduler.synchronous,
+        custom_explore_fn=functools.partial(within_space, spec=spec),
     )
 
 
@@ -74,7 +77,9 @@ def pbt_space(spec: Spec) -> dict:
 
 
 def within_space(config: dict, spec: Spec) -> dict:
-    """A perturbed configuration clipped back into the searched ranges (PBT multiplies by 0.8 or 1.2)."""
+    """A perturbed configuration clipped back into the searched ranges (PBT multiplies by 0.8 or 1.2). Clipped in
+    Tune's own config, what trains is what the results record, and a value at a bound stays there to be perturbed
+    back in, instead of drifting beyond it unseen."""
     clipped = dict(config)
     for name, param in spec.searched().items():
         if isinstance(param, Range) and name in clipped:
