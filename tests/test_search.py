@@ -441,7 +441,9 @@ def test_pbt_continues_a_perturbed_trial_from_its_donors_iteration_and_weights(l
     for trial, reports in history.groupby("trial_id"):  # no report lost where a trial paused and restarted
         assert set(range(2, iterations + 1, 2)) <= set(reports.iteration), trial
     for row in outcome.trials.to_dict("records"):  # what trained is what trials.parquet records, in the space
-        trained = read_checkpoint(row["checkpoint_path"])["config"]
+        # A run restarted after its last iteration reports again without a checkpoint: its latest one trained it.
+        saved = history[(history.trial_id == row["trial_id"]) & history.checkpoint_path.notna()]
+        trained = read_checkpoint(saved.sort_values("iteration").checkpoint_path.iloc[-1])["config"]
         for name, param in spec.searched().items():
             assert row[name] == trained[name] and param.low <= row[name] <= param.high, (name, row[name])
 
@@ -453,6 +455,18 @@ def test_a_perturbed_pbt_configuration_is_clipped_into_the_searched_ranges():
     perturbed = {"trial_index": 1, "lr": 3.6e-3, "decay_steps": 29.4, "l2_weight": 0.5, "weight_decay": 0.36}
     clipped = {"trial_index": 1, "lr": 3.0e-3, "decay_steps": 30, "l2_weight": 0.5, "weight_decay": 0.3}
     assert within_space(perturbed, spec) == clipped
+
+
+def test_pbt_shifts_a_searched_choice_to_a_neighbouring_choice_and_perturbs_a_range():
+    from ray.tune.search.sample import Domain
+
+    from raybone.tuning.pbt import mutations
+
+    spec = load_spec(QUICK, ["scheduler.type=pbt", "weight_decay={choices: [0.0, 0.01, 0.1]}"])
+    found = mutations(spec)
+    assert found["weight_decay"] == [0.0, 0.01, 0.1]  # a list: Ray moves to a neighbour, never multiplies off it
+    assert set(found) == {"lr", "l2_weight", "weight_decay"} and isinstance(found["lr"], Domain)
+    assert (found["lr"].lower, found["lr"].upper) == (1.0e-4, 3.0e-3)
 
 
 def test_a_pbt_population_larger_than_the_trials_at_once_is_called_out():

@@ -33,12 +33,11 @@ class _Population(PopulationBasedTraining):
 
 
 def pbt_scheduler(spec: Spec) -> PopulationBasedTraining:
-    searched = spec.searched()
     return _Population(
         spec.iterations,
         time_attr="iteration",
         perturbation_interval=spec.scheduler.perturbation_interval or spec.train_config({}).eval_every,
-        hyperparam_mutations={name: _tune_domain(searched[name]) for name in PERTURBED if name in searched},
+        hyperparam_mutations=mutations(spec),
         quantile_fraction=spec.scheduler.quantile_fraction,
         resample_probability=spec.scheduler.resample_probability,
         synch=spec.scheduler.synchronous,
@@ -102,9 +101,16 @@ def _draw(spec: Spec, config, name: str, param: Range | Choice):
     return round(value) if param.distribution in ("int", "logint") else value
 
 
+def mutations(spec: Spec) -> dict:
+    """What PBT may perturb: a range as a Tune domain (multiplied by 0.8 or 1.2, then clipped), choices as a list,
+    which Ray shifts to a neighbouring choice (as a domain they too would be multiplied, off the list)."""
+    searched = spec.searched()
+    return {name: _tune_domain(searched[name]) for name in PERTURBED if name in searched}
+
+
 def _tune_domain(param: Range | Choice):
     if isinstance(param, Choice):
-        return ray.tune.choice(param.choices)
+        return list(param.choices)
     if param.distribution == "loguniform":
         return ray.tune.loguniform(param.low, param.high)
     if param.distribution == "uniform":

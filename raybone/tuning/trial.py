@@ -34,6 +34,7 @@ from ray.util.queue import Queue
 
 from raybone.data import PreparedData
 from raybone.spec import Spec
+from raybone.tuning.pbt import within_space
 from raybone.tuning.worker import train_loop_per_worker
 
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # the trial function only waits on its Train run
@@ -89,7 +90,8 @@ def _trainer(
     donor: dict | None = None,
 ) -> TorchTrainer:
     r = spec.resources
-    sampled = {k: v for k, v in config.items() if k != "trial_index"}
+    # PBT clips in Tune's config; this clip is for an experiment started before that, resumed with its old scheduler.
+    sampled = within_space({k: v for k, v in config.items() if k != "trial_index"}, spec)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
