@@ -145,7 +145,7 @@ class Resources(_Strict):
     num_workers: int = Field(1, ge=1)  # Train workers per trial (DDP when > 1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)  # fractions share a GPU between small trials
-    max_failures: int = Field(1, ge=-1)  # worker-group restarts per trial, from its last checkpoint
+    max_failures: int = Field(1, ge=-1)  # restarts of a failed trial, from its last checkpoint (-1: no limit)
     # Trials training at once. Unset: as many as the cluster's present CPUs/GPUs fit. Set it on an
     # autoscaling cluster: trials then wait for the nodes the autoscaler adds.
     max_concurrent_trials: int | None = Field(None, ge=1)

@@ -62,15 +62,16 @@ def local_ray():
 
 @pytest.fixture(autouse=True)
 def _fresh_cluster_after_leaked_placement_groups(request):
-    """Ray Tune can leave a trial's placement group behind when a run ends (CI saw two after the ASHA test, holding
-    both CPUs of the module's cluster: the next three tests hung for 20 minutes each). A test that leaves any is
-    followed by a fresh cluster. A `raybone search` is a process of its own, so a user never inherits one."""
+    """A placement group left behind by a test's search would hold the module's cluster for the tests after it (CI
+    once saw two, after the ASHA test: the next three tests hung for 20 minutes each; the cause, Train restarting the
+    workers of a run Tune had stopped, is gone, see WORKER_RESTARTS in raybone/tuning/trial.py). A test that leaves
+    any is followed by a fresh cluster. A `raybone search` is a process of its own, so a user never inherits one."""
     yield
-    if "local_ray" in request.fixturenames and ray.is_initialized() and _placement_groups_left():
+    if "local_ray" in request.fixturenames and ray.is_initialized() and placement_groups_left():
         request.getfixturevalue("local_ray").restart()
 
 
-def _placement_groups_left(grace_s: float = 30) -> list[dict]:
+def placement_groups_left(grace_s: float = 30) -> list[dict]:
     """Placement groups not removed within `grace_s` (Train's cleaner releases a finished run's in seconds)."""
     deadline = time.monotonic() + grace_s
     while True:

@@ -87,7 +87,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(local_ray, tmp_path):
     history = pd.read_parquet(outcome["run"].path / "history.parquet")
     assert history.iteration.is_unique and history.iteration.is_monotonic_increasing
     first_run, restarted = history[history.resumed_from == 0], history[history.resumed_from > 0]
-    assert len(restarted), "the worker group was never restarted"
-    # The new worker group continued from the last checkpoint the first one reported, not from zero.
+    assert len(restarted), "the trial was never restarted"
+    # The restarted run continued from the last checkpoint the first one reported, not from zero.
     assert restarted.resumed_from.iloc[0] == first_run.iteration.max() >= 20
     assert history.iteration.max() == 400

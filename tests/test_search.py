@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from conftest import QUICK, TINY
+from conftest import QUICK, TINY, placement_groups_left
 from rich.console import Console
 
 from raybone.errors import RayboneError, SpecError
@@ -319,6 +319,8 @@ def test_asha_stops_weak_trials_early(local_ray, tmp_path):
         ],
     )
     outcome = run_search(spec, name="asha", results_dir=tmp_path)
+    # A trial ASHA stops leaves no placement group behind (one once held a CPU: the trials after it never started).
+    assert not placement_groups_left()
     first = outcome.trials.sort_values("trial_index").head(2)  # the recipes ran first, on the real cluster
     assert first[list(spec.searched())].to_dict("records") == spec.start_from
     history = pd.read_parquet(outcome.path / "history.parquet")

@@ -44,6 +44,11 @@ CONTROLLER_POLL_S = 0.25  # how often Train's controller polls its workers (Ray'
 # Train retries a worker group that cannot be placed without end: a trial whose CPUs are held by something else
 # waited silently for ever (a search hung). After this many retries the trial errors with Train's message.
 WORKER_START_RETRIES = 2
+# A lost worker fails the Train run and Tune restarts the trial (resources.max_failures), which resumes the run from
+# its checkpoint. Train's own restart raced every trial Tune stops: Ray marks the stopped trial's Train controller
+# dead and kills its workers while the controller's process still runs, and that controller started a new worker
+# group whose placement group no cleaner knew of: it held a CPU until the search ended (later trials never started).
+WORKER_RESTARTS = 0
 
 
 def trial_seed(experiment_seed: int, trial_index: int) -> int:
@@ -116,10 +121,10 @@ def _trainer(
             storage_path=storage,
             callbacks=callbacks,
             failure_config=ray.train.FailureConfig(
-                max_failures=r.max_failures, controller_failure_limit=WORKER_START_RETRIES
+                max_failures=WORKER_RESTARTS, controller_failure_limit=WORKER_START_RETRIES
             ),
             # The best checkpoints by the search's metric survive the trial's later iterations; Train also keeps
-            # the latest, which a restarted worker group resumes from. Under PBT every one stays: a trial may
+            # the latest, which a restarted trial resumes from. Under PBT every one stays: a trial may
             # exploit another at any report.
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=None if spec.scheduler.type == "pbt" else spec.keep_checkpoints,
