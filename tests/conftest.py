@@ -63,9 +63,10 @@ def local_ray():
 @pytest.fixture(autouse=True)
 def _fresh_cluster_after_leaked_placement_groups(request):
     """A placement group left behind by a test's search would hold the module's cluster for the tests after it (CI
-    once saw two, after the ASHA test: the next three tests hung for 20 minutes each; the cause, Train restarting the
-    workers of a run Tune had stopped, is gone, see WORKER_RESTARTS in raybone/tuning/trial.py). A test that leaves
-    any is followed by a fresh cluster. A `raybone search` is a process of its own, so a user never inherits one."""
+    once saw two, after the ASHA test: the next three tests hung for 20 minutes each; their cause, Train restarting
+    the workers of a run Tune had stopped, is fixed, see WORKER_RESTARTS in raybone/tuning/trial.py; this stays as a
+    safety net). A test that leaves any is followed by a fresh cluster. A `raybone search` is a process of its own,
+    so a user never inherits one."""
     yield
     if "local_ray" in request.fixturenames and ray.is_initialized() and placement_groups_left():
         request.getfixturevalue("local_ray").restart()

@@ -88,6 +88,8 @@ def test_killed_train_worker_resumes_from_its_checkpoint(local_ray, tmp_path):
     assert history.iteration.is_unique and history.iteration.is_monotonic_increasing
     first_run, restarted = history[history.resumed_from == 0], history[history.resumed_from > 0]
     assert len(restarted), "the trial was never restarted"
+    # Tune restarted the trial (Train restarts no workers itself: see WORKER_RESTARTS in raybone/tuning/trial.py).
+    assert "Failure # 1" in (Path(row.trial_path) / "error.txt").read_text()
     # The restarted run continued from the last checkpoint the first one reported, not from zero.
     assert restarted.resumed_from.iloc[0] == first_run.iteration.max() >= 20
     assert history.iteration.max() == 400

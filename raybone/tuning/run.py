@@ -263,7 +263,8 @@ def _run_config(spec: Spec, storage: str, name: str, callbacks: list) -> ray.tun
         name=name,
         storage_path=storage,
         verbose=0,
-        # a trial whose driver's node died is retried; its Train run resumes
+        # a failed trial is retried (its driver's node died, or a Train worker was lost: Train does not restart
+        # workers itself, see WORKER_RESTARTS); its Train run resumes from its checkpoint
         failure_config=ray.tune.FailureConfig(max_failures=spec.resources.max_failures),
         callbacks=callbacks,
     )

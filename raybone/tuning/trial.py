@@ -44,10 +44,12 @@ CONTROLLER_POLL_S = 0.25  # how often Train's controller polls its workers (Ray'
 # Train retries a worker group that cannot be placed without end: a trial whose CPUs are held by something else
 # waited silently for ever (a search hung). After this many retries the trial errors with Train's message.
 WORKER_START_RETRIES = 2
-# A lost worker fails the Train run and Tune restarts the trial (resources.max_failures), which resumes the run from
-# its checkpoint. Train's own restart raced every trial Tune stops: Ray marks the stopped trial's Train controller
-# dead and kills its workers while the controller's process still runs, and that controller started a new worker
-# group whose placement group no cleaner knew of: it held a CPU until the search ended (later trials never started).
+# A lost or preempted worker fails the Train run; Tune restarts the trial (resources.max_failures), which resumes the
+# run from its checkpoint. Train's own restart could race any trial Tune stops (ASHA, PBT): Ray marks the stopped
+# trial's Train controller dead and kills its workers while the controller's process still runs; that controller
+# then started a new worker group after Train's placement-group cleaner had cleaned up and exited, so the new
+# group's placement group held its CPUs until the search ended and later trials could not be placed. (A trial
+# stopped while its workers start could still retry the start; schedulers stop trials only after a report.)
 WORKER_RESTARTS = 0
 
 
@@ -121,7 +123,9 @@ def _trainer(
             storage_path=storage,
             callbacks=callbacks,
             failure_config=ray.train.FailureConfig(
-                max_failures=WORKER_RESTARTS, controller_failure_limit=WORKER_START_RETRIES
+                max_failures=WORKER_RESTARTS,
+                max_preemption_failures=WORKER_RESTARTS,
+                controller_failure_limit=WORKER_START_RETRIES,
             ),
             # The best checkpoints by the search's metric survive the trial's later iterations; Train also keeps
             # the latest, which a restarted trial resumes from. Under PBT every one stays: a trial may

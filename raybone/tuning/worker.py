@@ -163,7 +163,7 @@ def _evaluated(model: nn.Module, average: AveragedModel | None) -> nn.Module:
 def _restore(
     model: nn.Module, average: AveragedModel | None, optimizer, schedule, cfg: TrainConfig, start: str | None
 ) -> tuple[int, dict, str | None]:
-    """Continue from the run's latest checkpoint (worker restart, resumed search), else from `start` (a PBT trial
+    """Continue from the run's latest checkpoint (a restarted trial, a resumed search), else from `start` (a PBT trial
     exploiting another), else at 0. Returns the iteration, its metrics and the checkpoint's path."""
     checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint(start) if start else None)
     if checkpoint is None:
