@@ -67,8 +67,8 @@ class TrainConfig(_Strict):
     contrast: float = Field(0.0, ge=0, lt=1)  # random brightness, contrast and gamma within +-contrast
     class_balance: Literal["none", "sampling", "loss"] = "none"  # rare years drawn or weighted more
     readout: Literal["argmax", "expected"] = "argmax"  # which age val_rmse / val_mae score
-    amp: bool = True  # bf16 autocast on GPUs that support it
-    channels_last: bool = True  # NHWC on GPU: faster convolutions on tensor cores
+    amp: bool = True  # bf16 autocast on GPUs that support it; on CPUs with bf16 instructions, for training steps only
+    channels_last: bool = True  # NHWC: faster convolutions on tensor cores, and with oneDNN on CPUs
     compile: bool = False  # torch.compile the model (minutes of compile time per trial)
     # Exponential moving average of the weights, validated, checkpointed and exported in their place: each step
     # the average moves (1 - ema) of the way to the new weights. 0 = off.

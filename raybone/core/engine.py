@@ -27,7 +27,7 @@ def train_step(
     """One optimizer step; returns the loss as a device tensor so the GPU never waits for the host."""
     train_mode(model)
     x = _layout(train_augment(images, cfg.input_size, cfg.contrast), cfg.channels_last)
-    with _autocast(cfg.amp, images.device):
+    with _autocast(cfg.amp, images.device, training=True):
         loss = loss_fn(_forward(model, x, sex).float(), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -123,12 +123,22 @@ def _forward(model: nn.Module, x: torch.Tensor, sex: torch.Tensor | None) -> tor
     return model(x) if sex is None else model(x, sex)
 
 
-def _autocast(amp: bool, device: torch.device):
-    bf16 = amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
+def _autocast(amp: bool, device: torch.device, *, training: bool = False):
+    """bf16 autocast on a GPU that supports it, and for training steps on a CPU with bf16 instructions (1.5x the
+    steps per second on 2 AVX-512 cores, bench/cpu.py). CPU inference stays fp32: a model validated on a CPU scores
+    exactly what its export (and its fp32 ONNX copy) predicts there."""
+    if device.type == "cuda":
+        bf16 = amp and torch.cuda.is_bf16_supported()
+    else:
+        bf16 = amp and training and device.type == "cpu" and cpu_has_bf16()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this x86 CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX); elsewhere bf16 is emulated, slower."""
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
 def _layout(batch: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    if batch.device.type == "cuda" and channels_last:
-        return batch.contiguous(memory_format=torch.channels_last)
-    return batch
+    return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch

@@ -138,7 +138,7 @@ def _device(threads: int) -> torch.device:
 
 
 def _prepare_model(model: nn.Module, cfg: TrainConfig, device) -> nn.Module:
-    if device.type == "cuda" and cfg.channels_last:
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # moves to the device; DDP when there are several workers
     return torch.compile(model) if cfg.compile else model
