@@ -2,7 +2,8 @@
 
 On ../shared/data/rsna-100 (11,310 RSNA hands at 100 px) a stratified 20 % test set is held out first; no arm
 ever trains or selects on it. In the regime where the recipe learns on a CPU (bench/regime.py: GoogLeNet from
-scratch, 64 px crops of the images warped to 73 px, batch 32) four models are built:
+scratch, 88 px crops of the 100 px images, batch 32, B = 1500 iterations, where it first reached 2.0 y, in 9 minutes
+on 2 cores with bf16 training steps) four models are built:
   (a) recipe: the paper's recipe (lr 1e-4 halved every 500 iterations, L2CE weight 1) as one trial of B iterations;
   (b) search: a raybone search (TPE + ASHA, 5 trials, one rung at 3B/4) of about 4B trial-iterations, no trial
       longer than B, started from the recipe (start_from), over lr, decay step, L2 weight, weight decay and sex
@@ -18,8 +19,9 @@ With averaging the validation curve falls steadily, but only from about 0.6B: be
 scores as the median predictor, so an earlier rung would compare nothing.
 Each is exported as a model folder and scored once on the test set with six-crop averaging, beside the median
 predictor (always the training split's median class). Goals: (b) beats (a) by >= 0.10 y test RMSE, (c) by
->= 0.20 y. `--device cuda` runs the same arms at 88 of 100 px with B = 2000 (the recipe reached 1.88 y there
-on 2 cores in 30 minutes; an estimated 10-15 minutes of an H100/H200 for all the arms).
+>= 0.20 y. `--device cuda` runs the same arms with B = 2000 (an estimated 10-15 minutes of an H100/H200 for all
+the arms). Until 2026-12-06 the CPU regime was 64 of 73 px with B = 1000 in fp32 (bench/results/quality.json of
+2026-12-02): at 88 px the recipe needed 30 minutes per 2,000 iterations then.
 
     python bench/quality.py [--recipe-iterations B] [--trials 5] [--work DIR] [--quick] [--device cpu|cuda]
 """
@@ -59,9 +61,9 @@ PAPER = {
     "weight_decay": 0.1,
     "readout": "argmax",
 }
-# Where the recipe learns (bench/regime.py): on 2 cores 64 of 73 px, val RMSE 2.28 y at 1,000 iterations in 9 min.
+# Where the recipe learns (bench/regime.py): on 2 cores 88 of 100 px, val RMSE 1.99 y at 1,500 iterations in 9 min.
 REGIMES = {
-    "cpu": {"input_size": 64, "resize_to": 73, "iterations": 1000, "eval_every": 125},
+    "cpu": {"input_size": 88, "resize_to": 100, "iterations": 1500, "eval_every": 250},
     "cuda": {"input_size": 88, "resize_to": 100, "iterations": 2000, "eval_every": 250},
 }
 # The recipe sits inside every range, not on an edge, so the search can move either way from it.
@@ -73,10 +75,11 @@ SEARCHED = {
     "sex_input": {"choices": [True, False]},
 }
 RECIPE_POINT = {**{name: PAPER[name] for name in SEARCHED if name in PAPER}, "sex_input": False}
-# Weight averaging over about 1 / (1 - 0.99) = 100 steps, less than the 125 between validations: each validated
+# Weight averaging over about 1 / (1 - 0.99) = 100 steps, less than the 250 between validations: each validated
 # model averages that stretch of training rather than one step's weights.
 AVERAGING = {"ema": 0.99}
-# ASHA judges trials once, at 3/4 of the budget: the averaged curves say nothing before ~0.6 of it.
+# ASHA judges trials once, at 3/4 of the budget (the first validation past it): at 64 of 73 px the averaged curves
+# said nothing before ~0.6 of it.
 RUNG = 0.75
 ENSEMBLE = 3
 # Two more runs of the recipe (experiment seed 1: other initial weights and batches): with (a), the seed-to-seed

@@ -1,8 +1,8 @@
 """Search efficiency where models learn (issue 16, item 2): which search finds a good model with the least compute?
 
 On ../shared/data/rsna-100, with bench/quality.py's held-out 20 % test split (no arm trains or selects on it) and
-its learned CPU regime (GoogLeNet from scratch, 64 of 73 px, batch 32, weight averaging 0.99, expected-age
-readout, no trial longer than B = 1000 iterations, validation every 125), five searches of quality.py's space
+its learned CPU regime (GoogLeNet from scratch, 88 of 100 px, batch 32, weight averaging 0.99, expected-age
+readout, no trial longer than B = 1500 iterations, validation every 250), five searches of quality.py's space
 (lr, decay steps, L2 weight, weight decay, sex input) run at `--seeds` experiment seeds each:
   asha-tpe  TPE + ASHA, one rung at 3B/4 (reduction factor 3), 6 trials: raybone's default in this regime
             (quality.py: the averaged curves say nothing before about 0.6B);
@@ -30,7 +30,8 @@ of the best validation RMSE any learned search found, and per arm the median (an
 trial-iterations its running best needed to reach it ("never" counts as all it spent). Goal: the recommended
 arm (asha-tpe) needs <= 1/3 of random search's trial-iterations, both learned.
 
-About 19,000 trial-iterations per seed for the first four arms, 2 hours on 2 cores (seed 0: asha-tpe 23,
+The committed records ran in the earlier CPU regime (64 of 73 px, fp32, B = 1000, validation every 125): there,
+about 19,000 trial-iterations per seed for the first four arms, 2 hours on 2 cores (seed 0: asha-tpe 23,
 random 30, top-k 23 and PBT 50 minutes, about 0.29 s of wall time per trial-iteration with two trials at once;
 PBT also pays a Train restart at each pause), so 6 hours for 3 seeds, more than a session; on an Intel Xeon VM,
 seeds 1 and 2 took about twice as long (asha-tpe 45 and 45, random 60 and 52, top-k 60 and 61 minutes), except
