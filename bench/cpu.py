@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from gpu import phantom_batch
 
-from raybone.core.engine import cpu_has_bf16, predict_probs, train_step
+from raybone.core.engine import cpu_has_bf16, predict_probs, to_layout, train_step
 from raybone.core.loss import create_loss
 from raybone.core.model import create_model, parameter_groups
 from raybone.spec import TrainConfig
@@ -43,9 +43,7 @@ WARMUP = 3  # oneDNN builds its kernels for each new shape and layout in the fir
 def measure(setting: str, images, labels, steps: int, val_images) -> dict[str, float]:
     """Training images per second over `steps` steps, and validated images per second (six crops each)."""
     cfg = TrainConfig(model="googlenet", input_size=CROP, crop_fraction=CROP / IMAGE, **SETTINGS[setting])
-    model = create_model("googlenet", 20)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = to_layout(create_model("googlenet", 20), cfg.channels_last)
     optimizer = torch.optim.Adam(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
     loss_fn, generator = create_loss("l2ce", 1.0), torch.Generator().manual_seed(0)
     for i in range(WARMUP + steps):
@@ -56,7 +54,7 @@ def measure(setting: str, images, labels, steps: int, val_images) -> dict[str, f
     train_rate = steps * BATCH / (time.perf_counter() - start)
     for _ in range(2):  # the second is timed: the first builds its kernels
         with common.stopwatch() as elapsed:
-            predict_probs(model, val_images, CROP, 64, torch.device("cpu"), **SETTINGS[setting])
+            predict_probs(model, val_images, CROP, 64, torch.device("cpu"), amp=cfg.amp)
     return {"train_images_per_s": train_rate, "val_images_per_s": len(val_images) / elapsed()}
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raybone.core.engine import predict_probs, train_step
+from raybone.core.engine import predict_probs, to_layout, train_step
 from raybone.core.loss import create_loss
 from raybone.core.model import create_model, parameter_groups
 from raybone.data.phantom import render_hand
@@ -48,9 +48,7 @@ def _trainer(name: str, batch: int, mode: str, device):
     settings = dict(MODES[mode])
     compile_mode = settings.pop("compile", None)
     cfg = TrainConfig(model=name, batch_size=batch, input_size=224, **settings)
-    model = create_model(name, 20).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = to_layout(create_model(name, 20).to(device), cfg.channels_last)
     optimizer = torch.optim.Adam(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
     if compile_mode:
         model = torch.compile(model, mode=compile_mode)
@@ -94,7 +92,7 @@ def paper_trial(name: str, images, labels, iterations: int) -> dict:
         index = torch.randint(len(train_y), (32,), generator=generator, device=images.device)
         train_step(model, optimizer, loss_fn, train_x[index], train_y[index], cfg)
         if i % 500 == 0:
-            predict_probs(model, val_x, 224, 128, images.device, amp=True, channels_last=True)
+            predict_probs(model, val_x, 224, 128, images.device, amp=True)
     torch.cuda.synchronize()
     return {"iterations": iterations, "seconds": time.perf_counter() - start, "validations": iterations // 500}
 

@@ -29,7 +29,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from raybone.core.engine import train_step
+from raybone.core.engine import to_layout, train_step
 from raybone.core.loss import create_loss
 from raybone.core.model import create_model, parameter_groups
 from raybone.data import prepare
@@ -161,7 +161,7 @@ def plain_run(cfg: TrainConfig, arrays: dict, threads: int) -> dict:
         images, labels = torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"])
         is_train = torch.from_numpy(arrays["is_train"])
         train_x, train_y = images[is_train], labels[is_train]
-        model = create_model(cfg.model, arrays["num_classes"], cfg.weights, cfg.finetune)
+        model = to_layout(create_model(cfg.model, arrays["num_classes"], cfg.weights, cfg.finetune), cfg.channels_last)
         optimizer = torch.optim.Adam(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
         schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.decay_steps, gamma=0.5)
         loss_fn = create_loss(cfg.loss, cfg.l2_weight)

@@ -5,9 +5,10 @@ ever trains or selects on it. In the regime where the recipe learns on a CPU (be
 scratch, 88 px crops of the 100 px images, batch 32, B = 1500 iterations, where it first reached 2.0 y, in 9 minutes
 on 2 cores with bf16 training steps) four models are built:
   (a) recipe: the paper's recipe (lr 1e-4 halved every 500 iterations, L2CE weight 1) as one trial of B iterations;
-  (b) search: a raybone search (TPE + ASHA, 5 trials, one rung at 3B/4) of about 4B trial-iterations, no trial
-      longer than B, started from the recipe (start_from), over lr, decay step, L2 weight, weight decay and sex
-      input; its best checkpoint by validation RMSE (the best any trial kept, not its last);
+  (b) search: a raybone search (TPE + ASHA, 5 trials, one rung at 3B/4, judged at the first validation past it) of
+      about 4B trial-iterations, no trial longer than B, started from the recipe (start_from), over lr, decay step,
+      L2 weight, weight decay and sex input; its best checkpoint by validation RMSE (the best any trial kept, not
+      its last);
   (c) top-3: the ensemble of the search's three best trials, as `raybone best --export --top 3` builds it;
   (d) recipe-ema: the recipe with weight averaging (ema 0.99), one trial of B: the same budget as (a);
 and the recipe twice more at other seeds, two trials at once: with (a), the seed-to-seed spread of its test RMSE.
@@ -40,6 +41,7 @@ import yaml
 from _common import finish, parse_args, shared_folder
 
 from raybone.api import export, load_experiment
+from raybone.core.engine import cpu_has_bf16
 from raybone.core.metrics import classification_metrics
 from raybone.data import prepare
 from raybone.data.prepare import PreparedData, stratified_split
@@ -229,6 +231,7 @@ def main() -> None:
             "averaging": AVERAGING,
             "rung": RUNG,
             "trials": args.trials,
+            "cpu_has_bf16": cpu_has_bf16(),  # with amp (the default), CPU training steps ran in bf16
         },
         "test_images": len(test.labels),
         "reference": {

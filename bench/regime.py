@@ -29,6 +29,7 @@ from _common import finish, parse_args
 from quality import PAPER, held_out_data, median_rmse, recipe_train, spec_file, test_metrics
 
 from raybone.api import load_experiment
+from raybone.core.engine import cpu_has_bf16
 from raybone.spec import load_spec
 from raybone.tuning.cluster import start_local_ray
 from raybone.tuning.run import run_search
@@ -93,6 +94,7 @@ def main() -> None:
             "eval_every": args.eval_every,
             "batch_size": PAPER["batch_size"],
             "recipe": recipe,
+            "cpu_has_bf16": cpu_has_bf16(),  # with amp (the default), CPU training steps ran in bf16
         },
         "curve": curve,
         "reference": reference,

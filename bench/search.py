@@ -4,20 +4,23 @@ On ../shared/data/rsna-100, with bench/quality.py's held-out 20 % test split (no
 its learned CPU regime (GoogLeNet from scratch, 88 of 100 px, batch 32, weight averaging 0.99, expected-age
 readout, no trial longer than B = 1500 iterations, validation every 250), five searches of quality.py's space
 (lr, decay steps, L2 weight, weight decay, sex input) run at `--seeds` experiment seeds each:
-  asha-tpe  TPE + ASHA, one rung at 3B/4 (reduction factor 3), 6 trials: raybone's default in this regime
-            (quality.py: the averaged curves say nothing before about 0.6B);
+  asha-tpe  TPE + ASHA, one rung at 3B/4 (reduction factor 3; judged at the first validation past it: 1250 of
+            1500), 6 trials: raybone's default in this regime (quality.py: at 64 of 73 px the averaged curves
+            said nothing before about 0.6B);
   random    random search, every trial to B, 6 trials;
   top-k     Egele et al. (2023)'s one-epoch rule: 8 random configurations trained one epoch (250 iterations),
-            the best 2 continued to B; as ASHA with a single rung at one epoch and reduction factor 4 (ASHA is
-            asynchronous: the first trials to reach the rung are judged against fewer than all 8; at B = 2000,
-            --device cuda, a single rung needs factor 8: the best one continues);
+            the best continued to B; as ASHA with a single rung at one epoch, whose reduction factor puts its next
+            rung past B: 6.01 at B = 1500 and 8.01 at B = 2000 (--device cuda), so about the best sixth or eighth
+            continues; 4 at the earlier B = 1000, the best 2 of 8 (ASHA is asynchronous: the first trials to reach
+            the rung are judged against fewer than all 8);
   pbt       Population Based Training of 4 trials to B (raybone draws the population; no searcher), the worst
             quarter copying a better trial's weights and perturbing lr, L2 weight and weight decay every two
-            validations (250 iterations), synchronous (every trial waits for the rest at each interval). With
-            two trials at a time Tune runs these 4 as two populations of 2, one after the other (it creates a
-            trial only when a live one ends, and a paused one is live; found here, `raybone search` now warns).
-            Only the first group exploits: Ray's synchronous PBT keeps one clock, which the first group moves to
-            B, so the second pauses at every validation and never exploits (found after all 3 seeds had run).
+            validations (500 iterations; 250 in the earlier regime), synchronous (every trial waits for the rest at
+            each interval). With two trials at a time Tune runs these 4 as two populations of 2, one after the other
+            (it creates a trial only when a live one ends, and a paused one is live; found here, `raybone search`
+            now warns). Only the first group exploits: Ray's synchronous PBT keeps one clock, which the first group
+            moves to B, so the second pauses at every validation and never exploits (found after all 3 seeds had
+            run).
   pbt-pair  the same PBT with a population of the 2 trials that train at once: one group, which exploits
             (added after the defect above, to measure a PBT that works as meant).
 Two trials train at once (1-CPU workers). Compute is counted in trial-iterations, from each trial's reports

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import torch
 from conftest import QUICK, TINY, placement_groups_left
 from rich.console import Console
 
@@ -39,6 +40,18 @@ def test_search_writes_one_row_per_trial(tiny_search):
     assert (trials.val_rmse >= 0).all() and (trials.wall_time_s > 0).all()
     for checkpoint in trials.checkpoint_path:
         assert (Path(checkpoint) / "checkpoint.pt").is_file()
+
+
+def test_trials_train_in_the_channels_last_layout(tiny_search):
+    """On a CPU too: the worker moves the weights to NHWC (spec channels_last, on by default), which the
+    checkpoint keeps."""
+    from raybone.core.checkpoint import read_checkpoint
+
+    spec, outcome = tiny_search
+    assert spec.train_config({}).channels_last
+    for checkpoint in outcome.trials.checkpoint_path:
+        weight = read_checkpoint(checkpoint)["model"]["conv3.conv.weight"]  # 3x3 over 64 channels: layouts differ
+        assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
 
 def test_history_has_one_row_per_report(tiny_search):

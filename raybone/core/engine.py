@@ -26,7 +26,7 @@ def train_step(
 ) -> torch.Tensor:
     """One optimizer step; returns the loss as a device tensor so the GPU never waits for the host."""
     train_mode(model)
-    x = _layout(train_augment(images, cfg.input_size, cfg.contrast), cfg.channels_last)
+    x = train_augment(images, cfg.input_size, cfg.contrast)
     with _autocast(cfg.amp, images.device, training=True):
         loss = loss_fn(_forward(model, x, sex).float(), labels)
     optimizer.zero_grad(set_to_none=True)
@@ -45,7 +45,6 @@ def predict_probs(
     *,
     sex: torch.Tensor | None = None,
     amp: bool = False,
-    channels_last: bool = False,
 ) -> np.ndarray:
     """Class probabilities averaged over the six test-time crops (paper section 4.2)."""
     model.eval()
@@ -54,7 +53,7 @@ def predict_probs(
         crops = test_crops(images[start : start + batch_size].to(device), input_size)
         crop_sex = None if sex is None else sex[start : start + batch_size].to(device).repeat(6)
         with _autocast(amp, crops.device):
-            logits = _forward(model, _layout(crops.flatten(0, 1), channels_last), crop_sex).float()
+            logits = _forward(model, crops.flatten(0, 1), crop_sex).float()
         out.append(logits.softmax(-1).view(6, crops.shape[1], -1).mean(0).cpu())
     return torch.cat(out).numpy()
 
@@ -69,7 +68,6 @@ def predict_images(
     sex_code: np.ndarray | None = None,
     batch_size: int = 64,
     amp: bool = False,
-    channels_last: bool = False,
 ) -> np.ndarray:
     """Six-crop class probabilities [N, C] for uint8 images [N, S, S] as prepare() stores them, re-warped to
     `size` as the trial was: what the trial's validation computed. sex_code (1 male, 0 female, -1 unknown) is
@@ -88,7 +86,6 @@ def predict_images(
                 device,
                 sex=sex,
                 amp=amp,
-                channels_last=channels_last,
             )
         )
     return np.concatenate(out)
@@ -99,7 +96,7 @@ def predict_trained(
 ) -> np.ndarray:
     """predict_images for a trial's checkpoint (model and config from checkpoint.load_trained_model)."""
     return predict_images(
-        model.to(device),
+        to_layout(model.to(device), cfg.channels_last),
         images,
         cfg.resize_to,
         cfg.input_size,
@@ -107,7 +104,6 @@ def predict_trained(
         sex_code=sex_code if cfg.sex_input else None,
         batch_size=cfg.eval_batch_size,
         amp=cfg.amp,
-        channels_last=cfg.channels_last,
     )
 
 
@@ -123,10 +119,17 @@ def _forward(model: nn.Module, x: torch.Tensor, sex: torch.Tensor | None) -> tor
     return model(x) if sex is None else model(x, sex)
 
 
+def to_layout(model: nn.Module, channels_last: bool) -> nn.Module:
+    """The model's weights in NHWC where `channels_last`: tensor cores and oneDNN convolve that layout faster (on 2
+    CPU cores 1.3x the fp32 training rate, bench/cpu.py). Only the weights move: a grey batch [N,1,H,W] is already
+    laid out both ways."""
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
 def _autocast(amp: bool, device: torch.device, *, training: bool = False):
-    """bf16 autocast on a GPU that supports it, and for training steps on a CPU with bf16 instructions (1.5x the
-    steps per second on 2 AVX-512 cores, bench/cpu.py). CPU inference stays fp32: a model validated on a CPU scores
-    exactly what its export (and its fp32 ONNX copy) predicts there."""
+    """bf16 autocast on a GPU that supports it, and for training steps on a CPU with bf16 instructions (there 1.5x
+    the channels-last fp32 rate, 2.0x plain fp32's, on 2 AVX-512 cores: bench/cpu.py). CPU inference stays fp32: a
+    model validated on a CPU scores what its export, and its fp32 ONNX copy, predict there, up to float rounding."""
     if device.type == "cuda":
         bf16 = amp and torch.cuda.is_bf16_supported()
     else:
@@ -135,10 +138,8 @@ def _autocast(amp: bool, device: torch.device, *, training: bool = False):
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this x86 CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX); elsewhere bf16 is emulated, slower."""
-    capabilities = torch.cpu.get_capabilities()
+    """Whether this CPU multiplies bf16 in hardware, as x86 reports it (AVX-512 BF16 or AMX): without those bf16 is
+    emulated and slower. Other architectures (ARM's BF16) are not measured and train in fp32, as does a torch
+    without `torch.cpu.get_capabilities` (older releases)."""
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
-
-
-def _layout(batch: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch

@@ -83,10 +83,10 @@ class _TorchNetwork:
         self.module = _load_weights(folder, member, num_classes).to(self.device)
 
     def probs(self, images: np.ndarray, sex_code: np.ndarray | None, batch_size: int, size: int, config: dict):
-        from raybone.core.engine import predict_images
+        from raybone.core.engine import predict_images, to_layout
 
         return predict_images(
-            self.module,
+            to_layout(self.module, bool(config.get("channels_last", False))),
             images,
             size,
             config["input_size"],
@@ -94,7 +94,6 @@ class _TorchNetwork:
             sex_code=sex_code,
             batch_size=batch_size,
             amp=bool(config.get("amp", False)),
-            channels_last=bool(config.get("channels_last", False)),
         )
 
 

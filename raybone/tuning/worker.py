@@ -20,7 +20,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from raybone.core.checkpoint import read_checkpoint, write_checkpoint
-from raybone.core.engine import predict_probs, resize, train_step
+from raybone.core.engine import predict_probs, resize, to_layout, train_step
 from raybone.core.loss import balanced_class_weights, create_loss
 from raybone.core.metrics import readout_metrics
 from raybone.core.model import create_model, parameter_groups, sex_feature
@@ -37,7 +37,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train, val = (_Split.of(arrays, part, cfg, device) for part in (arrays["is_train"], ~arrays["is_train"]))
     num_classes = arrays["num_classes"]
 
-    model = _prepare_model(create_model(cfg.model, num_classes, cfg.weights, cfg.finetune, cfg.sex_input), cfg, device)
+    model = _prepare_model(create_model(cfg.model, num_classes, cfg.weights, cfg.finetune, cfg.sex_input), cfg)
     optimizer = torch.optim.Adam(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.decay_steps, gamma=0.5)
     average = _average(model, cfg)
@@ -96,7 +96,6 @@ def validate(model: nn.Module, val: _Split, cfg: TrainConfig, device) -> dict[st
         device,
         sex=val.sex,
         amp=cfg.amp,
-        channels_last=cfg.channels_last,
     )
     return {f"val_{k}": v for k, v in readout_metrics(probs, val.labels.cpu().numpy(), cfg.readout).items()}
 
@@ -137,10 +136,10 @@ def _device(threads: int) -> torch.device:
     return device
 
 
-def _prepare_model(model: nn.Module, cfg: TrainConfig, device) -> nn.Module:
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)  # moves to the device; DDP when there are several workers
+def _prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    model = ray.train.torch.prepare_model(
+        to_layout(model, cfg.channels_last)
+    )  # moves to the device; DDP when there are several workers
     return torch.compile(model) if cfg.compile else model
 
 
