@@ -71,16 +71,7 @@ def main() -> None:
             runs[name].append(measure(name, images, labels, steps, val_images))
     best = {name: {k: max(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     medians = {name: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for name, rs in runs.items()}
-    speedups = {
-        f"{name}_over_fp32": {k: common.ratio(best[name][k], best["fp32"][k]) for k in best[name]}
-        for name in SETTINGS
-        if name != "fp32"
-    }
-    median_speedups = {
-        f"{name}_over_fp32_median": {k: common.ratio(medians[name][k], medians["fp32"][k]) for k in medians[name]}
-        for name in SETTINGS
-        if name != "fp32"
-    }
+    speedups, median_speedups = _over_fp32(best), _over_fp32(medians, "_median")
     results = {
         "settings": {
             "model": "googlenet",
@@ -104,6 +95,15 @@ def main() -> None:
         + "; ".join(_described(name, best[name], speedups.get(f"{name}_over_fp32")) for name in SETTINGS)
     )
     common.finish("cpu", args, results, summary, started)
+
+
+def _over_fp32(rates: dict[str, dict], suffix: str = "") -> dict[str, dict]:
+    """Each setting's rates over fp32's, keyed `<setting>_over_fp32<suffix>`."""
+    return {
+        f"{name}_over_fp32{suffix}": {k: common.ratio(rates[name][k], rates["fp32"][k]) for k in rates[name]}
+        for name in SETTINGS
+        if name != "fp32"
+    }
 
 
 def _described(name: str, rates: dict, speedup: dict | None) -> str:

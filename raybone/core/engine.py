@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -137,6 +138,7 @@ def _autocast(amp: bool, device: torch.device, *, training: bool = False):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+@functools.cache  # asked at every training step; the CPU does not change
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware, as x86 reports it (AVX-512 BF16 or AMX): without those bf16 is
     emulated and slower. Other architectures (ARM's BF16) are not measured and train in fp32, as does a torch

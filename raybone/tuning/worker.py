@@ -137,9 +137,8 @@ def _device(threads: int) -> torch.device:
 
 
 def _prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    model = ray.train.torch.prepare_model(
-        to_layout(model, cfg.channels_last)
-    )  # moves to the device; DDP when there are several workers
+    # prepare_model moves the model to the device, and wraps it in DDP when there are several workers.
+    model = ray.train.torch.prepare_model(to_layout(model, cfg.channels_last))
     return torch.compile(model) if cfg.compile else model
 
 
