@@ -148,6 +148,11 @@ def recipe_train(input_size: int, resize_to: int, iterations: int, eval_every: i
     return {**PAPER, **crop, "iterations": iterations, "eval_every": eval_every}
 
 
+def regime_tag(regime: dict) -> str:
+    """A regime's part of its runs' names (88of100px-1500): a run or record of other settings is never reused."""
+    return f"{regime['input_size']}of{regime['resize_to']}px-{regime['iterations']}"
+
+
 def median_rmse(train_labels: np.ndarray, labels: np.ndarray) -> float:
     """RMSE (years) of always predicting the training split's median class."""
     return float(np.sqrt(np.mean((labels - np.median(train_labels)) ** 2)))
@@ -260,7 +265,7 @@ def _regime(args) -> dict:
 def _arms(work: Path, test: PreparedData, device: str, regime: dict, trials: int) -> dict:
     """Arms (a) to (d) and the recipe's other seeds, each scored on the held-out hands."""
     train = recipe_train(**regime)
-    tag = f"{regime['input_size']}of{regime['resize_to']}px-{regime['iterations']}"
+    tag = regime_tag(regime)
     recipe = run_arm(work, f"quality-recipe-{tag}", train, device)
     averaged = run_arm(work, f"quality-recipe-ema-{tag}", {**train, **AVERAGING}, device)
     search_train = {**train, **AVERAGING, **SEARCHED, "readout": "expected"}
@@ -317,7 +322,7 @@ def _paper_scale(work: Path, test: PreparedData, device: str, regime: dict) -> d
     """The recipe per network at the paper's scale, the networks trained side by side as one search whose start
     points are the networks, each scored on the held-out hands on the device it trained on."""
     train = {**recipe_train(**regime), "model": {"choices": list(PUBLISHED)}}
-    tag = f"{regime['input_size']}of{regime['resize_to']}px-{regime['iterations']}"
+    tag = regime_tag(regime)
     points = [{"model": network} for network in PUBLISHED]
     # Both run to the end: spec_file's default for a search, ASHA at 3B/4, would stop the worse network there.
     outcome = run_arm(

@@ -71,6 +71,7 @@ from quality import (
     held_out_data,
     median_rmse,
     recipe_train,
+    regime_tag,
     run_arm,
     test_metrics,
 )
@@ -167,7 +168,7 @@ def main() -> None:
     start_local_ray(num_cpus=None if args.device == "cuda" else 2)
 
     train = {**recipe_train(**regime), **AVERAGING, **SEARCHED, "readout": "expected"}
-    tag = f"{regime['input_size']}of{regime['resize_to']}px-{regime['iterations']}"
+    tag = regime_tag(regime)
     plans = arms(regime["iterations"], regime["eval_every"], trials=4 if args.quick else 8)
     data_hash = {"searched": data.meta["content_sha256"], "test": test.meta["content_sha256"]}
     settings = {"regime": regime, "train": train, "plans": plans, "data_content_sha256": data_hash}
