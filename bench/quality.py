@@ -30,7 +30,8 @@ on the same held-out hands (on the device) beside the paper's published figures 
 Two differences remain: no ImageNet weights (a lent device reaches no network), and the data: RSNA hands, whose
 100 px images the 256 px warp enlarges, scored on a held-out split. Alone on an H100 such trials took 94 s (VGG16)
 and 231 s (GoogLeNet, kernel-launch bound) in bench/gpu.py: about 4-5 minutes of training, under 10 in all. A lent
-machine has no Ray, Optuna, Kornia or pydantic, and no ../shared/data: they must be carried there first (README).
+machine has no Ray, Optuna, Kornia or pydantic, and no ../shared/data: bench/device_stage.py carries them there
+in three calls, the last of which runs this (README).
 
     python bench/quality.py [--recipe-iterations B] [--trials 5] [--work DIR] [--quick] [--device cpu|cuda]
         [--paper-scale]
