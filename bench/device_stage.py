@@ -78,7 +78,7 @@ def install() -> int:
     """Check the bundles here, install what has fully arrived; 0 once everything has, 2 while some is missing."""
     manifest, present = _manifest()
     missing = sorted(set(range(1, manifest["bundles"] + 1)) - present)
-    print(f"bundles here: {sorted(present)}; missing: {missing or 'none'}")
+    print(f"bundles here: {sorted(present)}; missing: {missing or 'none'} (packed at {manifest['commit'][:7]})")
     if 1 in missing and present:
         print("bundle 1 is gone: the machine was given back between calls; start again from bundle 1")
     arrived = {name: parts for name, parts in manifest["files"].items() if _arrived(parts, present)}
