@@ -32,8 +32,8 @@ import uuid
 import zipfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"  # where the benchmarks look, here and there
+from _common import REPO, SHARED_DATA  # stdlib-only at import: runs on the device before any wheel is in
+
 STAGE = REPO / ".stage"  # git-ignored: only a bundle named in a call's carry travels
 CACHE = STAGE / "cache"
 SITE = Path("/tmp/site")  # on the device
@@ -82,11 +82,11 @@ def install() -> int:
     if 1 in missing and present:
         print("bundle 1 is gone: the machine was given back between calls; start again from bundle 1")
     arrived = {name: parts for name, parts in manifest["files"].items() if _arrived(parts, present)}
-    wheels = [name for name in manifest["files"] if name.endswith(".whl")]
-    if all(name in arrived for name in wheels):
-        _install_wheels([_join(name, arrived[name]) for name in wheels], manifest["pack"])
+    wheels = {name: parts for name, parts in manifest["files"].items() if name.endswith(".whl")}
+    if wheels.keys() <= arrived.keys():
+        _install_wheels(wheels, manifest["pack"])
     if "data.zip" in arrived:
-        _unzip_data(_join("data.zip", arrived["data.zip"]), manifest["pack"])
+        _unzip_data(arrived["data.zip"], manifest["pack"])
     return 2 if missing else 0
 
 
@@ -198,19 +198,21 @@ def _join(name: str, parts: list[dict]) -> Path:
     return JOINED / name
 
 
-def _install_wheels(wheels: list[Path], pack_id: str) -> None:
+def _install_wheels(wheels: dict[str, list[dict]], pack_id: str) -> None:
     """The wheels into SITE and Ray started once per pack; raybone from this tree every call (it may have moved)."""
     stamp = SITE / ".raybone-stage"
+    done = stamp.is_file() and stamp.read_text() == pack_id
     install = [*PIP, "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade", "--target", str(SITE)]
-    if not (stamp.is_file() and stamp.read_text() == pack_id):
-        _run([*install, *map(str, wheels)], "installing the carried wheels")
+    if not done:
+        joined = [str(_join(name, parts)) for name, parts in wheels.items()]
+        _run([*install, *joined], "installing the carried wheels")
     _run([*install, "--no-build-isolation", str(REPO)], "installing raybone from the carried tree")
-    if not (stamp.is_file() and stamp.read_text() == pack_id):
+    if not done:
         _run([sys.executable, "-c", SMOKE], "importing the packages and starting Ray", PYTHONPATH=str(SITE))
         stamp.write_text(pack_id)
 
 
-def _unzip_data(archive: Path, pack_id: str) -> None:
+def _unzip_data(parts: list[dict], pack_id: str) -> None:
     """Each data set at ../shared/data; one that this script did not put there is left alone."""
     for name in DATA_SETS:
         stamp = SHARED_DATA / f".{name}.staged"
@@ -220,7 +222,7 @@ def _unzip_data(archive: Path, pack_id: str) -> None:
             shutil.rmtree(SHARED_DATA / name, ignore_errors=True)  # an earlier or cut-short copy, this script's own
             SHARED_DATA.mkdir(parents=True, exist_ok=True)
             stamp.write_text("")  # claimed before the first file lands
-            with zipfile.ZipFile(archive) as zipped:
+            with zipfile.ZipFile(_join("data.zip", parts)) as zipped:
                 zipped.extractall(SHARED_DATA, [m for m in zipped.namelist() if m.startswith(f"{name}/")])
             stamp.write_text(pack_id)
             print(f"{name} at {SHARED_DATA / name}")

@@ -159,6 +159,15 @@ def median_rmse(train_labels: np.ndarray, labels: np.ndarray) -> float:
     return float(np.sqrt(np.mean((labels - np.median(train_labels)) ** 2)))
 
 
+def median_reference(data: PreparedData, test: PreparedData) -> dict[str, float]:
+    """The median predictor's RMSE on the validation split and the held-out hands: the floor any figure must beat."""
+    train = data.labels[data.is_train]
+    return {
+        "median_predictor_val_rmse": median_rmse(train, data.labels[~data.is_train]),
+        "median_predictor_test_rmse": median_rmse(train, test.labels),
+    }
+
+
 def spec_file(
     work: Path,
     name: str,
@@ -241,10 +250,7 @@ def main() -> None:
     regime = _regime(args)
     data, test = held_out_data(work, regime["resize_to"])
     start_local_ray(num_cpus=None if args.device == "cuda" else 2)
-    reference = {
-        "median_predictor_val_rmse": median_rmse(data.labels[data.is_train], data.labels[~data.is_train]),
-        "median_predictor_test_rmse": median_rmse(data.labels[data.is_train], test.labels),
-    }
+    reference = median_reference(data, test)
     if args.paper_scale:
         results = {"reference": reference, **_paper_scale(work, test, args.device, regime)}
         finish("quality-paper-scale", args, results, _paper_summary(results), started)

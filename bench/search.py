@@ -70,7 +70,7 @@ from quality import (
     RUNG,
     SEARCHED,
     held_out_data,
-    median_rmse,
+    median_reference,
     recipe_train,
     regime_tag,
     run_arm,
@@ -257,10 +257,7 @@ def _results(runs: dict[tuple[str, int], dict], settings: dict, data, test) -> d
     ratio = summary["asha-tpe"]["to_target_median"] / summary["random"]["to_target_median"] if both else None
     return {
         "settings": settings,
-        "reference": {
-            "median_predictor_val_rmse": median_rmse(data.labels[data.is_train], data.labels[~data.is_train]),
-            "median_predictor_test_rmse": median_rmse(data.labels[data.is_train], test.labels),
-        },
+        "reference": median_reference(data, test),
         "target_val_rmse": target,
         "arms": summary,
         "runs": {arm: {str(seed): run for seed, run in seeds.items()} for arm, seeds in per_run.items()},
