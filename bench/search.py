@@ -2,7 +2,7 @@
 
 On ../shared/data/rsna-100, with bench/quality.py's held-out 20 % test split (no arm trains or selects on it) and
 its learned CPU regime (GoogLeNet from scratch, 88 of 100 px, batch 32, weight averaging 0.99, expected-age
-readout, no trial longer than B = 1500 iterations, validation every 250), five searches of quality.py's space
+readout, no trial longer than B = 1500 iterations, validation every 250), six searches of quality.py's space
 (lr, decay steps, L2 weight, weight decay, sex input) run at `--seeds` experiment seeds each:
   asha-tpe  TPE + ASHA, one rung at 3B/4 (reduction factor 3; judged at the first validation past it: 1250 of
             1500), 6 trials: raybone's default in this regime (quality.py: at 64 of 73 px the averaged curves
@@ -22,7 +22,10 @@ readout, no trial longer than B = 1500 iterations, validation every 250), five s
             moves to B, so the second pauses at every validation and never exploits (found after all 3 seeds had
             run).
   pbt-pair  the same PBT with a population of the 2 trials that train at once: one group, which exploits
-            (added after the defect above, to measure a PBT that works as meant).
+            (added after the defect above, to measure a PBT that works as meant);
+  pbt-burn-in  pbt-pair with a burn-in of three validations (750 iterations): its first exploit comes once the
+            curves separate, not at 500, where both trials still score as the median predictor and pbt-pair's
+            copy was a coin toss (added after pbt-pair's three seeds in this regime).
 Two trials train at once (1-CPU workers). Compute is counted in trial-iterations, from each trial's reports
 (history.parquet) in time order (Tune's timestamps, to the second): a report counts the iterations its trial
 trained since its previous report in the same run, or since the checkpoint the run started from (a resume, a
@@ -47,7 +50,7 @@ committed), and a seed recorded there is not run again: `--arms` / `--seeds` run
 machine) the rest, and the figures cover every recorded arm-seed of these settings. `--work DIR` keeps the
 prepared data and resumes an arm-seed interrupted on this machine.
 
-    python bench/search.py --work DIR [--arms asha-tpe,random,top-k,pbt,pbt-pair] [--seeds 3] [--quick]
+    python bench/search.py --work DIR [--arms asha-tpe,random,top-k,pbt,pbt-pair,pbt-burn-in] [--seeds 3] [--quick]
         [--device cpu|cuda]
 """
 
@@ -89,7 +92,7 @@ PAIR = 2  # the trials that train at once (quality.spec_file's resources): one P
 def arms(iterations: int, eval_every: int, trials: int = 8) -> dict[str, dict]:
     """Each arm's trials, sampler and scheduler (the top-k rung and PBT's interval on the validation cadence):
     `trials` for top-k, which keeps a quarter of them, 3/4 of that for asha-tpe and random, half for PBT, and a
-    PBT population of the trials that train at once (pbt-pair)."""
+    PBT population of the trials that train at once (pbt-pair), also with a burn-in of three validations."""
     epoch = min(max(eval_every, round(EPOCH / eval_every) * eval_every), iterations - eval_every)
     population = trials // 2
     return {
@@ -111,25 +114,27 @@ def arms(iterations: int, eval_every: int, trials: int = 8) -> dict[str, dict]:
         },
         "pbt": _pbt(population, eval_every),
         "pbt-pair": _pbt(PAIR, eval_every),
+        "pbt-burn-in": _pbt(PAIR, eval_every, burn_in=3 * eval_every),
     }
 
 
-def _pbt(population: int, eval_every: int) -> dict:
-    """Synchronous PBT with one trial in the bottom quantile, exploiting every two validations."""
-    return {
-        "samples": population,
-        "scheduler": {
-            "type": "pbt",
-            "perturbation_interval": 2 * eval_every,
-            "quantile_fraction": 1 / population,
-            "synchronous": True,  # asynchronous, the worst trial may never copy the best (see the README)
-        },
+def _pbt(population: int, eval_every: int, burn_in: int = 0) -> dict:
+    """Synchronous PBT with one trial in the bottom quantile, exploiting every two validations (after `burn_in`
+    iterations). A plan without a burn-in leaves it out, as the earlier records do."""
+    scheduler = {
+        "type": "pbt",
+        "perturbation_interval": 2 * eval_every,
+        "quantile_fraction": 1 / population,
+        "synchronous": True,  # asynchronous, the worst trial may never copy the best (see the README)
     }
+    return {"samples": population, "scheduler": scheduler | ({"burn_in_period": burn_in} if burn_in else {})}
 
 
 def _options(parser) -> None:
     parser.add_argument("--work", required=True, help="working folder: its prepared data and finished arms are kept")
-    parser.add_argument("--arms", default="asha-tpe,random,top-k,pbt,pbt-pair", help="comma-separated arms to run")
+    parser.add_argument(
+        "--arms", default="asha-tpe,random,top-k,pbt,pbt-pair,pbt-burn-in", help="comma-separated arms to run"
+    )
     parser.add_argument("--seeds", type=int, default=3, help="experiment seeds per arm (0, 1, ...)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
 

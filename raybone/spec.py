@@ -128,6 +128,9 @@ class Scheduler(_Strict):
     # pbt: every perturbation_interval iterations (0: every validation) the worst quantile_fraction of the
     # trials copy a better trial's checkpoint and configuration and perturb the searched PERTURBED values.
     perturbation_interval: int = Field(0, ge=0)
+    # pbt: iterations before the first exploit. Scores from before the curves separate are noise (in the search
+    # benchmark every trial scores as the median predictor for 500 iterations), and a copy made on them is a coin toss.
+    burn_in_period: int = Field(0, ge=0)
     quantile_fraction: float = Field(0.25, gt=0, le=0.5)
     resample_probability: float = Field(0.25, ge=0, le=1)
     # pbt: Ray's asynchronous PBT lets each trial compare itself, at its own interval, with the others' last
@@ -204,13 +207,18 @@ class Spec(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _grace_fits_iterations(self) -> Spec:
-        fixed = self.fixed()
-        asha = "iterations" in fixed and self.scheduler.type == "asha"
-        if asha and self.scheduler.grace_period > fixed["iterations"]:
+    def _scheduler_acts_within_the_iterations(self) -> Spec:
+        iterations, scheduler = self.fixed().get("iterations"), self.scheduler
+        if iterations is None:
+            return self
+        if scheduler.type == "asha" and scheduler.grace_period > iterations:
             raise ValueError(
-                f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds train.iterations"
-                f" ({fixed['iterations']})"
+                f"scheduler.grace_period ({scheduler.grace_period}) exceeds train.iterations ({iterations})"
+            )
+        if scheduler.type == "pbt" and scheduler.burn_in_period >= iterations:
+            raise ValueError(
+                f"scheduler.burn_in_period ({scheduler.burn_in_period}) is not below train.iterations ({iterations}):"
+                " PBT would exploit nothing"
             )
         return self
 

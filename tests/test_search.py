@@ -414,14 +414,17 @@ _STUCK_AND_LEARNING = (
 
 
 @pytest.mark.parametrize(
-    "iterations, mode",
+    "iterations, burn_in, mode",
     [
-        (8, ["scheduler.synchronous=true"]),  # every trial waits for the rest at each interval; the worst copies
-        (16, [_STUCK_AND_LEARNING]),  # asynchronous (the default): the donor trains on while the worst copies it
+        # Every trial waits for the rest at each interval; the worst copies, first at the burn-in's end, not at 4.
+        (8, 6, ["scheduler.synchronous=true"]),
+        (16, 0, [_STUCK_AND_LEARNING]),  # asynchronous (the default): the donor trains on while the worst copies it
     ],
     ids=["synchronous", "asynchronous"],
 )
-def test_pbt_continues_a_perturbed_trial_from_its_donors_iteration_and_weights(local_ray, tmp_path, iterations, mode):
+def test_pbt_continues_a_perturbed_trial_from_its_donors_iteration_and_weights(
+    local_ray, tmp_path, iterations, burn_in, mode
+):
     from raybone.core.checkpoint import read_checkpoint
 
     spec = load_spec(
@@ -432,6 +435,7 @@ def test_pbt_continues_a_perturbed_trial_from_its_donors_iteration_and_weights(l
             "scheduler.type=pbt",
             "scheduler.perturbation_interval=4",
             "scheduler.quantile_fraction=0.5",
+            f"scheduler.burn_in_period={burn_in}",
             "lr={distribution: loguniform, low: 1.0e-5, high: 0.1}",
             *mode,
         ],
@@ -442,6 +446,7 @@ def test_pbt_continues_a_perturbed_trial_from_its_donors_iteration_and_weights(l
     history = pd.read_parquet(outcome.path / "history.parquet")
     exploits = history[history.exploited_from.notna()]
     assert len(exploits), "no trial exploited the other"
+    assert exploits.resumed_from.min() >= burn_in  # none copied a score from before the curves could rank
     first = exploits.sort_values("iteration").groupby("trial_id").head(1)
     for row in first.itertuples():
         donor = row.exploited_from

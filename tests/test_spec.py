@@ -40,6 +40,11 @@ def _write(tmp_path, text):
         ("scheduler: {type: hyperband}\n", "scheduler.type"),
         ("resources: {num_workers: 0}\n", "resources.num_workers"),
         ("train: {iterations: 10}\nscheduler: {grace_period: 50}\n", "grace_period (50) exceeds"),
+        (
+            "train: {iterations: 10, lr: {distribution: loguniform, low: 1.0e-5, high: 1.0e-3}}\n"
+            "scheduler: {type: pbt, burn_in_period: 10}\n",
+            "burn_in_period (10) is not below train.iterations (10): PBT would exploit nothing",
+        ),
         ("train: [1, 2]\n", "train"),
         ("- a\n- b\n", "expected a mapping"),
         ("train: {lr: [unclosed\n", "not valid YAML"),

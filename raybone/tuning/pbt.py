@@ -37,6 +37,7 @@ def pbt_scheduler(spec: Spec) -> PopulationBasedTraining:
         spec.iterations,
         time_attr="iteration",
         perturbation_interval=spec.scheduler.perturbation_interval or spec.train_config({}).eval_every,
+        burn_in_period=spec.scheduler.burn_in_period,
         hyperparam_mutations=mutations(spec),
         quantile_fraction=spec.scheduler.quantile_fraction,
         resample_probability=spec.scheduler.resample_probability,
