@@ -2,9 +2,9 @@
 
 Trials train side by side; every perturbation interval the worst quantile copy a better trial's checkpoint and
 configuration (exploit) and perturb the searched learning rate, L2 weight, weight decay and contrast (explore),
-then continue from the better trial's iteration. Tune allows no search algorithm beside PBT: the population is
-drawn here, seeded by the spec's seed and the trial's index (start_from points first), in the same ranges the
-searcher would use.
+then continue from the better trial's iteration. Tune allows no searcher beside PBT: the population is drawn here,
+seeded by the spec's seed and the trial's index (start_from points first), in the same ranges the searcher would
+use, and handed to Tune's own trial generator as constant points.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import functools
 import numpy as np
 import ray.tune
 from ray.tune.schedulers import PopulationBasedTraining
+from ray.tune.search import BasicVariantGenerator
 
 from raybone.spec import PERTURBED, Choice, Range, Spec
 
@@ -69,11 +70,17 @@ def population_warning(spec: Spec, max_concurrent: int) -> str | None:
 
 
 def pbt_space(spec: Spec) -> dict:
-    """Tune's param_space for a PBT search: one trial per index, each drawing its own start (seeded)."""
-    space = {"trial_index": ray.tune.grid_search(list(range(spec.num_samples)))}
-    for name, param in spec.searched().items():
-        space[name] = ray.tune.sample_from(lambda config, name=name, param=param: _draw(spec, config, name, param))
-    return space
+    """Tune's param_space for a PBT search: each key's domain, which the population's points fill."""
+    return {"trial_index": ray.tune.choice(list(range(spec.num_samples)))} | {
+        name: _tune_domain(param) for name, param in spec.searched().items()
+    }
+
+
+def pbt_population(spec: Spec) -> BasicVariantGenerator:
+    """Tune's trial generator for a PBT search: one drawn configuration per trial index, all drawn now. Constants,
+    not `sample_from` functions: Tune saves a function as a placeholder that a resumed search cannot resolve (its
+    later trials failed), and resolving it again would undo what PBT had copied into a restored trial's config."""
+    return BasicVariantGenerator(points_to_evaluate=[_member(spec, index) for index in range(spec.num_samples)])
 
 
 def within_space(config: dict, spec: Spec) -> dict:
@@ -88,11 +95,16 @@ def within_space(config: dict, spec: Spec) -> dict:
     return clipped
 
 
-def _draw(spec: Spec, config, name: str, param: Range | Choice):
-    index = config["trial_index"] if isinstance(config, dict) else config.config["trial_index"]
+def _member(spec: Spec, index: int) -> dict:
     if index < len(spec.start_from):
-        return spec.start_from[index][name]
-    rng = np.random.default_rng([spec.seed, index, sorted(spec.searched()).index(name)])
+        return {"trial_index": index} | {name: spec.start_from[index][name] for name in spec.searched()}
+    return {"trial_index": index} | {
+        name: _draw(np.random.default_rng([spec.seed, index, position]), spec.searched()[name])
+        for position, name in enumerate(sorted(spec.searched()))
+    }
+
+
+def _draw(rng: np.random.Generator, param: Range | Choice):
     if isinstance(param, Choice):
         return param.choices[rng.integers(len(param.choices))]
     log = param.distribution.startswith("log")
@@ -106,12 +118,16 @@ def mutations(spec: Spec) -> dict:
     """What PBT may perturb: a range as a Tune domain (multiplied by 0.8 or 1.2, then clipped), choices as a list,
     which Ray shifts to a neighbouring choice (as a domain they too would be multiplied, off the list)."""
     searched = spec.searched()
-    return {name: _tune_domain(searched[name]) for name in PERTURBED if name in searched}
+    return {
+        name: list(searched[name].choices) if isinstance(searched[name], Choice) else _tune_domain(searched[name])
+        for name in PERTURBED
+        if name in searched
+    }
 
 
 def _tune_domain(param: Range | Choice):
     if isinstance(param, Choice):
-        return list(param.choices)
+        return ray.tune.choice(list(param.choices))
     if param.distribution == "loguniform":
         return ray.tune.loguniform(param.low, param.high)
     if param.distribution == "uniform":

@@ -32,7 +32,7 @@ from raybone.tuning.cluster import (
     trials_that_fit,
 )
 from raybone.tuning.loggers import log_best_checkpoint, loggers
-from raybone.tuning.pbt import pbt_scheduler, pbt_space, population_warning
+from raybone.tuning.pbt import pbt_population, pbt_scheduler, pbt_space, population_warning
 from raybone.tuning.progress import TrialProgress
 from raybone.tuning.searcher import OptunaSearcher, warm_start_trials
 from raybone.tuning.tables import LiveTables, history_table, trials_table
@@ -223,15 +223,16 @@ def _start_cluster(spec: Spec, root, address: str | None, shared_storage: bool, 
 def _new_tuner(
     trainable, spec: Spec, storage: str, name: str, searcher, max_concurrent: int, callbacks: list
 ) -> ray.tune.Tuner:
-    if spec.scheduler.type == "pbt":  # Tune runs PBT without a searcher: the population is drawn by pbt_space
+    if spec.scheduler.type == "pbt":  # Tune runs PBT without a searcher: the population is drawn up front
         return ray.tune.Tuner(
             trainable,
             param_space=pbt_space(spec),
             tune_config=ray.tune.TuneConfig(
                 metric=spec.metric,
                 mode=spec.mode,
+                search_alg=pbt_population(spec),
                 scheduler=pbt_scheduler(spec),
-                num_samples=1,
+                num_samples=spec.num_samples,
                 max_concurrent_trials=max_concurrent,
             ),
             run_config=_run_config(spec, storage, name, callbacks),
