@@ -42,11 +42,16 @@ def _raybone(*args, **kwargs):
 
 
 # Searcher-driven trials, and PBT's population, which Tune generates itself: its second trial is created only after
-# the resume, from what the first run saved.
-@pytest.mark.parametrize("scheduler", ["none", "pbt"])
+# the resume, from what the first run saved. Synchronous PBT would pause the first trial to wait for a second one
+# started beside it, beyond the trials that fit at once.
+@pytest.mark.parametrize(
+    "scheduler",
+    [["scheduler.type=none"], ["scheduler.type=pbt", "scheduler.synchronous=true"]],
+    ids=["searcher", "pbt"],
+)
 def test_search_resumes_after_sigkill(tmp_path, scheduler):
     env = {**os.environ, "RAYBONE_CACHE": str(tmp_path / "cache")}
-    args = [*ARGS, "--set", f"scheduler.type={scheduler}"]
+    args = [*ARGS, *(arg for setting in scheduler for arg in ("--set", setting))]
     driver = _raybone("search", "--name", "killed", "--results-dir", str(tmp_path), *args, env=env)
     experiment = tmp_path / "killed"
     deadline = time.time() + 300
@@ -66,11 +71,15 @@ def test_search_resumes_after_sigkill(tmp_path, scheduler):
     output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, output
     trials = pd.read_parquet(experiment / "trials.parquet")
-    assert len(trials) == 2 and trials.trial_id.is_unique and sorted(trials.trial_index) == [0, 1]
+    assert len(trials) == 2 and trials.trial_id.is_unique
+    if scheduler[0] == "scheduler.type=pbt":  # the whole population, each member once
+        assert sorted(trials.trial_index) == [0, 1]
     assert (trials.status == "completed").all() and (trials.iteration == 6).all()
     history = pd.read_parquet(experiment / "history.parquet")
     for trial_id, rows in history.groupby("trial_id"):
         assert rows.iteration.is_unique, f"trial {trial_id} trained an iteration twice"
+    first, second = sorted(history.groupby("trial_id").timestamp, key=lambda group: group[1].min())
+    assert first[1].max() <= second[1].min(), "two trials trained at once, and only one fits"
     for path, mtime in done_before.items():
         assert path.stat().st_mtime == mtime, f"finished trial {path} was trained again"
 

@@ -76,11 +76,14 @@ def pbt_space(spec: Spec) -> dict:
     }
 
 
-def pbt_population(spec: Spec) -> BasicVariantGenerator:
-    """Tune's trial generator for a PBT search: one drawn configuration per trial index, all drawn now. Constants,
-    not `sample_from` functions: Tune saves a function as a placeholder that a resumed search cannot resolve (its
-    later trials failed), and resolving it again would undo what PBT had copied into a restored trial's config."""
-    return BasicVariantGenerator(points_to_evaluate=[_member(spec, index) for index in range(spec.num_samples)])
+def pbt_population(spec: Spec, max_concurrent: int) -> BasicVariantGenerator:
+    """Tune's trial generator for a PBT search: one drawn configuration per trial index, all drawn now, at most
+    `max_concurrent` trials live (Tune ignores TuneConfig's limit for a generator passed in). Constants, not
+    `sample_from` functions: Tune saves a function as a placeholder that a resumed search cannot resolve (its later
+    trials failed), and resolving it again would undo what PBT had copied into a restored trial's config."""
+    return BasicVariantGenerator(
+        points_to_evaluate=[_member(spec, index) for index in range(spec.num_samples)], max_concurrent=max_concurrent
+    )
 
 
 def within_space(config: dict, spec: Spec) -> dict:

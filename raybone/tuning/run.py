@@ -230,10 +230,9 @@ def _new_tuner(
             tune_config=ray.tune.TuneConfig(
                 metric=spec.metric,
                 mode=spec.mode,
-                search_alg=pbt_population(spec),
+                search_alg=pbt_population(spec, max_concurrent),
                 scheduler=pbt_scheduler(spec),
                 num_samples=spec.num_samples,
-                max_concurrent_trials=max_concurrent,
             ),
             run_config=_run_config(spec, storage, name, callbacks),
         )
