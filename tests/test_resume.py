@@ -42,11 +42,14 @@ def _raybone(*args, **kwargs):
 
 
 # Searcher-driven trials, and PBT's population, which Tune generates itself: its second trial is created only after
-# the resume, from what the first run saved. Synchronous PBT would pause the first trial to wait for a second one
-# started beside it, beyond the trials that fit at once.
+# the resume, from what the first run saved. Synchronous PBT would pause the first trial at iteration 4 to wait for a
+# second one started beside it, beyond the trials that fit at once (it pauses at every interval: one, to save time).
 @pytest.mark.parametrize(
     "scheduler",
-    [["scheduler.type=none"], ["scheduler.type=pbt", "scheduler.synchronous=true"]],
+    [
+        ["scheduler.type=none"],
+        ["scheduler.type=pbt", "scheduler.synchronous=true", "scheduler.perturbation_interval=4"],
+    ],
     ids=["searcher", "pbt"],
 )
 def test_search_resumes_after_sigkill(tmp_path, scheduler):
