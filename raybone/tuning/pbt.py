@@ -70,7 +70,8 @@ def population_warning(spec: Spec, max_concurrent: int) -> str | None:
 
 
 def pbt_space(spec: Spec) -> dict:
-    """Tune's param_space for a PBT search: each key's domain, which the population's points fill."""
+    """Tune's param_space for a PBT search. Never sampled: the population's points fill every trial (num_samples is
+    their number), but Tune needs each of their keys in the space, and checks their values against its domain."""
     return {"trial_index": ray.tune.choice(list(range(spec.num_samples)))} | {
         name: _tune_domain(param) for name, param in spec.searched().items()
     }
@@ -81,9 +82,13 @@ def pbt_population(spec: Spec, max_concurrent: int) -> BasicVariantGenerator:
     `max_concurrent` trials live (Tune ignores TuneConfig's limit for a generator passed in). Constants, not
     `sample_from` functions: Tune saves a function as a placeholder that a resumed search cannot resolve (its later
     trials failed), and resolving it again would undo what PBT had copied into a restored trial's config."""
-    return BasicVariantGenerator(
-        points_to_evaluate=[_member(spec, index) for index in range(spec.num_samples)], max_concurrent=max_concurrent
-    )
+    return BasicVariantGenerator(points_to_evaluate=pbt_members(spec), max_concurrent=max_concurrent)
+
+
+def pbt_members(spec: Spec) -> list[dict]:
+    """The population as drawn, by trial index: start_from's configurations first, then seeded draws (the seed and
+    trial index pick each value, so a resumed or repeated search draws the same)."""
+    return [_member(spec, index) for index in range(spec.num_samples)]
 
 
 def within_space(config: dict, spec: Spec) -> dict:

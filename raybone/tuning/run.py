@@ -93,8 +93,10 @@ def run_search(
     if resume:
         _check_same_data(path, data)
     max_concurrent = _start_cluster(spec, root, address, shared_storage, console)
+    if resume:
+        max_concurrent = _kept_concurrency(path, max_concurrent, console)
     study.mkdir(parents=True, exist_ok=True)
-    _save_provenance(spec, data, path, study)
+    _save_provenance(spec, data, path, study, max_concurrent)
 
     trainable = trial_trainable(spec, trial_arrays(data), str(results.join(path, "train")))
     if resume:
@@ -184,6 +186,18 @@ def _check_same_data(path: Path | str, data: PreparedData) -> None:
             f"cannot resume {_name(path)!r}: its trials started on other data ({data.path}: the images, readings or "
             "split changed since); restore that data, or search under a new --name"
         )
+
+
+def _kept_concurrency(path: Path | str, fits: int, console: Console) -> int:
+    """How many trials a resumed search trains at once: Tune restores the limit the search started with (its
+    tune_config is saved with the experiment), whatever the cluster or `resources` are now."""
+    kept = json.loads(results.read_text(results.join(path, ENVIRONMENT))).get("max_concurrent_trials", fits)
+    if kept != fits:
+        console.print(
+            f"[yellow]note:[/] the resumed search trains up to {kept} at a time, as it started (Ray Tune restores "
+            f"that limit); the cluster and resources now would give {fits}"
+        )
+    return kept
 
 
 def _name(path: Path | str) -> str:
@@ -280,7 +294,7 @@ def _check_input_size(spec: Spec, data: PreparedData) -> None:
         )
 
 
-def _save_provenance(spec: Spec, data: PreparedData, path: Path | str, study: Path) -> None:
+def _save_provenance(spec: Spec, data: PreparedData, path: Path | str, study: Path, max_concurrent: int) -> None:
     results.write_text(dump_spec(spec), results.join(path, SPEC))
     results.write_json(
         {
@@ -291,6 +305,7 @@ def _save_provenance(spec: Spec, data: PreparedData, path: Path | str, study: Pa
             "cwd": os.getcwd(),
             "experiment": str(path),
             "optuna_db": str(study / STUDY),
+            "max_concurrent_trials": max_concurrent,
         },
         results.join(path, ENVIRONMENT),
     )
