@@ -39,7 +39,7 @@ arm (asha-tpe) needs <= 1/3 of random search's trial-iterations, both learned.
 In this regime seeds 0, 1 and 2 of asha-tpe, random and top-k took 43, 44 and 43; 48, 47 and 48; 43, 24 and 24
 minutes (2026-12-06; 8,250, 8,500 and 8,000; 9,000 each; 7,000, 4,500 and 4,500 trial-iterations; 0.31-0.37 s of
 wall time per trial-iteration with two trials at once); pbt-pair 16, 16 and 16 and pbt-burn-in 18, 18 and 16 minutes
-(3,000 trial-iterations each), PBT 35 minutes at seed 0 (6,000). The earlier records ran
+(3,000 trial-iterations each), PBT 35, 34 and 34 (6,000). The earlier records ran
 in the earlier CPU regime (64 of 73 px, fp32, B = 1000, validation every 125; search-64of73px.json): there,
 about 19,000 trial-iterations per seed for the first four arms, 2 hours on 2 cores (seed 0: asha-tpe 23,
 random 30, top-k 23 and PBT 50 minutes, about 0.29 s of wall time per trial-iteration with two trials at once;
