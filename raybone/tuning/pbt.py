@@ -104,11 +104,12 @@ def within_space(config: dict, spec: Spec) -> dict:
 
 
 def _member(spec: Spec, index: int) -> dict:
+    searched = spec.searched()
     if index < len(spec.start_from):
-        return {"trial_index": index} | {name: spec.start_from[index][name] for name in spec.searched()}
+        return {"trial_index": index} | {name: spec.start_from[index][name] for name in searched}
     return {"trial_index": index} | {
-        name: _draw(np.random.default_rng([spec.seed, index, position]), spec.searched()[name])
-        for position, name in enumerate(sorted(spec.searched()))
+        name: _draw(np.random.default_rng([spec.seed, index, position]), searched[name])
+        for position, name in enumerate(sorted(searched))
     }
 
 

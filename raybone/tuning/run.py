@@ -90,11 +90,12 @@ def run_search(
     callbacks = [TrialProgress(spec), LiveTables(spec, path, root if remote else None), *loggers(spec, name)]
     data = spec.prepare_data()
     _check_input_size(spec, data)
+    saved = json.loads(results.read_text(results.join(path, ENVIRONMENT))) if resume else {}
     if resume:
-        _check_same_data(path, data)
+        _check_same_data(path, saved, data)
     max_concurrent = _start_cluster(spec, root, address, shared_storage, console)
     if resume:
-        max_concurrent = _kept_concurrency(path, max_concurrent, console)
+        max_concurrent = _kept_concurrency(saved, max_concurrent, console)
     study.mkdir(parents=True, exist_ok=True)
     _save_provenance(spec, data, path, study, max_concurrent)
 
@@ -177,10 +178,9 @@ def _check_resumable(path: Path | str, spec: Spec) -> pd.DataFrame | None:
     return None
 
 
-def _check_same_data(path: Path | str, data: PreparedData) -> None:
+def _check_same_data(path: Path | str, environment: dict, data: PreparedData) -> None:
     """Refuse to resume trials on other data than they started on: the experiment would mix two datasets, and
     environment.json, rewritten on resume, would record only the second."""
-    environment = json.loads(results.read_text(results.join(path, ENVIRONMENT)))
     if data_changed(environment, data):
         raise RayboneError(
             f"cannot resume {_name(path)!r}: its trials started on other data ({data.path}: the images, readings or "
@@ -188,10 +188,10 @@ def _check_same_data(path: Path | str, data: PreparedData) -> None:
         )
 
 
-def _kept_concurrency(path: Path | str, fits: int, console: Console) -> int:
+def _kept_concurrency(environment: dict, fits: int, console: Console) -> int:
     """How many trials a resumed search trains at once: Tune restores the limit the search started with (its
     tune_config is saved with the experiment), whatever the cluster or `resources` are now."""
-    kept = json.loads(results.read_text(results.join(path, ENVIRONMENT))).get("max_concurrent_trials", fits)
+    kept = environment.get("max_concurrent_trials", fits)
     if kept != fits:
         console.print(
             f"[yellow]note:[/] the resumed search trains up to {kept} at a time, as it started (Ray Tune restores "
