@@ -56,7 +56,7 @@ class TrainConfig(_Strict):
     lr: float = Field(1e-4, gt=0, le=1)
     decay_steps: int = Field(500, ge=1)  # lr is halved every decay_steps iterations
     l2_weight: float = Field(1.0, ge=0)  # weight of sum_j p_j (j - y)^2 in L2CE
-    weight_decay: float = Field(0.1, ge=0)  # the paper's regularization strength, on FC layers
+    weight_decay: float = Field(0.1, ge=0)  # the paper's regularization strength, on the class layer
     batch_size: int = Field(32, ge=1)
     iterations: int = Field(5000, ge=1)
     eval_every: int = Field(500, ge=1)

@@ -111,12 +111,19 @@ def sex_feature(sex_code) -> torch.Tensor:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Optimizer groups: `weight_decay` on fully connected weights only, as in the paper."""
-    fc_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    """Optimizer groups: `weight_decay` on the class layer's weights (the last Linear) only, the rest undecayed.
+
+    Adam adds the decay to the gradient before scaling it, so a weight whose own gradient is far smaller than
+    weight_decay * weight is pulled to zero at the learning rate per step. VGG16's two hidden fully connected
+    layers (120 M weights) are such: at the recipe's 0.1 their mean size fell from 8e-3 to 1e-5 by iteration 1,000
+    and the network predicted one class throughout (bench/regime.py --model vgg16). GoogLeNet's only Linear is its class
+    layer, so it trains as before.
+    """
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].weight
     trainable = [p for p in model.parameters() if p.requires_grad]
     return [
-        {"params": [p for p in trainable if id(p) in fc_weights], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if id(p) not in fc_weights], "weight_decay": 0.0},
+        {"params": [p for p in trainable if p is head], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if p is not head], "weight_decay": 0.0},
     ]
 
 
