@@ -9,12 +9,13 @@ validation split of the rest), for `--iterations` at `--input-size` crops of the
 median predictor (always the median class of the training split), and its test figures at the end.
 Goal (issue 16): validation RMSE <= 2.0 years within about 20 minutes on 2 cores. `--lr` trains the recipe at
 another initial learning rate (still halved every 500 iterations): does the search space hold a point that learns
-faster? Judge that by the validation curve; the test figures are printed, never chosen on. The trial runs with the
+faster? Judge that by the validation curve; the test figures are printed, never chosen on. `--model vgg16` trains
+the same recipe with VGG16: does the paper's other network fit the CPU budget? The trial runs with the
 spec's defaults, channels-last and bf16 training steps where the CPU has bf16 instructions (bench/cpu.py); `--fp32`
 trains it as every CPU trial ran before those (amp and channels_last off).
 
     python bench/regime.py [--iterations 2000] [--input-size 88] [--resize-to 100] [--eval-every 250] [--lr 1e-4]
-                           [--fp32] [--work DIR]
+                           [--model googlenet|vgg16] [--fp32] [--work DIR]
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def _options(parser) -> None:
     parser.add_argument("--resize-to", type=int, default=100, help="re-warp the 100 px images to this side first")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--lr", type=float, default=PAPER["lr"], help="initial learning rate (the recipe's: 1e-4)")
+    parser.add_argument("--model", choices=["googlenet", "vgg16"], default=PAPER["model"])
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast, no channels-last")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--work", help="working folder (its prepared data is reused)")
@@ -57,12 +59,20 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     data, test = held_out_data(work)
     start_local_ray(num_cpus=None if args.device == "cuda" else 2)
-    recipe = {**recipe_train(args.input_size, args.resize_to, args.iterations, args.eval_every), "lr": args.lr}
+    recipe = {
+        **recipe_train(args.input_size, args.resize_to, args.iterations, args.eval_every),
+        "lr": args.lr,
+        "model": args.model,
+    }
     if args.fp32:
         recipe |= {"amp": False, "channels_last": False}
     size = f"{args.input_size}of{args.resize_to}"
     # The recipe's own lr and the defaults keep the old names.
-    tag = ("" if args.lr == PAPER["lr"] else f"-lr{args.lr:g}") + ("-fp32" if args.fp32 else "")
+    tag = (
+        ("" if args.model == PAPER["model"] else f"-{args.model}")
+        + ("" if args.lr == PAPER["lr"] else f"-lr{args.lr:g}")
+        + ("-fp32" if args.fp32 else "")
+    )
     name = f"recipe-{size}px-{args.iterations}{tag}"
     spec = load_spec(spec_file(work, name, recipe, args.device))
     outcome = run_search(spec, name=name, results_dir=work)
@@ -105,7 +115,8 @@ def main() -> None:
     }
     met = reached is not None and reached["minutes"] <= GOAL_MINUTES
     summary = (
-        f"recipe (lr {args.lr:g}{', fp32' if args.fp32 else ''}) at {args.input_size} of {args.resize_to} px: val RMSE "
+        f"recipe ({args.model}, lr {args.lr:g}{', fp32' if args.fp32 else ''}) at {args.input_size} of "
+        f"{args.resize_to} px: val RMSE "
         f"{curve[-1]['val_rmse']:.2f} y after {curve[-1]['iteration']} iterations in {curve[-1]['minutes']:.1f} min; "
         + (
             f"<= {GOAL_RMSE} y first at {reached['iteration']} it, {reached['minutes']:.1f} min"
