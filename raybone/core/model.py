@@ -115,9 +115,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
     Adam adds the decay to the gradient before scaling it, so a weight whose own gradient is far smaller than
     weight_decay * weight is pulled to zero at the learning rate per step. VGG16's two hidden fully connected
-    layers (120 M weights) are such: at the recipe's 0.1 their mean size fell from 8e-3 to 1e-5 by iteration 1,000
-    and the network predicted one class throughout (bench/regime.py --model vgg16). GoogLeNet's only Linear is its class
-    layer, so it trains as before.
+    layers (120 M weights) are such: at the recipe's 0.1 their mean size fell from 8e-3 to 1e-5 by iteration 1,000,
+    too small to pass a signal (bench/regime.py --model vgg16). GoogLeNet's only Linear is its class layer, so it
+    trains as before.
     """
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].weight
     trainable = [p for p in model.parameters() if p.requires_grad]
