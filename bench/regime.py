@@ -30,6 +30,7 @@ from _common import finish, parse_args
 from quality import PAPER, held_out_data, median_rmse, recipe_train, spec_file, test_metrics
 
 from raybone.api import load_experiment
+from raybone.core.catalog import MODELS
 from raybone.core.engine import cpu_has_bf16
 from raybone.spec import load_spec
 from raybone.tuning.cluster import start_local_ray
@@ -44,7 +45,7 @@ def _options(parser) -> None:
     parser.add_argument("--resize-to", type=int, default=100, help="re-warp the 100 px images to this side first")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--lr", type=float, default=PAPER["lr"], help="initial learning rate (the recipe's: 1e-4)")
-    parser.add_argument("--model", choices=["googlenet", "vgg16"], default=PAPER["model"])
+    parser.add_argument("--model", choices=MODELS, default=PAPER["model"])
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast, no channels-last")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--work", help="working folder (its prepared data is reused)")
