@@ -105,18 +105,81 @@ def test_search_resumes_after_sigkill(tmp_path, scheduler):
     assert again.returncode == 0 and "already finished (2 trials); nothing to resume" in again.stdout
 
 
-def _completed_checkpoints(experiment: Path) -> dict[Path, float]:
-    """Checkpoint files of Train runs that reached the final iteration, with their modification times."""
+def test_a_search_killed_during_its_last_trial_continues_it_and_names_a_checkpoint_it_cannot(tmp_path):
+    """When the driver dies during the search's last trial, the trials table lists every trial, one still running:
+    the resume continues it (it once answered 'already finished'). A checkpoint whose optimizer state no longer fits
+    the model (a VGG16 search started before weight decay moved to the class layer) fails the trial with one line
+    naming the checkpoint; once the checkpoint fits again, the trial resumes."""
     import torch
 
-    done = {}
+    env = {**os.environ, "RAYBONE_CACHE": str(tmp_path / "cache"), "COLUMNS": "1000"}
+    settings = ["data.image_size=40", "input_size=32", "batch_size=8", "iterations=120", "eval_every=10"]
+    settings += ["num_samples=1", "scheduler.type=none", "resources.max_failures=0"]
+    args = [arg for setting in settings for arg in ("--set", setting)]
+    driver = _raybone("search", "--name", "killed", "--results-dir", str(tmp_path), *args, env=env)
+    experiment = tmp_path / "killed"
+    deadline = time.time() + 300
+    while not (_checkpoints(experiment) and (experiment / "trials.parquet").exists()):  # the trial has reported
+        assert driver.poll() is None, driver.stdout.read()
+        assert time.time() < deadline, "no report before the deadline"
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    saved = _settled_checkpoints(experiment)  # the one Train registered last is among them
+    assert max(saved.values()) < 120, "the trial finished before the kill"
+    assert (pd.read_parquet(experiment / "trials.parquet").status == "running").all()
+
+    originals = {path: path.read_bytes() for path in saved}
+    for path in saved:  # the optimizer's two parameter groups (decayed, not) as one
+        state = torch.load(path, weights_only=True)
+        groups = state["optimizer"]["param_groups"]
+        state["optimizer"]["param_groups"] = [{**groups[0], "params": groups[0]["params"] + groups[1]["params"]}]
+        torch.save(state, path)
+    resume = [sys.executable, "-m", "raybone", "search", "--resume", "killed", "--results-dir", str(tmp_path)]
+    failed = subprocess.run(resume, capture_output=True, text=True, env=env, timeout=300)
+    assert failed.returncode == 0 and "already finished" not in failed.stdout, failed.stdout
+    (row,) = pd.read_parquet(experiment / "trials.parquet").itertuples()
+    assert row.status == "error" and row.error.startswith("cannot continue from checkpoint "), row.error
+    assert any(str(path.parent) in row.error for path in saved), row.error
+    assert f"trial {row.trial_id} failed: {row.error}" in " ".join(failed.stdout.split()), failed.stdout
+
+    for path, data in originals.items():
+        path.write_bytes(data)
+    resumed = subprocess.run(resume, capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout
+    (row,) = pd.read_parquet(experiment / "trials.parquet").itertuples()
+    assert row.status == "completed" and row.iteration == 120, row
+    history = pd.read_parquet(experiment / "history.parquet")
+    after = history[history.resumed_from > 0]
+    (start,) = after.resumed_from.unique()  # continued from a checkpoint, not from the start
+    assert start in saved.values() and list(after.iteration) == list(range(start + 10, 121, 10)), history
+
+
+def _checkpoints(experiment: Path) -> dict[Path, int]:
+    """Every checkpoint file written so far, with its iteration."""
+    import torch
+
+    found = {}
     for path in experiment.glob("train/trial-*/checkpoint_*/checkpoint.pt"):
         try:
-            if torch.load(path, weights_only=True)["iteration"] == 6:
-                done[path] = path.stat().st_mtime
+            found[path] = torch.load(path, weights_only=True)["iteration"]
         except Exception:  # being written right now
             continue
-    return done
+    return found
+
+
+def _settled_checkpoints(experiment: Path) -> dict[Path, int]:
+    """The checkpoints once no more are written: a worker outlives its killed driver for a moment."""
+    while True:
+        before = _checkpoints(experiment)
+        time.sleep(2)
+        if _checkpoints(experiment) == before:
+            return before
+
+
+def _completed_checkpoints(experiment: Path) -> dict[Path, float]:
+    """Checkpoint files of Train runs that reached the final iteration, with their modification times."""
+    return {path: path.stat().st_mtime for path, iteration in _checkpoints(experiment).items() if iteration == 6}
 
 
 def test_resume_refuses_a_folder_raybone_did_not_create(tmp_path):

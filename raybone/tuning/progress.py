@@ -6,7 +6,9 @@ import ray.tune
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from raybone.errors import printable
 from raybone.spec import Spec
+from raybone.tuning.tables import trial_error
 
 
 class TrialProgress(ray.tune.Callback):
@@ -66,6 +68,10 @@ class TrialProgress(ray.tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._describe(trials, ending=trial)
+        last = (trial.last_result or {}).get("iteration")  # none yet after a resume
+        at = f" at iteration {last}" if last else ""
+        message = printable(trial_error(trial))
+        self._console.print(f"[red]trial {trial.trial_id} failed[/]{at}: {message}", highlight=False)
 
     def _describe(self, trials, ending=None, state: str | None = None) -> None:
         """'2 running, best val_rmse 3.120'. Tune calls on_trial_complete while the trial is still RUNNING, so the

@@ -35,7 +35,7 @@ from raybone.tuning.loggers import log_best_checkpoint, loggers
 from raybone.tuning.pbt import pbt_population, pbt_scheduler, pbt_space, population_warning
 from raybone.tuning.progress import TrialProgress
 from raybone.tuning.searcher import OptunaSearcher, warm_start_trials
-from raybone.tuning.tables import LiveTables, history_table, trials_table
+from raybone.tuning.tables import FINISHED, LiveTables, history_table, trials_table
 from raybone.tuning.trial import TRIAL_DRIVER_MEMORY, run_trial, trial_arrays
 
 PACKAGES = ("raybone", "ray", "torch", "torchvision", "kornia", "optuna", "pydicom", "numpy", "pandas", "pyarrow")
@@ -173,7 +173,9 @@ def _check_resumable(path: Path | str, spec: Spec) -> pd.DataFrame | None:
         )
     if results.exists(results.join(path, TRIALS)):
         trials = results.read_parquet(results.join(path, TRIALS))
-        if len(trials) >= spec.num_samples and not (trials.status == "error").any():
+        # The live table lists each trial from its first report, so a search killed during its last trials holds
+        # them all, still running.
+        if len(trials) >= spec.num_samples and trials.status.isin(FINISHED).all():
             return trials
     return None
 

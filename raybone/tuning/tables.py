@@ -8,9 +8,11 @@ history.parquet  one row per validation report of every trial: the learning curv
 
 from __future__ import annotations
 
+import os
 from pathlib import PurePath
 
 import pandas as pd
+import ray.cloudpickle
 import ray.tune
 
 from raybone.errors import one_line
@@ -33,6 +35,7 @@ HISTORY_COLUMNS = [
     "node",
     "checkpoint_path",
 ]
+FINISHED = ("completed", "stopped_early")  # a trial's status once it ended without an error (else running, error)
 
 
 def trials_table(
@@ -91,10 +94,25 @@ def trial_row(
         "wall_time_s": last.get("time_total_s"),
         "node": last.get("node"),
         "checkpoint_path": located(last.get("checkpoint_path")),
-        # A Ray task error's cause is what the trial raised: its message, without the remote traceback before it.
-        "error": one_line(getattr(error, "cause", None) or error) if error else None,
+        "error": error_message(error) if error else None,
         "trial_path": located(path),
     }
+
+
+def error_message(error) -> str:
+    """A failed trial's error on one line. A Ray task error's cause is what the trial raised: its message, without
+    the remote traceback before it."""
+    return one_line(getattr(error, "cause", None) or error)
+
+
+def trial_error(trial) -> str:
+    """What a failed Tune trial raised, on one line. Tune pickles it beside the trial before it calls the callbacks
+    (the copy in storage comes later); an error it cannot pickle is only in its text file, traceback first."""
+    pickled = trial.pickled_error_file
+    if pickled and os.path.exists(pickled):
+        with open(pickled, "rb") as file:
+            return error_message(ray.cloudpickle.load(file))
+    return error_message(trial.get_error() or "no error recorded")
 
 
 def _numbered(table: pd.DataFrame, spec: Spec) -> pd.DataFrame:
@@ -135,7 +153,7 @@ class LiveTables(ray.tune.Callback):
         self._update(trial, _status(None, last.get("iteration", 0), self._spec.iterations), None)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._update(trial, "error", trial.get_error() or "error")
+        self._update(trial, "error", trial_error(trial))
 
     def _update(self, trial, status: str, error) -> None:
         reports = pd.DataFrame(self._reports)

@@ -33,6 +33,7 @@ from ray.train.torch import TorchTrainer
 from ray.util.queue import Queue
 
 from raybone.data import PreparedData
+from raybone.errors import RayboneError
 from raybone.spec import Spec
 from raybone.tuning.pbt import within_space
 from raybone.tuning.worker import train_loop_per_worker
@@ -166,7 +167,14 @@ def _relay_to_tune(trainer: TorchTrainer, reports: Queue, pointer: dict | None) 
             (Path(folder) / POINTER).write_text(json.dumps({**pointer, "path": metrics.get("checkpoint_path")}))
             ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
     if failure:
-        raise failure[0]
+        raise _own_error(failure[0])
+
+
+def _own_error(err: BaseException) -> BaseException:
+    """The message raybone raised on a worker (a checkpoint it cannot continue) over Train's wrapper, which leads
+    with the worker's traceback; any other failure as it is."""
+    failures = err.worker_failures.values() if isinstance(err, ray.train.WorkerGroupError) else ()
+    return next((failure for failure in failures if isinstance(failure, RayboneError)), err)
 
 
 def _fit(trainer: TorchTrainer, failure: list) -> None:

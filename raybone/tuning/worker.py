@@ -24,6 +24,7 @@ from raybone.core.engine import predict_probs, resize, to_layout, train_step
 from raybone.core.loss import balanced_class_weights, create_loss
 from raybone.core.metrics import readout_metrics
 from raybone.core.model import create_model, parameter_groups, sex_feature
+from raybone.errors import RayboneError
 from raybone.spec import TrainConfig
 
 
@@ -171,10 +172,20 @@ def _restore(
     _unwrap(model).load_state_dict(state.get("training_model", state["model"]))
     if average is not None and "average" in state:
         average.load_state_dict(state["average"])
-    optimizer.load_state_dict(state["optimizer"])
+    _load_optimizer(optimizer, state["optimizer"], checkpoint.path)
     schedule.load_state_dict(state["schedule"])
     _adopt(cfg, optimizer, schedule, state["iteration"])
     return state["iteration"], state["metrics"], checkpoint.path
+
+
+def _load_optimizer(optimizer, state: dict, path: str) -> None:
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError as err:  # PyTorch: the saved parameter groups differ from the model's, in number or size
+        raise RayboneError(
+            f"cannot continue from checkpoint {path}: its optimizer state does not fit the model (a VGG16 search "
+            "from before weight decay moved to the class layer alone, 2026-12-06): rerun it under a new --name"
+        ) from err
 
 
 def _adopt(cfg: TrainConfig, optimizer, schedule, iteration: int) -> None:
