@@ -502,13 +502,19 @@ def test_a_pbt_population_larger_than_the_trials_at_once_is_called_out():
     assert population_warning(load_spec(QUICK, ["num_samples=5"]), 2) is None  # ASHA starts trials as others end
 
 
-def test_the_progress_line_counts_only_trials_still_running():
+def test_the_progress_line_counts_only_trials_still_running_and_names_a_failed_trials_error(tmp_path, capsys):
     # Tune calls on_trial_complete while the ending trial's status is still RUNNING, on_trial_error after it set
     # ERROR (tune_controller.py); the line said "1 running" after the last trial had finished.
+    import ray.cloudpickle
+
     progress = TrialProgress(load_spec(QUICK, TINY))
     progress.setup()
     first, second = (SimpleNamespace(trial_id=i, status="RUNNING", last_result={}) for i in ("a", "b"))
     trials = [first, second]
+    second.pickled_error_file = str(tmp_path / "error.pkl")  # where Tune pickles what the trial raised
+    second.last_result = {"iteration": 4}
+    with open(second.pickled_error_file, "wb") as file:
+        ray.cloudpickle.dump(RuntimeError("the worker ran\nout of memory"), file)
 
     def description():
         return progress._progress.tasks[0].description
@@ -523,6 +529,7 @@ def test_the_progress_line_counts_only_trials_still_running():
         first.status, second.status = "TERMINATED", "ERROR"
         progress.on_trial_error(0, trials, second)
         assert description() == "0 running, best val_rmse 3.500"
+        assert "trial b failed at iteration 4: the worker ran out of memory" in capsys.readouterr().out
         progress.on_experiment_end(trials)
         assert description() == "finished, best val_rmse 3.500"
     finally:
