@@ -511,29 +511,54 @@ def test_the_progress_line_counts_only_trials_still_running_and_names_a_failed_t
     progress.setup()
     first, second = (SimpleNamespace(trial_id=i, status="RUNNING", last_result={}) for i in ("a", "b"))
     trials = [first, second]
-    second.pickled_error_file = str(tmp_path / "error.pkl")  # where Tune pickles what the trial raised
-    second.last_result = {"iteration": 4}
+    second.pickled_error_file, second.error_file = str(tmp_path / "error.pkl"), None  # where Tune writes the error
     with open(second.pickled_error_file, "wb") as file:
-        ray.cloudpickle.dump(RuntimeError("the worker ran\nout of memory"), file)
+        ray.cloudpickle.dump(RuntimeError("[/enforce fail at alloc_cpu.cpp:117] the worker ran\nout of memory"), file)
 
     def description():
         return progress._progress.tasks[0].description
 
     try:
+        for trial in trials:
+            progress.on_trial_start(0, trials, trial)
         progress.on_trial_result(0, trials, first, {"iteration": 2, "val_rmse": 3.5})
+        progress.on_trial_result(0, trials, second, {"iteration": 4, "val_rmse": 3.6})
         assert description() == "2 running, best val_rmse 3.500"
-        progress.on_experiment_end(trials)  # as after Ctrl-C
+        progress.on_experiment_end(trials)  # as after an error in Tune
         assert description() == "stopped, best val_rmse 3.500"
+        first.status = second.status = "TERMINATED"  # as after Ctrl-C: Tune stops them without a word
+        progress.on_experiment_end(trials)
+        assert description() == "stopped, best val_rmse 3.500"
+        first.status = second.status = "RUNNING"
         progress.on_trial_complete(0, trials, first)
         assert description() == "1 running, best val_rmse 3.500"
         first.status, second.status = "TERMINATED", "ERROR"
         progress.on_trial_error(0, trials, second)
         assert description() == "0 running, best val_rmse 3.500"
-        assert "trial b failed at iteration 4: the worker ran out of memory" in capsys.readouterr().out
+        # printed as it is: rich would read the bracket as markup (a closing tag raised, and stopped the search)
+        failed = "trial b failed at iteration 4: [/enforce fail at alloc_cpu.cpp:117] the worker ran out of memory"
+        assert failed in " ".join(capsys.readouterr().out.split())
         progress.on_experiment_end(trials)
         assert description() == "finished, best val_rmse 3.500"
     finally:
         progress._progress.stop()
+
+
+def test_a_failed_trials_error_is_read_from_the_files_tune_writes_beside_it(tmp_path):
+    import ray.cloudpickle
+
+    from raybone.tuning.tables import trial_error
+
+    trial = SimpleNamespace(pickled_error_file=None, error_file=None)
+    assert trial_error(trial) == "no error recorded"
+    trial.error_file = tmp_path / "error.txt"  # Tune pickles only task and actor errors; the text has each failure
+    trial.error_file.write_text("Failure # 1 (occurred at 2026-12-06)\nfirst\nFailure # 2 (occurred at ...)\nlast\n")
+    assert trial_error(trial) == "last"
+    trial.pickled_error_file = tmp_path / "error.pkl"
+    cause = ValueError("what the trial raised")
+    with open(trial.pickled_error_file, "wb") as file:
+        ray.cloudpickle.dump(SimpleNamespace(cause=cause), file)  # a Ray task error carries it as its cause
+    assert trial_error(trial) == "what the trial raised"
 
 
 def test_a_resume_on_other_data_is_refused_and_the_experiment_kept(tiny_experiment, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ray.tune
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from raybone.errors import printable
 from raybone.spec import Spec
@@ -37,13 +38,18 @@ class TrialProgress(ray.tune.Callback):
         self._seen: dict[str, int] = {}
         self._best = None
         self._trial_best: dict[str, tuple[float, int]] = {}  # trial id -> (best value, its iteration)
+        self._unended: set[str] = set()  # trials started in this run that Tune has not said ended
         self._progress.start()
 
     def on_experiment_end(self, trials, **info):
-        # Tune calls this on Ctrl-C and on errors too, with trials still unfinished.
-        done = all(t.status in ("TERMINATED", "ERROR") for t in trials)
+        # Tune calls this on Ctrl-C and on errors too, with trials still unfinished; after a Ctrl-C it has marked
+        # the running ones TERMINATED without telling the callbacks they ended.
+        done = not self._unended and all(t.status in ("TERMINATED", "ERROR") for t in trials)
         self._describe(trials, state="finished" if done else "stopped")
         self._progress.stop()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._unended.add(trial.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._advance(trial.trial_id, result.get("iteration", 0))
@@ -55,6 +61,7 @@ class TrialProgress(ray.tune.Callback):
         self._describe(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._unended.discard(trial.trial_id)
         last = trial.last_result or {}
         # An early-stopped trial never reaches the last iteration: its unused budget counts as done.
         self._advance(trial.trial_id, self._spec.iterations)
@@ -67,11 +74,12 @@ class TrialProgress(ray.tune.Callback):
         )
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._unended.discard(trial.trial_id)
         self._describe(trials, ending=trial)
-        last = (trial.last_result or {}).get("iteration")  # none yet after a resume
+        last = self._seen.get(trial.trial_id)  # reported in this run: Tune's last_result may predate a resume
         at = f" at iteration {last}" if last else ""
-        message = printable(trial_error(trial))
-        self._console.print(f"[red]trial {trial.trial_id} failed[/]{at}: {message}", highlight=False)
+        failed = Text.assemble((f"trial {trial.trial_id} failed", "red"), f"{at}: {printable(trial_error(trial))}")
+        self._console.print(failed, highlight=False)
 
     def _describe(self, trials, ending=None, state: str | None = None) -> None:
         """'2 running, best val_rmse 3.120'. Tune calls on_trial_complete while the trial is still RUNNING, so the

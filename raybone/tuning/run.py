@@ -35,7 +35,7 @@ from raybone.tuning.loggers import log_best_checkpoint, loggers
 from raybone.tuning.pbt import pbt_population, pbt_scheduler, pbt_space, population_warning
 from raybone.tuning.progress import TrialProgress
 from raybone.tuning.searcher import OptunaSearcher, warm_start_trials
-from raybone.tuning.tables import FINISHED, LiveTables, history_table, trials_table
+from raybone.tuning.tables import FINISHED, LiveTables, ended_trials, history_table, trials_table
 from raybone.tuning.trial import TRIAL_DRIVER_MEMORY, run_trial, trial_arrays
 
 PACKAGES = ("raybone", "ray", "torch", "torchvision", "kornia", "optuna", "pydicom", "numpy", "pandas", "pyarrow")
@@ -114,18 +114,20 @@ def run_search(
     if warning := population_warning(spec, max_concurrent):
         console.print(f"[yellow]warning:[/] {warning}")
     grid = tuner.fit()
-    live = results.join(path, HISTORY)
-    history = history_table(
-        grid, root if remote else None, results.read_parquet(live) if results.exists(live) else None
-    )
-    trials = trials_table(grid, spec, history, storage_location=root if remote else None)
+    live_history, live_trials = (_read_if_there(results.join(path, table)) for table in (HISTORY, TRIALS))
+    history = history_table(grid, root if remote else None, live_history)
+    trials = trials_table(grid, spec, history, ended_trials(live_trials), storage_location=root if remote else None)
     results.write_parquet(trials, results.join(path, TRIALS))
-    results.write_parquet(history, live)
+    results.write_parquet(history, results.join(path, HISTORY))
     if remote and (study / STUDY).is_file():  # a copy beside the tables, so the storage holds the whole experiment
         results.copy_file(study / STUDY, results.join(path, STUDY))
     if "mlflow" in spec.loggers and not remote:
         log_best_checkpoint(spec, name, _best(trials, spec))
     return SearchOutcome(path, trials, _best(trials, spec))
+
+
+def _read_if_there(table) -> pd.DataFrame | None:
+    return results.read_parquet(table) if results.exists(table) else None
 
 
 def trial_trainable(spec: Spec, arrays: dict, train_storage: str, trial=run_trial):

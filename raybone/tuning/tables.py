@@ -9,7 +9,7 @@ history.parquet  one row per validation report of every trial: the learning curv
 from __future__ import annotations
 
 import os
-from pathlib import PurePath
+from pathlib import Path, PurePath
 
 import pandas as pd
 import ray.cloudpickle
@@ -39,15 +39,22 @@ FINISHED = ("completed", "stopped_early")  # a trial's status once it ended with
 
 
 def trials_table(
-    result_grid, spec: Spec, history: pd.DataFrame, storage_location: str | PurePath | None = None
+    result_grid,
+    spec: Spec,
+    history: pd.DataFrame,
+    ended: set[str],
+    storage_location: str | PurePath | None = None,
 ) -> pd.DataFrame:
-    """One row per trial, its best report found in `history` (history_table's). With `storage_location` a URI,
-    checkpoint and trial paths are URIs too (Ray reports them without their scheme)."""
+    """One row per trial, its best report found in `history` (history_table's). A trial not in `ended` (the trials
+    Tune said had ended: after a Ctrl-C it stops the others silently) stays `running`, so --resume continues it.
+    With `storage_location` a URI, checkpoint and trial paths are URIs too (Ray reports them without their scheme)."""
     rows = []
     for result in result_grid:
         metrics, config = result.metrics or {}, result.config or {}
-        status = _status(result.error, metrics.get("iteration", 0), spec.iterations)
         trial_id = metrics.get("trial_id") or config.get("__trial_id", "")
+        status = _status(result.error, metrics.get("iteration", 0), spec.iterations)
+        if status == "stopped_early" and trial_id not in ended:
+            status = "running"
         rows.append(
             trial_row(
                 spec,
@@ -106,13 +113,21 @@ def error_message(error) -> str:
 
 
 def trial_error(trial) -> str:
-    """What a failed Tune trial raised, on one line. Tune pickles it beside the trial before it calls the callbacks
-    (the copy in storage comes later); an error it cannot pickle is only in its text file, traceback first."""
-    pickled = trial.pickled_error_file
+    """What a failed Tune trial raised, on one line, from the files Tune writes beside the trial before it calls the
+    callbacks (their copies in storage come later): the pickled error (a task's or an actor's), else the last
+    failure in the text file."""
+    pickled, text = trial.pickled_error_file, trial.error_file
     if pickled and os.path.exists(pickled):
         with open(pickled, "rb") as file:
             return error_message(ray.cloudpickle.load(file))
-    return error_message(trial.get_error() or "no error recorded")
+    if text and os.path.exists(text):  # "Failure # 2 (occurred at ...)\n<the error>\n", one per failure
+        return one_line(Path(text).read_text().rpartition("Failure # ")[2].partition("\n")[2])
+    return "no error recorded"
+
+
+def ended_trials(live_trials: pd.DataFrame | None) -> set[str]:
+    """The trials LiveTables saw end (its table: `running` until Tune says a trial completed or errored)."""
+    return set() if live_trials is None else set(live_trials.trial_id[live_trials.status != "running"])
 
 
 def _numbered(table: pd.DataFrame, spec: Spec) -> pd.DataFrame:

@@ -183,8 +183,8 @@ def _load_optimizer(optimizer, state: dict, path: str) -> None:
         optimizer.load_state_dict(state)
     except ValueError as err:  # PyTorch: the saved parameter groups differ from the model's, in number or size
         raise RayboneError(
-            f"cannot continue from checkpoint {path}: its optimizer state does not fit the model (a VGG16 search "
-            "from before weight decay moved to the class layer alone, 2026-12-06): rerun it under a new --name"
+            "cannot continue from a checkpoint whose optimizer state does not fit the model (a VGG16 search from "
+            f"before 2026-12-06, when weight decay moved to the class layer alone): rerun it under a new --name; {path}"
         ) from err
 
 
