@@ -561,6 +561,15 @@ def test_a_failed_trials_error_is_read_from_the_files_tune_writes_beside_it(tmp_
     assert trial_error(trial) == "what the trial raised"
 
 
+def test_only_trials_seen_to_end_without_an_error_count_as_ended():
+    from raybone.tuning.tables import ended_trials
+
+    live = pd.DataFrame({"trial_id": list("abcd"), "status": ["completed", "stopped_early", "running", "error"]})
+    # d failed before a resume, which restarts it: stopped by Ctrl-C again before it reported, it has not ended
+    assert ended_trials(live) == {"a", "b"}
+    assert ended_trials(None) == set()
+
+
 def test_a_resume_on_other_data_is_refused_and_the_experiment_kept(tiny_experiment, tmp_path):
     # The unfinished trials would go on training on other images or readings, and environment.json would then
     # record only the new data.

@@ -126,8 +126,9 @@ def trial_error(trial) -> str:
 
 
 def ended_trials(live_trials: pd.DataFrame | None) -> set[str]:
-    """The trials LiveTables saw end (its table: `running` until Tune says a trial completed or errored)."""
-    return set() if live_trials is None else set(live_trials.trial_id[live_trials.status != "running"])
+    """The trials LiveTables saw end without an error. One it saw fail and that raises nothing now was restarted
+    (a resume retries failed trials), so it has not ended."""
+    return set() if live_trials is None else set(live_trials.trial_id[live_trials.status.isin(FINISHED)])
 
 
 def _numbered(table: pd.DataFrame, spec: Spec) -> pd.DataFrame:
