@@ -173,12 +173,11 @@ def _check_resumable(path: Path | str, spec: Spec) -> pd.DataFrame | None:
             f"cannot resume {name!r}: its trials started with another spec ({'; '.join(changed)}); only "
             "resources and loggers may change on resume: drop the other --set options, or search under a new --name"
         )
-    if results.exists(results.join(path, TRIALS)):
-        trials = results.read_parquet(results.join(path, TRIALS))
-        # The live table lists each trial from its first report, so a search killed during its last trials holds
-        # them all, still running.
-        if len(trials) >= spec.num_samples and trials.status.isin(FINISHED).all():
-            return trials
+    trials = _read_if_there(results.join(path, TRIALS))
+    # The live table lists each trial from its first report, so a search killed during its last trials holds them
+    # all, still running.
+    if trials is not None and len(trials) >= spec.num_samples and trials.status.isin(FINISHED).all():
+        return trials
     return None
 
 
