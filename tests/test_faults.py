@@ -93,3 +93,42 @@ def test_killed_train_worker_resumes_from_its_checkpoint(local_ray, tmp_path):
     # The restarted run continued from the last checkpoint the first one reported, not from zero.
     assert restarted.resumed_from.iloc[0] == first_run.iteration.max() >= 20
     assert history.iteration.max() == 400
+
+
+_START_AT_ONCE = """
+import sys, time
+from pathlib import Path
+import ray
+from raybone.tuning.cluster import start_local_ray
+Path(sys.argv[1] + ".ready").touch()
+while not Path(sys.argv[2]).exists():
+    time.sleep(0.01)
+print(start_local_ray(num_cpus=1).dashboard_url)
+ray.shutdown()
+"""
+
+
+def test_two_searches_started_at_the_same_moment_both_get_a_cluster(tmp_path):
+    """Both saw the dashboard's port free, and the second's Ray failed to start with a traceback."""
+    import subprocess
+    import sys
+
+    go = tmp_path / "go"
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-c", _START_AT_ONCE, str(tmp_path / str(i)), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    deadline = time.time() + 120
+    while not all((tmp_path / f"{i}.ready").exists() for i in range(2)):
+        assert time.time() < deadline, "the two processes never got ready"
+        time.sleep(0.05)
+    go.touch()
+    outputs = [start.communicate(timeout=120)[0] for start in starts]
+    assert [start.returncode for start in starts] == [0, 0], outputs
+    urls = [output.strip().splitlines()[-1] for output in outputs]
+    assert len(set(urls)) == 2 and all(url.startswith("127.0.0.1:") for url in urls), outputs

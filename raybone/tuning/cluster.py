@@ -3,12 +3,15 @@ its nodes reach the results' storage."""
 
 from __future__ import annotations
 
+import getpass
 import math
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import ray
+from filelock import FileLock
 from rich.console import Console
 
 from raybone.errors import RayboneError, SpecError
@@ -120,18 +123,22 @@ def start_local_ray(num_cpus: int | None = None):
 
     Its workers are told their dashboard: with two Ray instances on one machine, Train's placement-group
     cleaner cannot tell which is theirs, and finished trials would keep their CPUs (later trials hang).
+    Searches started at the same moment take turns: both saw the dashboard port free, and the second one's Ray
+    failed to start with a traceback once the first had bound it.
     """
-    port = _free_port(DASHBOARD_PORT)
-    return ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        include_dashboard=True,
-        log_to_driver=False,
-        configure_logging=False,
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
-    )
+    # A lock per user: another user's lock file in /tmp could not be opened.
+    with FileLock(Path(tempfile.gettempdir()) / f"raybone-ray-start-{getpass.getuser()}.lock"):
+        port = _free_port(DASHBOARD_PORT)
+        return ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            include_dashboard=True,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+        )
 
 
 def _free_port(preferred: int) -> int:
