@@ -143,3 +143,27 @@ def test_mirror_copies_a_uri_folder_once_and_refreshes_what_changed(tmp_path):
 
     with pytest.raises(RayboneError, match=r"file://.*/nowhere: no such folder"):
         results.mirror(f"file://{tmp_path}/nowhere", local)
+
+
+def test_the_history_names_restored_checkpoints_as_uris_like_its_own(tmp_path):
+    """A PBT trial's restored_from is the donor's checkpoint_path, also on a URI storage (Ray reports both without the
+    scheme), so the two join."""
+    from types import SimpleNamespace
+
+    from raybone.tuning.tables import history_table
+
+    train = tmp_path / "shared" / "pbt" / "train"
+    reports = pd.DataFrame(
+        {
+            "trial_id": ["a", "b"],
+            "iteration": [4, 6],
+            "timestamp": [1, 2],
+            "resumed_from": [0, 4],
+            "restored_from": [None, f"{train}/trial-a/checkpoint_0"],
+            "checkpoint_path": [f"{train}/trial-a/checkpoint_0", f"{train}/trial-b-1a2b3c/checkpoint_0"],
+        }
+    )
+    history = history_table([SimpleNamespace(metrics_dataframe=reports)], f"file://{tmp_path}/shared")
+    donor, exploiter = history.itertuples()
+    assert exploiter.restored_from == donor.checkpoint_path == f"file://{train}/trial-a/checkpoint_0"
+    assert pd.isna(donor.restored_from)

@@ -233,11 +233,13 @@ def history_table(
 
 
 def _located_checkpoints(history: pd.DataFrame, storage_location: str | PurePath | None) -> pd.DataFrame:
-    """History rows with their checkpoint paths as URIs on a URI storage (Ray reports them without the scheme)."""
-    if storage_location is not None and "checkpoint_path" in history:
-        history["checkpoint_path"] = [
-            as_location(p, storage_location) if isinstance(p, str) else None for p in history["checkpoint_path"]
-        ]
+    """History rows with their checkpoint paths, and those their runs restored from, as URIs on a URI storage (Ray
+    reports them without the scheme; a restored_from that was not located would match no checkpoint_path)."""
+    for column in ("checkpoint_path", "restored_from"):
+        if storage_location is not None and column in history:
+            history[column] = [
+                as_location(p, storage_location) if isinstance(p, str) else None for p in history[column]
+            ]
     return history
 
 
