@@ -99,36 +99,45 @@ _START_AT_ONCE = """
 import sys, time
 from pathlib import Path
 import ray
-from raybone.tuning.cluster import start_local_ray
+from raybone.tuning import cluster
+cluster.DASHBOARD_PORT = int(sys.argv[3])
 Path(sys.argv[1] + ".ready").touch()
 while not Path(sys.argv[2]).exists():
     time.sleep(0.01)
-print(start_local_ray(num_cpus=1).dashboard_url)
+print(cluster.start_local_ray(num_cpus=1).dashboard_url)
 ray.shutdown()
 """
 
 
 def test_two_searches_started_at_the_same_moment_both_get_a_cluster(tmp_path):
     """Both saw the dashboard's port free, and the second's Ray failed to start with a traceback."""
+    import socket
     import subprocess
     import sys
 
+    with socket.socket() as probe:  # a preferred port free now: 8265 may be another Ray's, and then both would
+        probe.bind(("127.0.0.1", 0))  # skip it for random free ports, with or without the fix
+        preferred = probe.getsockname()[1]
     go = tmp_path / "go"
     starts = [
         subprocess.Popen(
-            [sys.executable, "-c", _START_AT_ONCE, str(tmp_path / str(i)), str(go)],
+            [sys.executable, "-c", _START_AT_ONCE, str(tmp_path / str(i)), str(go), str(preferred)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
         for i in range(2)
     ]
-    deadline = time.time() + 120
-    while not all((tmp_path / f"{i}.ready").exists() for i in range(2)):
-        assert time.time() < deadline, "the two processes never got ready"
-        time.sleep(0.05)
-    go.touch()
-    outputs = [start.communicate(timeout=120)[0] for start in starts]
+    try:
+        deadline = time.time() + 120
+        while not all((tmp_path / f"{i}.ready").exists() for i in range(2)):
+            assert time.time() < deadline, "the two processes never got ready"
+            time.sleep(0.05)
+        go.touch()
+        outputs = [start.communicate(timeout=120)[0] for start in starts]
+    finally:
+        for start in starts:  # a failed wait leaves no cluster behind
+            start.kill()
     assert [start.returncode for start in starts] == [0, 0], outputs
-    urls = [output.strip().splitlines()[-1] for output in outputs]
-    assert len(set(urls)) == 2 and all(url.startswith("127.0.0.1:") for url in urls), outputs
+    urls = sorted(output.strip().splitlines()[-1] for output in outputs)
+    assert f"127.0.0.1:{preferred}" in urls and len(set(urls)) == 2, outputs

@@ -3,7 +3,6 @@ its nodes reach the results' storage."""
 
 from __future__ import annotations
 
-import getpass
 import math
 import os
 import socket
@@ -126,8 +125,10 @@ def start_local_ray(num_cpus: int | None = None):
     Searches started at the same moment take turns: both saw the dashboard port free, and the second one's Ray
     failed to start with a traceback once the first had bound it.
     """
-    # A lock per user: another user's lock file in /tmp could not be opened.
-    with FileLock(Path(tempfile.gettempdir()) / f"raybone-ray-start-{getpass.getuser()}.lock"):
+    # A lock per user id: another user's lock file in /tmp could not be opened. (Not the user name: a container's
+    # user id may have none. Windows has no user ids, and gives each user a temporary folder of their own.)
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    with FileLock(Path(tempfile.gettempdir()) / f"raybone-ray-start-{uid}.lock"):
         port = _free_port(DASHBOARD_PORT)
         return ray.init(
             address="local",
