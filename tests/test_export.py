@@ -254,11 +254,14 @@ def _copied_to_a_bucket(results: Path, bucket: Path) -> Path:
     shutil.copytree(results / "tiny", bucket / "tiny", ignore=shutil.ignore_patterns("report"))
     for table, columns in (
         ("trials.parquet", ["checkpoint_path", "best_checkpoint_path"]),
-        ("history.parquet", ["checkpoint_path"]),
+        ("history.parquet", ["checkpoint_path", "restored_from"]),
     ):
         frame = pd.read_parquet(bucket / "tiny" / table)
         for column in columns:
-            frame[column] = [f"file://{bucket}/tiny/{Path(p).relative_to(results / 'tiny')}" for p in frame[column]]
+            frame[column] = [
+                f"file://{bucket}/tiny/{Path(p).relative_to(results / 'tiny')}" if isinstance(p, str) else None
+                for p in frame[column]
+            ]
         frame.to_parquet(bucket / "tiny" / table)
     return bucket
 
