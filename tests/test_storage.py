@@ -167,3 +167,22 @@ def test_the_history_names_restored_checkpoints_as_uris_like_its_own(tmp_path):
     donor, exploiter = history.itertuples()
     assert exploiter.restored_from == donor.checkpoint_path == f"file://{train}/trial-a/checkpoint_0"
     assert pd.isna(donor.restored_from)
+
+
+def test_a_pbt_run_starts_from_its_donors_checkpoint_as_a_location_with_its_scheme(tmp_path):
+    """Ray reports a checkpoint's path without the scheme; a run that exploits it opens it without being told the
+    filesystem, and a schemeless path in a bucket is no local path (every PBT exploit on s3:// failed)."""
+    import ray.train
+
+    from raybone.tuning.trial import donor_start
+
+    train = tmp_path / "shared" / "pbt" / "train"
+    (train / "trial-a" / "checkpoint_0").mkdir(parents=True)
+    (train / "trial-a" / "checkpoint_0" / "checkpoint.pt").write_bytes(b"weights")
+    donor = {"path": str(train / "trial-a" / "checkpoint_0"), "trial_id": "a"}
+
+    start = donor_start(donor, f"file://{train}")
+    assert start == {"path": f"file://{train}/trial-a/checkpoint_0", "trial_id": "a"}
+    with ray.train.Checkpoint(start["path"]).as_directory() as folder:
+        assert (Path(folder) / "checkpoint.pt").read_bytes() == b"weights"
+    assert donor_start(donor, str(train)) == donor  # a local folder: the path as it is

@@ -34,6 +34,7 @@ from ray.util.queue import Queue
 
 from raybone.data import PreparedData
 from raybone.errors import RayboneError
+from raybone.experiments.storage import as_location
 from raybone.spec import Spec
 from raybone.tuning.pbt import within_space
 from raybone.tuning.worker import train_loop_per_worker
@@ -109,7 +110,7 @@ def _trainer(
             "seed": trial_seed(spec.seed, config["trial_index"] if donor is None else zlib.crc32(run.encode())),
             "threads": max(1, int(r.cpus_per_worker)),
             # PBT: where this run starts when its own run has no checkpoint yet, and whose that checkpoint is
-            "start_from": None if donor is None else {"path": donor["path"], "trial_id": donor["trial_id"]},
+            "start_from": None if donor is None else donor_start(donor, storage),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.num_workers,
@@ -182,6 +183,13 @@ def _fit(trainer: TorchTrainer, failure: list) -> None:
         trainer.fit()
     except BaseException as err:  # raised again in the trial's own thread
         failure.append(err)
+
+
+def donor_start(donor: dict, storage: str) -> dict:
+    """Where a PBT run that exploits `donor` starts: the donor's checkpoint as a location its workers open without
+    being told the filesystem. Ray reports the path without its scheme, which on a bucket is no local path: every
+    exploit on s3:// or gs:// storage failed ("URI has empty scheme")."""
+    return {"path": as_location(donor["path"], storage), "trial_id": donor["trial_id"]}
 
 
 def _pointer(checkpoint: ray.tune.Checkpoint | None) -> dict | None:
