@@ -1,3 +1,4 @@
+import socket
 import time
 from pathlib import Path
 
@@ -37,6 +38,13 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def free_port() -> int:
+    """A port nothing listens on now (8265, Ray's dashboard default, may be another Ray's)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 class LocalCluster:

@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -10,7 +12,7 @@ import pandas as pd
 import pytest
 import ray
 import torch
-from conftest import TINY
+from conftest import TINY, free_port
 from ray.util.placement_group import placement_group
 from ray.util.state import list_actors
 
@@ -111,13 +113,8 @@ ray.shutdown()
 
 def test_two_searches_started_at_the_same_moment_both_get_a_cluster(tmp_path):
     """Both saw the dashboard's port free, and the second's Ray failed to start with a traceback."""
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as probe:  # a preferred port free now: 8265 may be another Ray's, and then both would
-        probe.bind(("127.0.0.1", 0))  # skip it for random free ports, with or without the fix
-        preferred = probe.getsockname()[1]
+    # A preferred port free now: were it busy, both would skip it for random free ports, with or without the fix.
+    preferred = free_port()
     go = tmp_path / "go"
     starts = [
         subprocess.Popen(

@@ -1,7 +1,6 @@
 """A real two-node Ray cluster on this machine: trials spread over both nodes, results through a file:// URI
 (pyarrow's filesystem, the code path of s3://), a local folder refused, and a node that leaves mid-search."""
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import ray
+from conftest import free_port
 from ray.cluster_utils import Cluster
 
 from raybone.core.checkpoint import read_checkpoint
@@ -23,13 +23,6 @@ QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
 SMALL = ["data.image_size=40", "input_size=32", "batch_size=8", "scheduler.type=none", "resources.cpus_per_worker=1"]
 
 
-def _free_port() -> int:
-    """Cluster's head takes 8265 or fails, and another Ray on this machine may hold it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster():
     """A head and a second node, one CPU each; the head runs the dashboard Train-in-Tune needs."""
@@ -39,7 +32,7 @@ def cluster():
             "num_cpus": 1,
             "include_dashboard": True,
             "dashboard_host": "127.0.0.1",
-            "dashboard_port": _free_port(),
+            "dashboard_port": free_port(),  # the head takes 8265 or fails
         },
     )
     second = cluster.add_node(num_cpus=1)
