@@ -20,7 +20,9 @@ With averaging the validation curve falls steadily, but only from about 0.6B: be
 scores as the median predictor, so an earlier rung would compare nothing.
 Each is exported as a model folder and scored once on the test set with six-crop averaging, beside the median
 predictor (always the training split's median class). Goals: (b) beats (a) by >= 0.10 y test RMSE, (c) by
->= 0.20 y. `--device cuda` runs the same arms with B = 2000 (an estimated 10-15 minutes of an H100/H200 for all
+>= 0.20 y. `--no-early-stopping` trains every trial of (b) to B (4 trials, 4B; quality-no-early-stopping.json):
+ASHA stops the trials that would be (c)'s other members at 3B/4, and an ensemble of unfinished models is held
+back by them. `--device cuda` runs the same arms with B = 2000 (an estimated 10-15 minutes of an H100/H200 for all
 the arms). Until 2026-12-06 the CPU regime was 64 of 73 px with B = 1000 in fp32 (bench/results/quality.json of
 2026-12-02): at 88 px the recipe needed 30 minutes per 2,000 iterations then.
 
@@ -33,8 +35,8 @@ and 231 s (GoogLeNet, kernel-launch bound) in bench/gpu.py: about 4-5 minutes of
 machine has no Ray, Optuna, Kornia or pydantic, and no ../shared/data: bench/device_stage.py carries them there
 in three calls, the last of which runs this (README).
 
-    python bench/quality.py [--recipe-iterations B] [--trials 5] [--work DIR] [--quick] [--device cpu|cuda]
-        [--paper-scale]
+    python bench/quality.py [--recipe-iterations B] [--trials N] [--no-early-stopping] [--work DIR] [--quick]
+        [--device cpu|cuda] [--paper-scale]
 """
 
 from __future__ import annotations
@@ -113,7 +115,12 @@ LEARNED = 2.5  # a model above this test RMSE (y) has not learned (median predic
 
 def _options(parser) -> None:
     parser.add_argument("--recipe-iterations", type=int, help="B: the recipe's iterations and any trial's most")
-    parser.add_argument("--trials", type=int, default=5, help="trials in the search (none with --paper-scale)")
+    parser.add_argument("--trials", type=int, help="trials in the search (default 5, 4 with --no-early-stopping)")
+    parser.add_argument(
+        "--no-early-stopping",
+        action="store_true",
+        help="the search trains every trial to B, so that (c)'s members all finish (quality-no-early-stopping.json)",
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--work", help="working folder of an earlier run: its prepared data and finished arms are kept")
     parser.add_argument(
@@ -255,8 +262,10 @@ def main() -> None:
         results = {"reference": reference, **_paper_scale(work, test, args.device, regime)}
         finish("quality-paper-scale", args, results, _paper_summary(results), started)
     else:
-        results = {"reference": reference, **_arms(work, test, args.device, regime, 3 if args.quick else args.trials)}
-        finish("quality", args, results, _summary(results), started)
+        stopping = not args.no_early_stopping
+        trials = 3 if args.quick else args.trials or (5 if stopping else 4)  # about 4B trial-iterations either way
+        results = {"reference": reference, **_arms(work, test, args.device, regime, trials, stopping)}
+        finish("quality" if stopping else "quality-no-early-stopping", args, results, _summary(results), started)
     ray.shutdown()
 
 
@@ -269,14 +278,16 @@ def _regime(args) -> dict:
     return regime
 
 
-def _arms(work: Path, test: PreparedData, device: str, regime: dict, trials: int) -> dict:
-    """Arms (a) to (d) and the recipe's other seeds, each scored on the held-out hands."""
+def _arms(work: Path, test: PreparedData, device: str, regime: dict, trials: int, early_stopping: bool) -> dict:
+    """Arms (a) to (d) and the recipe's other seeds, each scored on the held-out hands; without `early_stopping`
+    the search trains every trial to B."""
     train = recipe_train(**regime)
     tag = regime_tag(regime)
     recipe = run_arm(work, f"quality-recipe-{tag}", train, device)
     averaged = run_arm(work, f"quality-recipe-ema-{tag}", {**train, **AVERAGING}, device)
     search_train = {**train, **AVERAGING, **SEARCHED, "readout": "expected"}
-    search = run_arm(work, f"quality-search-ema-{tag}", search_train, device, trials, [RECIPE_POINT])
+    name, scheduler = ("search-ema", None) if early_stopping else ("search-ema-full", {"type": "none"})
+    search = run_arm(work, f"quality-{name}-{tag}", search_train, device, trials, [RECIPE_POINT], scheduler=scheduler)
     experiment = load_experiment(search.path)
     arms = {
         "recipe": (load_experiment(recipe.path).best(), recipe),
@@ -290,7 +301,7 @@ def _arms(work: Path, test: PreparedData, device: str, regime: dict, trials: int
             "recipe": train,
             "searched": SEARCHED,
             "averaging": AVERAGING,
-            "rung": RUNG,
+            "rung": RUNG if early_stopping else None,
             "trials": trials,
             "cpu_has_bf16": cpu_has_bf16(),  # with amp (the default), CPU training steps ran in bf16
         },
