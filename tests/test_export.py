@@ -425,6 +425,23 @@ def test_an_ensemble_worse_than_its_best_member_is_noted(tmp_path, capsys, metri
     assert ("is worse than its best member's alone" in capsys.readouterr().out) == warned
 
 
+@pytest.mark.parametrize(("ended", "stopped"), [(1250, True), (1500, False)])
+def test_a_member_whose_trial_a_scheduler_stopped_says_so(ended, stopped):
+    from raybone.cli import _member_line
+
+    member = SimpleNamespace(
+        row=pd.Series({"iteration": ended}),
+        train_config=lambda: SimpleNamespace(iterations=1500),
+        trial_id="abc123",
+        iteration=1000,  # its best checkpoint's, before the end either way
+        metric="val_rmse",
+        metrics=lambda: {"val_rmse": 2.0004},
+    )
+    line = _member_line(2, member)
+    assert line.startswith("member 2: trial abc123, iteration 1000, val_rmse 2")
+    assert ("its trial stopped at 1,250 of 1,500 iterations" in line) == stopped, line
+
+
 def test_an_ensemble_predicts_and_evaluates_with_its_members_probabilities_averaged(experiment, ensemble, tmp_path):
     from raybone.core.engine import predict_trained
     from raybone.modelfolder.predict import Predictor, evaluate
