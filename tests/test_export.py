@@ -425,21 +425,25 @@ def test_an_ensemble_worse_than_its_best_member_is_noted(tmp_path, capsys, metri
     assert ("is worse than its best member's alone" in capsys.readouterr().out) == warned
 
 
-@pytest.mark.parametrize(("ended", "stopped"), [(1250, True), (1500, False)])
-def test_a_member_whose_trial_a_scheduler_stopped_says_so(ended, stopped):
+@pytest.mark.parametrize(
+    ("status", "ended", "noted"),
+    [("stopped_early", 1250, True), ("completed", 1500, False), ("running", 750, False), ("error", 750, False)],
+)
+def test_a_member_whose_trial_a_scheduler_stopped_says_so(status, ended, noted):
     from raybone.cli import _member_line
 
     member = SimpleNamespace(
-        row=pd.Series({"iteration": ended}),
+        row=pd.Series({"iteration": ended, "status": status}),
         train_config=lambda: SimpleNamespace(iterations=1500),
         trial_id="abc123",
-        iteration=1000,  # its best checkpoint's, before the end either way
+        iteration=500,  # its best checkpoint's, before the end in every case
         metric="val_rmse",
         metrics=lambda: {"val_rmse": 2.0004},
     )
     line = _member_line(2, member)
-    assert line.startswith("member 2: trial abc123, iteration 1000, val_rmse 2")
-    assert ("its trial stopped at 1,250 of 1,500 iterations" in line) == stopped, line
+    assert line.startswith("member 2: trial abc123, iteration 500, val_rmse 2")
+    assert ("its trial stopped at 1,250 of 1,500 iterations" in line) == noted, line
+    assert ("stopped" in line) == noted, line
 
 
 def test_an_ensemble_predicts_and_evaluates_with_its_members_probabilities_averaged(experiment, ensemble, tmp_path):
