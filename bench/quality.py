@@ -251,13 +251,13 @@ def curves(path) -> dict[str, list]:
 
 def main() -> None:
     args = parse_args(__doc__, _options)
-    started = time.perf_counter()
-    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="raybone-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
     if args.paper_scale and (args.no_early_stopping or args.trials):
         raise SystemExit(
             "--paper-scale trains the recipe per network, no search: drop --no-early-stopping and --trials"
         )
+    started = time.perf_counter()
+    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="raybone-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
     regime = _regime(args)
     data, test = held_out_data(work, regime["resize_to"])
     start_local_ray(num_cpus=None if args.device == "cuda" else 2)
@@ -429,16 +429,18 @@ def _paper_summary(results: dict) -> str:
     )
 
 
+def _gains(reference: dict, test: dict) -> list[float]:
+    """How much lower `test`'s RMSE is than `reference`'s, arg-max and expected (years)."""
+    return [reference[key] - test[key] for key in ("rmse_argmax", "rmse_expected")]
+
+
 def _verdict(reference: dict, test: dict, goal: float) -> str:
     """Whether `test` gains `goal` on `reference` on each readout, unrounded: 0.1996 y misses a goal of 0.20."""
-    return "/".join(
-        "met" if reference[key] - test[key] >= goal else "MISSED" for key in ("rmse_argmax", "rmse_expected")
-    )
+    return "/".join("met" if gain >= goal else "MISSED" for gain in _gains(reference, test))
 
 
 def _gain(reference: dict, test: dict) -> str:
-    """How much lower `test`'s RMSE is than `reference`'s, arg-max/expected (years)."""
-    return "/".join(f"{reference[key] - test[key]:+.4f}" for key in ("rmse_argmax", "rmse_expected")) + " y"
+    return "/".join(f"{gain:+.4f}" for gain in _gains(reference, test)) + " y"
 
 
 if __name__ == "__main__":
