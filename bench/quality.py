@@ -35,8 +35,8 @@ and 231 s (GoogLeNet, kernel-launch bound) in bench/gpu.py: about 4-5 minutes of
 machine has no Ray, Optuna, Kornia or pydantic, and no ../shared/data: bench/device_stage.py carries them there
 in three calls, the last of which runs this (README).
 
-    python bench/quality.py [--recipe-iterations B] [--trials N] [--no-early-stopping] [--work DIR] [--quick]
-        [--device cpu|cuda] [--paper-scale]
+    python bench/quality.py [--recipe-iterations B] [--trials N] [--no-early-stopping] [--seed S] [--work DIR]
+        [--quick] [--device cpu|cuda] [--paper-scale]
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ AVERAGING = {"ema": 0.99}
 # said nothing before ~0.6 of it.
 RUNG = 0.75
 ENSEMBLE = 3
-# Two more runs of the recipe (experiment seed 1: other initial weights and batches): with (a), the seed-to-seed
-# spread of its test RMSE, which a gain must exceed to mean anything.
+# Two more runs of the recipe (experiment seed S + 1 for --seed S: other initial weights and batches): with (a),
+# the seed-to-seed spread of its test RMSE, which a gain must exceed to mean anything.
 REPEATS = 2
 # The paper's scale (--paper-scale): its recipe per network, validated ten times as in bench/gpu.py's paper trial.
 PAPER_SCALE = {"input_size": 224, "resize_to": 256, "iterations": 5000, "eval_every": 500}
@@ -120,6 +120,12 @@ def _options(parser) -> None:
         "--no-early-stopping",
         action="store_true",
         help="the search trains every trial to B, so that (c)'s members all finish (quality-no-early-stopping.json)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="experiment seed of (a), (b) and (d), S + 1 for the recipe's other runs; S > 0 names its JSON -seedS",
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--work", help="working folder of an earlier run: its prepared data and finished arms are kept")
@@ -263,13 +269,14 @@ def main() -> None:
     start_local_ray(num_cpus=None if args.device == "cuda" else 2)
     reference = median_reference(data, test)
     if args.paper_scale:
-        results = {"reference": reference, **_paper_scale(work, test, args.device, regime)}
-        finish("quality-paper-scale", args, results, _paper_summary(results), started)
+        results = {"reference": reference, **_paper_scale(work, test, args.device, regime, args.seed)}
+        finish(_seeded("quality-paper-scale", args.seed), args, results, _paper_summary(results), started)
     else:
         stopping = not args.no_early_stopping
         trials = 3 if args.quick else args.trials or (5 if stopping else 4)  # about 4B trial-iterations either way
-        results = {"reference": reference, **_arms(work, test, args.device, regime, trials, stopping)}
-        finish("quality" if stopping else "quality-no-early-stopping", args, results, _summary(results), started)
+        results = {"reference": reference, **_arms(work, test, args.device, regime, trials, stopping, args.seed)}
+        name = _seeded("quality" if stopping else "quality-no-early-stopping", args.seed)
+        finish(name, args, results, _summary(results), started)
     ray.shutdown()
 
 
@@ -282,16 +289,20 @@ def _regime(args) -> dict:
     return regime
 
 
-def _arms(work: Path, test: PreparedData, device: str, regime: dict, trials: int, early_stopping: bool) -> dict:
-    """Arms (a) to (d) and the recipe's other seeds, each scored on the held-out hands; without `early_stopping`
-    the search trains every trial to B."""
+def _arms(
+    work: Path, test: PreparedData, device: str, regime: dict, trials: int, early_stopping: bool, seed: int
+) -> dict:
+    """Arms (a) to (d) at experiment seed `seed` and the recipe's other seeds, each scored on the held-out hands;
+    without `early_stopping` the search trains every trial to B."""
     train = recipe_train(**regime)
-    tag = regime_tag(regime)
-    recipe = run_arm(work, f"quality-recipe-{tag}", train, device)
-    averaged = run_arm(work, f"quality-recipe-ema-{tag}", {**train, **AVERAGING}, device)
+    tag = _seeded(regime_tag(regime), seed)
+    recipe = run_arm(work, f"quality-recipe-{tag}", train, device, seed=seed)
+    averaged = run_arm(work, f"quality-recipe-ema-{tag}", {**train, **AVERAGING}, device, seed=seed)
     search_train = {**train, **AVERAGING, **SEARCHED, "readout": "expected"}
     name, scheduler = ("search-ema", None) if early_stopping else ("search-ema-full", {"type": "none"})
-    search = run_arm(work, f"quality-{name}-{tag}", search_train, device, trials, [RECIPE_POINT], scheduler=scheduler)
+    search = run_arm(
+        work, f"quality-{name}-{tag}", search_train, device, trials, [RECIPE_POINT], seed=seed, scheduler=scheduler
+    )
     experiment = load_experiment(search.path)
     arms = {
         "recipe": (load_experiment(recipe.path).best(), recipe),
@@ -305,6 +316,7 @@ def _arms(work: Path, test: PreparedData, device: str, regime: dict, trials: int
             "recipe": train,
             "searched": SEARCHED,
             "averaging": AVERAGING,
+            "seed": seed,
             "early_stopping": early_stopping,
             "rung": RUNG if early_stopping else None,
             "trials": trials,
@@ -329,7 +341,7 @@ def _arms(work: Path, test: PreparedData, device: str, regime: dict, trials: int
             **_scored(chosen, work / "models" / arm, test),
             "curves": curves(outcome.path),
         }
-    results["recipe_seeds"] = _recipe_seeds(work, tag, train, device, test, results["arms"]["recipe"])
+    results["recipe_seeds"] = _recipe_seeds(work, tag, train, device, test, results["arms"]["recipe"], seed + 1)
     return results
 
 
@@ -341,11 +353,11 @@ def _scored(chosen, folder: Path, test: PreparedData, device: str = "cpu") -> di
     }
 
 
-def _paper_scale(work: Path, test: PreparedData, device: str, regime: dict) -> dict:
+def _paper_scale(work: Path, test: PreparedData, device: str, regime: dict, seed: int) -> dict:
     """The recipe per network at the paper's scale, the networks trained side by side as one search whose start
     points are the networks, each scored on the held-out hands on the device it trained on."""
     train = {**recipe_train(**regime), "model": {"choices": list(PUBLISHED)}}
-    tag = regime_tag(regime)
+    tag = _seeded(regime_tag(regime), seed)
     points = [{"model": network} for network in PUBLISHED]
     # Both run to the end: spec_file's default for a search, ASHA at 3B/4, would stop the worse network there.
     outcome = run_arm(
@@ -355,6 +367,7 @@ def _paper_scale(work: Path, test: PreparedData, device: str, regime: dict) -> d
         device,
         len(points),
         points,
+        seed,
         scheduler={"type": "none"},
         image_size=regime["resize_to"],
     )
@@ -367,13 +380,14 @@ def _paper_scale(work: Path, test: PreparedData, device: str, regime: dict) -> d
             **_scored(trial, work / "models" / f"paper-{network}", test, device),
             "published_validation": PUBLISHED[network],
         }
-    settings = {"regime": regime, "recipe": train}
+    settings = {"regime": regime, "recipe": train, "seed": seed}
     return {"settings": settings, "test_images": len(test.labels), "networks": networks, "curves": curves(outcome.path)}
 
 
-def _recipe_seeds(work: Path, tag: str, train: dict, device: str, test: PreparedData, recipe: dict) -> dict:
-    """The recipe at REPEATS more seeds, scored as (a) is: test RMSE per seed, (a)'s first, with mean and SD."""
-    outcome = run_arm(work, f"quality-recipe-seeds-{tag}", train, device, samples=REPEATS, seed=1)
+def _recipe_seeds(work: Path, tag: str, train: dict, device: str, test: PreparedData, recipe: dict, seed: int) -> dict:
+    """The recipe at REPEATS more seeds (the trials of experiment seed `seed`), scored as (a) is: test RMSE per seed,
+    (a)'s first, with mean and SD."""
+    outcome = run_arm(work, f"quality-recipe-seeds-{tag}", train, device, samples=REPEATS, seed=seed)
     runs = [{"trial_id": recipe["members"][0]["trial_id"], "test": recipe["test"]}]
     for i, trial in enumerate(load_experiment(outcome.path).top(REPEATS), start=1):
         runs.append({"trial_id": trial.trial_id, "test": test_metrics(trial, work / "models" / f"recipe-{i}", test)})
@@ -427,6 +441,11 @@ def _paper_summary(results: dict) -> str:
         f"paper-scale recipe, held-out test ({results['test_images']} RSNA hands; RMSE arg-max/expected; median "
         f"predictor {median:.2f} y): " + " | ".join(line(n, r) for n, r in results["networks"].items())
     )
+
+
+def _seeded(name: str, seed: int) -> str:
+    """A name for experiment seed `seed`: seed 0's is the name itself, so earlier runs and their JSON keep theirs."""
+    return name if seed == 0 else f"{name}-seed{seed}"
 
 
 def _gains(reference: dict, test: dict) -> list[float]:
