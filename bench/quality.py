@@ -98,7 +98,8 @@ AVERAGING = {"ema": 0.99}
 RUNG = 0.75
 ENSEMBLE = 3
 # Two more runs of the recipe (experiment seed S + 1 for --seed S: other initial weights and batches): with (a),
-# the seed-to-seed spread of its test RMSE, which a gain must exceed to mean anything.
+# the seed-to-seed spread of its test RMSE, which a gain must exceed to mean anything. Seed S + 1's own (a) is the
+# first of these (trial 0 at S + 1) again, alone on twice the threads: pooled, the two files hold five seeds, not six.
 REPEATS = 2
 # The paper's scale (--paper-scale): its recipe per network, validated ten times as in bench/gpu.py's paper trial.
 PAPER_SCALE = {"input_size": 224, "resize_to": 256, "iterations": 5000, "eval_every": 500}
@@ -261,6 +262,8 @@ def main() -> None:
         raise SystemExit(
             "--paper-scale trains the recipe per network, no search: drop --no-early-stopping and --trials"
         )
+    if args.seed < 0:
+        raise SystemExit(f"--seed must be 0 or more, not {args.seed}")
     started = time.perf_counter()
     work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="raybone-quality-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -296,6 +299,7 @@ def _arms(
     without `early_stopping` the search trains every trial to B."""
     train = recipe_train(**regime)
     tag = _seeded(regime_tag(regime), seed)
+    models = work / _seeded("models", seed)  # one --work folder may hold several seeds' runs
     recipe = run_arm(work, f"quality-recipe-{tag}", train, device, seed=seed)
     averaged = run_arm(work, f"quality-recipe-ema-{tag}", {**train, **AVERAGING}, device, seed=seed)
     search_train = {**train, **AVERAGING, **SEARCHED, "readout": "expected"}
@@ -338,10 +342,11 @@ def _arms(
                 }
                 for m in members
             ],
-            **_scored(chosen, work / "models" / arm, test),
+            **_scored(chosen, models / arm, test),
             "curves": curves(outcome.path),
         }
-    results["recipe_seeds"] = _recipe_seeds(work, tag, train, device, test, results["arms"]["recipe"], seed + 1)
+    recipe = results["arms"]["recipe"]
+    results["recipe_seeds"] = _recipe_seeds(work, models, tag, train, device, test, recipe, seed + 1)
     return results
 
 
@@ -377,20 +382,22 @@ def _paper_scale(work: Path, test: PreparedData, device: str, regime: dict, seed
         networks[network] = {
             "trial_id": trial.trial_id,
             "iteration": trial.iteration,
-            **_scored(trial, work / "models" / f"paper-{network}", test, device),
+            **_scored(trial, work / _seeded("models", seed) / f"paper-{network}", test, device),
             "published_validation": PUBLISHED[network],
         }
     settings = {"regime": regime, "recipe": train, "seed": seed}
     return {"settings": settings, "test_images": len(test.labels), "networks": networks, "curves": curves(outcome.path)}
 
 
-def _recipe_seeds(work: Path, tag: str, train: dict, device: str, test: PreparedData, recipe: dict, seed: int) -> dict:
+def _recipe_seeds(
+    work: Path, models: Path, tag: str, train: dict, device: str, test: PreparedData, recipe: dict, seed: int
+) -> dict:
     """The recipe at REPEATS more seeds (the trials of experiment seed `seed`), scored as (a) is: test RMSE per seed,
     (a)'s first, with mean and SD."""
     outcome = run_arm(work, f"quality-recipe-seeds-{tag}", train, device, samples=REPEATS, seed=seed)
     runs = [{"trial_id": recipe["members"][0]["trial_id"], "test": recipe["test"]}]
     for i, trial in enumerate(load_experiment(outcome.path).top(REPEATS), start=1):
-        runs.append({"trial_id": trial.trial_id, "test": test_metrics(trial, work / "models" / f"recipe-{i}", test)})
+        runs.append({"trial_id": trial.trial_id, "test": test_metrics(trial, models / f"recipe-{i}", test)})
     spread = {}
     for key in ("rmse_argmax", "rmse_expected"):
         values = [run["test"][key] for run in runs]
