@@ -345,8 +345,8 @@ def _arms(
             **_scored(chosen, models / arm, test),
             "curves": curves(outcome.path),
         }
-    recipe = results["arms"]["recipe"]
-    results["recipe_seeds"] = _recipe_seeds(work, models, tag, train, device, test, recipe, seed + 1)
+    scored_recipe = results["arms"]["recipe"]
+    results["recipe_seeds"] = _recipe_seeds(work, models, tag, train, device, test, scored_recipe, seed + 1)
     return results
 
 
@@ -372,7 +372,7 @@ def _paper_scale(work: Path, test: PreparedData, device: str, regime: dict, seed
         device,
         len(points),
         points,
-        seed,
+        seed=seed,
         scheduler={"type": "none"},
         image_size=regime["resize_to"],
     )
