@@ -99,7 +99,7 @@ RUNG = 0.75
 ENSEMBLE = 3
 # Two more runs of the recipe (experiment seed S + 1 for --seed S: other initial weights and batches): with (a),
 # the seed-to-seed spread of its test RMSE, which a gain must exceed to mean anything. Seed S + 1's own (a) is the
-# first of these (trial 0 at S + 1) again, alone on twice the threads: pooled, the two files hold five seeds, not six.
+# first of these (trial 0 at S + 1) again, alone on twice the threads: pooled, consecutive seeds' files share a run.
 REPEATS = 2
 # The paper's scale (--paper-scale): its recipe per network, validated ten times as in bench/gpu.py's paper trial.
 PAPER_SCALE = {"input_size": 224, "resize_to": 256, "iterations": 5000, "eval_every": 500}
