@@ -22,11 +22,13 @@ from raybone.tuning.run import run_search
 pytestmark = pytest.mark.slow
 
 QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
+# Long enough that the worker killed after its checkpoint at 40 still has about 20 s of training left on 2 cores.
+ITERATIONS = 200
 LONG_TRIAL = [
     "data.image_size=40",
     "input_size=32",
     "batch_size=8",
-    "iterations=400",
+    f"iterations={ITERATIONS}",
     "eval_every=20",
     "scheduler.type=none",
     "num_samples=1",
@@ -85,7 +87,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(local_ray, tmp_path):
     search.join(timeout=600)
 
     (row,) = outcome["run"].trials.itertuples()
-    assert row.status == "completed" and row.iteration == 400 and row.val_rmse > 0
+    assert row.status == "completed" and row.iteration == ITERATIONS and row.val_rmse > 0
     history = pd.read_parquet(outcome["run"].path / "history.parquet")
     assert history.iteration.is_unique and history.iteration.is_monotonic_increasing
     first_run, restarted = history[history.resumed_from == 0], history[history.resumed_from > 0]
@@ -94,7 +96,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(local_ray, tmp_path):
     assert "Failure # 1" in (Path(row.trial_path) / "error.txt").read_text()
     # The restarted run continued from the last checkpoint the first one reported, not from zero.
     assert restarted.resumed_from.iloc[0] == first_run.iteration.max() >= 20
-    assert history.iteration.max() == 400
+    assert history.iteration.max() == ITERATIONS
 
 
 _START_AT_ONCE = """
