@@ -17,6 +17,11 @@ The raybone trials do almost no work: one step of batch 4 at 32 px on 16 images,
 one checkpoint; the train step's time is subtracted (from the worker's `images_per_s`), the evaluation and
 checkpoint of the 8 images are not (they stay in the fixed cost, which they can only overstate).
 
+While each run lasts, every process on the machine is sampled from /proc every 0.1 s, and after it Ray's state API
+says which actor each process hosted: the CPU seconds per trial of the trial's driver, its Train controller and
+worker and each helper actor, and how busy the CPUs were. On a machine of few cores the start-up is CPU work, not
+waiting, so two runs side by side (parallel test processes) cannot hide it.
+
 A Tune callback clocks each trial on the driver: start -> first result (start-up and the work), last result ->
 end (teardown), and end -> the next trial's start (Tune starting the next driver process). The fixed cost of a
 trial is its start-to-end time less the train step, plus the gap before the next one; the summary takes the
@@ -31,7 +36,10 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
+import threading
 import time
+from collections import Counter
+from pathlib import Path
 
 import _common as common
 import numpy as np
@@ -75,8 +83,65 @@ def ray_poll_trial(config: dict, **kwargs) -> None:
     run_trial(config, **kwargs)
 
 
-def run_arm(arm: str, trainable, trials: int, storage: str, spec) -> tuple[list[dict], list[dict]]:
-    """Per-trial costs, and the trials' own clock readings in start order."""
+class ProcessCpu:
+    """CPU seconds each process on this machine spent while the block ran, from /proc (Linux), sampled every 0.1 s:
+    a process that ends loses at most its last 0.1 s. `busy` is the share of all CPUs' time not idle."""
+
+    def __init__(self):
+        self.cpu_s: dict[int, float] = {}
+        self._done = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self):
+        self._before, self._machine = _cpu_by_pid(), _machine_cpu()
+        self._sampler.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._sampler.join()
+        (total, idle), (total_0, idle_0) = _machine_cpu(), self._machine
+        self.busy = 1 - (idle - idle_0) / (total - total_0)
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.1):
+            for pid, cpu in _cpu_by_pid().items():
+                self.cpu_s[pid] = cpu - self._before.get(pid, 0.0)
+
+
+def _cpu_by_pid() -> dict[int, float]:
+    ticks, found = os.sysconf("SC_CLK_TCK"), {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:  # fields 14 and 15 of /proc/PID/stat (utime, stime), counted after the command's closing bracket
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # ended meanwhile
+                continue
+            found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    return found
+
+
+def _machine_cpu() -> tuple[int, int]:
+    """(all, idle) CPU time since boot, in ticks: the first line of /proc/stat, idle counting I/O wait."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(values), values[3] + values[4]
+
+
+def cpu_per_trial(sampled: ProcessCpu, trials: int) -> dict[str, float]:
+    """CPU seconds per trial by the actor class each process hosted (Ray runs each actor in a process of its own);
+    processes that hosted none are the cluster's own (raylet, GCS, dashboard) and idle workers, and `this process`
+    is Tune's loop and the sampler. Every trial of the run counts, the first (which also starts the Tuner) too."""
+    from ray.util.state import list_actors
+
+    hosted = {a.pid: a.class_name.rsplit(".", 1)[-1] for a in list_actors(detail=True, limit=10_000) if a.pid}
+    by_kind = Counter()
+    for pid, cpu in sampled.cpu_s.items():
+        by_kind["this process" if pid == os.getpid() else hosted.get(pid, "cluster and idle workers")] += cpu
+    return {kind: round(cpu / trials, 2) for kind, cpu in by_kind.most_common() if cpu > 0}
+
+
+def run_arm(arm: str, trainable, trials: int, storage: str, spec) -> tuple[list[dict], list[dict], dict]:
+    """Per-trial costs, the trials' own clock readings in start order, and CPU seconds per trial by process."""
     clock = Clock()
     tuner = ray.tune.Tuner(
         trainable,
@@ -84,11 +149,13 @@ def run_arm(arm: str, trainable, trials: int, storage: str, spec) -> tuple[list[
         tune_config=ray.tune.TuneConfig(metric=spec.metric, mode=spec.mode, max_concurrent_trials=1),
         run_config=ray.tune.RunConfig(name=arm, storage_path=storage, verbose=0, callbacks=[clock]),
     )
-    grid = tuner.fit()
+    with ProcessCpu() as sampled:
+        grid = tuner.fit()
     if grid.errors:
         raise RuntimeError(f"{arm}: {grid.errors[0]}")
     clocked = sorted(clock.trials.values(), key=lambda t: t["start"])
-    return _per_trial(clocked, spec.train["batch_size"]), clocked
+    cpu = {"busy": round(sampled.busy, 3), "cpu_s_per_trial": cpu_per_trial(sampled, trials)}
+    return _per_trial(clocked, spec.train["batch_size"]), clocked, cpu
 
 
 def _per_trial(rows: list[dict], batch_size: int) -> list[dict]:
@@ -140,9 +207,10 @@ def main() -> None:
             "raybone_2s_poll": trial_trainable(spec, arrays, f"{storage}/train", trial=ray_poll_trial),
         }
         runs = [(arm, run_arm(f"{arm}-{i}", trainables[arm], trials, storage, spec)) for i, arm in enumerate(ORDER)]
-        arms, steady, paths = {}, {}, {}
-        for arm, (rows, clocked) in runs:
+        arms, steady, paths, cpu = {}, {}, {}, {}
+        for arm, (rows, clocked, used) in runs:
             arms.setdefault(arm, []).append(rows)
+            cpu.setdefault(arm, []).append(used)
             # The first trial of a run also starts the Tuner and its first driver; the last has no gap after it.
             steady.setdefault(arm, []).extend(rows[1:-1])
             if arm != "tune":
@@ -157,6 +225,7 @@ def main() -> None:
         for arm, rows in steady.items()
     }
     goal_met = fixed["raybone"] <= 5.0
+    cpu_s = {arm: common.median(sum(run["cpu_s_per_trial"].values()) for run in runs) for arm, runs in cpu.items()}
     results = {
         "settings": {"trials_per_run": trials, "threads": threads, "order": ", ".join(ORDER)},
         "fixed_cost_per_trial_s": fixed,
@@ -166,13 +235,16 @@ def main() -> None:
             arm: {key: common.median(row[key] for row in path) for key in path[0]} for arm, path in paths.items()
         },
         "critical_path_s": paths,
+        "cpu_per_run": cpu,  # per run of each arm: how busy the CPUs were, and CPU seconds per trial by process
+        "cpu_s_per_trial_median": cpu_s,
         "goal": "raybone fixed cost per trial <= 5 s",
         "goal_met": goal_met,
         "trials": arms,
     }
     summary = (
         f"trial start: raybone {fixed['raybone']:.1f} s per trial ({fixed['raybone_2s_poll']:.1f} s with Ray's 2 s"
-        f" poll), plain Tune {fixed['tune']:.1f} s; goal <= 5 s {'met' if goal_met else 'MISSED'}"
+        f" poll), plain Tune {fixed['tune']:.1f} s; goal <= 5 s {'met' if goal_met else 'MISSED'}; CPU per trial:"
+        f" raybone {cpu_s['raybone']:.1f} s, plain Tune {cpu_s['tune']:.1f} s"
     )
     common.finish(NAME, args, results, summary, started)
 
