@@ -119,9 +119,14 @@ def search(
         warm_start=warm_start,
         console=console,
     )
-    _print_best(outcome.best, f"the best {spec.metric} it reported")
+    if outcome.best is not None:
+        _print_best(outcome.best, f"the best {spec.metric} it reported")
     _say(f"trials:  {join(outcome.path, TRIALS)}")
     _say(f"history: {join(outcome.path, HISTORY)}")
+    if outcome.best is None:  # a script or CI job must not take a search that found nothing for a success
+        failed = int((outcome.trials.status == "error").sum()) if "status" in outcome.trials else 0
+        _error(f"no trial of {name} reported a result; {failed} of {len(outcome.trials)} failed (errors above)")
+        raise typer.Exit(1)
 
 
 @data_app.command("prepare")

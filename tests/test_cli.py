@@ -1,5 +1,11 @@
 """The `raybone` command as a user types it."""
 
+import os
+import subprocess
+import sys
+
+import pandas as pd
+from conftest import TINY
 from typer.testing import CliRunner
 
 from raybone.cli import app
@@ -36,3 +42,22 @@ def test_missing_data_source_is_named(tmp_path):
     result = runner.invoke(app, ["data", "prepare", str(tmp_path / "nowhere")])
     assert result.exit_code == 2
     assert "nowhere" in result.output and "Traceback" not in result.output
+
+
+def test_a_search_in_which_no_trial_reports_exits_1(tmp_path):
+    """A script or CI job running a search must not take one that found nothing for a success (it exited 0)."""
+    weights = tmp_path / "missing.pt"
+    settings = [*TINY, "num_samples=1", "scheduler.type=none", "resources.max_failures=0", f"weights={weights}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "raybone", "search", "--name", "broken", "--results-dir", str(tmp_path / "results")]
+        + [arg for setting in settings for arg in ("--set", setting)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RAYBONE_CACHE": str(tmp_path / "cache"), "COLUMNS": "1000"},
+        timeout=600,
+    )
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "error: no trial of broken reported a result; 1 of 1 failed (errors above)" in result.stderr.splitlines()
+    assert f"failed: cannot read weights file {weights}" in result.stdout, result.stdout[-3000:]
+    (row,) = pd.read_parquet(tmp_path / "results" / "broken" / "trials.parquet").itertuples()
+    assert row.status == "error" and row.error.startswith(f"cannot read weights file {weights}")
