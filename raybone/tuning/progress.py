@@ -56,7 +56,9 @@ class TrialProgress(ray.tune.Callback):
         value = result.get(self._spec.metric)
         if value is not None and self._better(value, self._best):
             self._best = value
-        if value is not None and self._better(value, self._trial_best.get(trial.trial_id, (None,))[0]):
+        held = self._trial_best.get(trial.trial_id, (None,))[0]
+        # The latest of equal scores: Train keeps the latest of equal checkpoints, and trials.parquet names it.
+        if value is not None and (held is None or not self._better(held, value)):
             self._trial_best[trial.trial_id] = (value, result.get("iteration", 0))
         self._describe(trials)
 
@@ -67,8 +69,9 @@ class TrialProgress(ray.tune.Callback):
         self._advance(trial.trial_id, self._spec.iterations)
         self._describe(trials, ending=trial)
         best, at = self._trial_best.get(trial.trial_id, (float("nan"), 0))
+        ended = "finished" if last.get("iteration", 0) >= self._spec.iterations else "stopped early"
         self._console.print(
-            f"trial {trial.trial_id} finished at iteration {last.get('iteration', 0)}: "
+            f"trial {trial.trial_id} {ended} at iteration {last.get('iteration', 0)}: "
             f"{self._spec.metric} {last.get(self._spec.metric, float('nan')):.3f} (its best {best:.3f} at "
             f"iteration {at}, kept)"
         )
