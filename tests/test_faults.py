@@ -99,6 +99,28 @@ def test_killed_train_worker_resumes_from_its_checkpoint(local_ray, tmp_path):
     assert history.iteration.max() == ITERATIONS
 
 
+def _train_runs_started(dashboard_url: str) -> int:
+    return len(
+        list_actors(address=f"http://{dashboard_url}", filters=[("class_name", "=", "TrainController")], limit=10_000)
+    )
+
+
+def test_an_error_raybone_raised_is_not_trained_again_when_tune_retries_the_trial(local_ray, tmp_path):
+    """Weights that cannot be read fail every try alike; each of Tune's retries started a whole Train run."""
+    weights = tmp_path / "missing.pt"
+    spec = load_spec(
+        QUICK, TINY + ["num_samples=1", "scheduler.type=none", "resources.max_failures=2", f"weights={weights}"]
+    )
+    before = _train_runs_started(local_ray.dashboard_url)
+    outcome = run_search(spec, name="weights", results_dir=tmp_path)
+
+    (row,) = outcome.trials.itertuples()
+    assert row.status == "error" and row.error.startswith(f"cannot read weights file {weights}"), row.error
+    tries = (Path(row.trial_path) / "error.txt").read_text()
+    assert "Failure # 3" in tries and tries.count(f"cannot read weights file {weights}") >= 3, tries
+    assert _train_runs_started(local_ray.dashboard_url) - before == 1, "a retry trained again"
+
+
 _START_AT_ONCE = """
 import sys, time
 from pathlib import Path

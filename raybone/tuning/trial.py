@@ -53,6 +53,11 @@ WORKER_START_RETRIES = 2
 # group's placement group held its CPUs until the search ended and later trials could not be placed. (A trial
 # stopped while its workers start could still retry the start; schedulers stop trials only after a report.)
 WORKER_RESTARTS = 0
+# A RayboneError is raybone's own verdict (weights that cannot be read, a checkpoint that no longer fits): trying
+# again meets it again. Tune's FailureConfig retries every error alike, and each retry cost a whole Train run, so a
+# retry within the same search raises the recorded error at once. A resumed search (another driver, another Ray job)
+# tries the trial again: the user may have fixed the cause.
+RAYBONE_ERROR = "raybone_error.json"
 
 
 def trial_seed(experiment_seed: int, trial_index: int) -> int:
@@ -64,6 +69,8 @@ def run_trial(config: dict, *, spec_json: str, data_ref: list, train_storage: st
     """One Tune trial (see the module docstring)."""
     spec = Spec.model_validate_json(spec_json)
     trial_id = ray.tune.get_context().get_trial_id()
+    record = Path(ray.tune.get_context().get_trial_dir()) / RAYBONE_ERROR
+    _raise_again_if_met_in_this_search(record)
     if spec.resources.max_concurrent_trials is not None:  # an autoscaling cluster: wait for a new node
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(NODE_START_TIMEOUT_S))
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(CONTROLLER_POLL_S))
@@ -75,7 +82,7 @@ def run_trial(config: dict, *, spec_json: str, data_ref: list, train_storage: st
         run, donor = f"trial-{trial_id}-{uuid.uuid4().hex[:6]}", start
     reports = Queue(actor_options={"num_cpus": 0})
     trainer = _trainer(spec, config, data_ref, train_storage, run, [_Relay(reports)], donor)
-    _relay_to_tune(trainer, reports, {"trial_id": trial_id, "run": run} if pbt else None)
+    _relay_to_tune(trainer, reports, {"trial_id": trial_id, "run": run} if pbt else None, record)
 
 
 def trial_arrays(data: PreparedData) -> dict:
@@ -151,8 +158,9 @@ class _Relay(ray.train.UserCallback):
         self._reports.put({**metrics[0], **({"checkpoint_path": checkpoint.path} if checkpoint else {})})
 
 
-def _relay_to_tune(trainer: TorchTrainer, reports: Queue, pointer: dict | None) -> None:
-    """Train in a thread; report each of its results to Tune, under PBT with a `pointer` to its checkpoint."""
+def _relay_to_tune(trainer: TorchTrainer, reports: Queue, pointer: dict | None, record: Path | None = None) -> None:
+    """Train in a thread; report each of its results to Tune, under PBT with a `pointer` to its checkpoint. A
+    RayboneError the run ends with is written to `record` (see RAYBONE_ERROR)."""
     failure = []
     thread = threading.Thread(target=lambda: _fit(trainer, failure), daemon=True)
     thread.start()
@@ -168,7 +176,17 @@ def _relay_to_tune(trainer: TorchTrainer, reports: Queue, pointer: dict | None) 
             (Path(folder) / POINTER).write_text(json.dumps({**pointer, "path": metrics.get("checkpoint_path")}))
             ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
     if failure:
-        raise _own_error(failure[0])
+        error = _own_error(failure[0])
+        if record is not None and isinstance(error, RayboneError):
+            record.write_text(json.dumps({"job": ray.get_runtime_context().get_job_id(), "message": str(error)}))
+        raise error
+
+
+def _raise_again_if_met_in_this_search(record: Path) -> None:
+    if record.is_file():
+        met = json.loads(record.read_text())
+        if met["job"] == ray.get_runtime_context().get_job_id():
+            raise RayboneError(met["message"])
 
 
 def _own_error(err: BaseException) -> BaseException:
