@@ -100,13 +100,17 @@ class ProcessCpu:
     def __exit__(self, *exc):
         self._done.set()
         self._sampler.join()
+        self._take()
         (total, idle), (total_0, idle_0) = _machine_cpu(), self._machine
         self.busy = 1 - (idle - idle_0) / (total - total_0)
 
     def _sample(self) -> None:
         while not self._done.wait(0.1):
-            for pid, cpu in _cpu_by_pid().items():
-                self.cpu_s[pid] = cpu - self._before.get(pid, 0.0)
+            self._take()
+
+    def _take(self) -> None:
+        for pid, cpu in _cpu_by_pid().items():
+            self.cpu_s[pid] = cpu - self._before.get(pid, 0.0)
 
 
 def _cpu_by_pid() -> dict[int, float]:
@@ -129,8 +133,9 @@ def _machine_cpu() -> tuple[int, int]:
 
 def cpu_per_trial(sampled: ProcessCpu, trials: int) -> dict[str, float]:
     """CPU seconds per trial by the actor class each process hosted (Ray runs each actor in a process of its own);
-    processes that hosted none are the cluster's own (raylet, GCS, dashboard) and idle workers, and `this process`
-    is Tune's loop and the sampler. Every trial of the run counts, the first (which also starts the Tuner) too."""
+    processes that hosted none are the cluster's own (raylet, GCS, dashboard), idle workers and anything else on the
+    machine, and `this process` is Tune's loop and the sampler. Every trial of the run counts, the first (which also
+    starts the Tuner) too."""
     from ray.util.state import list_actors
 
     hosted = {a.pid: a.class_name.rsplit(".", 1)[-1] for a in list_actors(detail=True, limit=10_000) if a.pid}

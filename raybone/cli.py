@@ -124,9 +124,16 @@ def search(
     _say(f"trials:  {join(outcome.path, TRIALS)}")
     _say(f"history: {join(outcome.path, HISTORY)}")
     if outcome.best is None:  # a script or CI job must not take a search that found nothing for a success
-        failed = int((outcome.trials.status == "error").sum()) if "status" in outcome.trials else 0
-        _error(f"no trial of {name} reported a result; {failed} of {len(outcome.trials)} failed (errors above)")
+        _error(f"no trial of {name} reported a result; {_unscored(outcome.trials, name)}")
         raise typer.Exit(1)
+
+
+def _unscored(trials, name: str) -> str:
+    """Why no trial scored: the failed ones, and those a Ctrl-C left unfinished (a resume continues them)."""
+    status = trials.status if "status" in trials else []
+    failed, unfinished = sum(s == "error" for s in status), sum(s == "running" for s in status)
+    said = f"{failed} of {len(trials)} failed (errors above)"
+    return said + (f", {unfinished} unfinished: raybone search --resume {name} continues them" if unfinished else "")
 
 
 @data_app.command("prepare")
@@ -359,9 +366,6 @@ def _error(text: str) -> None:
 
 
 def _print_best(best, metric: str) -> None:
-    if best is None:
-        console.print("[yellow]no trial reported a result[/]")
-        return
     table = Table(title=f"best trial {best['trial_id']} by {metric}")
     table.add_column("field")
     table.add_column("value")

@@ -20,8 +20,17 @@ class SpecError(RayboneError):
     """A search-space YAML or a --set override is invalid."""
 
 
+class MismatchError(RayboneError):
+    """Weights or a checkpoint that do not fit the model or its optimizer. Unlike a failed download or read, trying
+    again meets it again: a trial that fails with one is not trained again when Tune retries it."""
+
+
 class WeightsError(RayboneError):
     """Pretrained weights cannot be found or do not fit the model."""
+
+
+class WeightsMismatchError(WeightsError, MismatchError):
+    """Pretrained weights that are no state dict, or one that does not fit the model."""
 
 
 # Control characters, and lone surrogates: how Python carries file-name bytes that are not UTF-8.

@@ -61,3 +61,13 @@ def test_a_search_in_which_no_trial_reports_exits_1(tmp_path):
     assert f"failed: cannot read weights file {weights}" in result.stdout, result.stdout[-3000:]
     (row,) = pd.read_parquet(tmp_path / "results" / "broken" / "trials.parquet").itertuples()
     assert row.status == "error" and row.error.startswith(f"cannot read weights file {weights}")
+
+
+def test_a_search_stopped_before_any_report_says_how_to_continue_it():
+    from raybone.cli import _unscored
+
+    trials = pd.DataFrame({"status": ["error", "running", "running"]})
+    assert (
+        _unscored(trials, "x") == "1 of 3 failed (errors above), 2 unfinished: raybone search --resume x continues them"
+    )
+    assert _unscored(pd.DataFrame(), "x") == "0 of 0 failed (errors above)"

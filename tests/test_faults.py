@@ -22,7 +22,7 @@ from raybone.tuning.run import run_search
 pytestmark = pytest.mark.slow
 
 QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
-# Long enough that the worker killed after its checkpoint at 40 still has about 20 s of training left on 2 cores.
+# Long enough that the worker killed after its checkpoint at 40 still has about 15 s of training left on 2 cores.
 ITERATIONS = 200
 LONG_TRIAL = [
     "data.image_size=40",
@@ -105,9 +105,10 @@ def _train_runs_started(dashboard_url: str) -> int:
     )
 
 
-def test_an_error_raybone_raised_is_not_trained_again_when_tune_retries_the_trial(local_ray, tmp_path):
-    """Weights that cannot be read fail every try alike; each of Tune's retries started a whole Train run."""
-    weights = tmp_path / "missing.pt"
+def test_weights_that_do_not_fit_are_not_trained_again_when_tune_retries_the_trial(local_ray, tmp_path):
+    """They fail every try alike, and each of Tune's retries trained a whole Train run; a resume tries again."""
+    weights = tmp_path / "other.pt"
+    torch.save({"stem.weight": torch.zeros(1)}, weights)
     spec = load_spec(
         QUICK, TINY + ["num_samples=1", "scheduler.type=none", "resources.max_failures=2", f"weights={weights}"]
     )
@@ -115,10 +116,12 @@ def test_an_error_raybone_raised_is_not_trained_again_when_tune_retries_the_tria
     outcome = run_search(spec, name="weights", results_dir=tmp_path)
 
     (row,) = outcome.trials.itertuples()
-    assert row.status == "error" and row.error.startswith(f"cannot read weights file {weights}"), row.error
+    assert row.status == "error" and row.error.startswith(f"weights from {weights} do not fit googlenet"), row.error
     tries = (Path(row.trial_path) / "error.txt").read_text()
-    assert "Failure # 3" in tries and tries.count(f"cannot read weights file {weights}") >= 3, tries
+    assert "Failure # 3" in tries and tries.count(f"weights from {weights} do not fit googlenet") >= 3, tries
     assert _train_runs_started(local_ray.dashboard_url) - before == 1, "a retry trained again"
+    run_search(spec, name="weights", results_dir=tmp_path, resume=True)  # the user may have fixed the cause
+    assert _train_runs_started(local_ray.dashboard_url) - before == 2, "the resume did not try again"
 
 
 _START_AT_ONCE = """

@@ -545,16 +545,16 @@ def test_the_progress_line_counts_only_trials_still_running_and_names_a_failed_t
 
 
 def test_a_trials_last_line_says_how_it_ended_and_names_the_checkpoint_kept(capsys):
-    """Of equal scores Train keeps the latest checkpoint and trials.parquet names it; the line named the first. A trial
-    the scheduler stopped was said to have finished."""
-    progress = TrialProgress(load_spec(QUICK, TINY))  # 4 iterations, a validation every 2
+    """Of equal scores Train keeps the latest checkpoint and trials.parquet names it; the line named the first. A
+    diverged report (NaN) scores nothing. A trial the scheduler stopped was said to have finished."""
+    progress = TrialProgress(load_spec(QUICK, [*TINY, "iterations=6"]))  # a validation every 2
     progress.setup()
     kept, stopped = (SimpleNamespace(trial_id=i, status="RUNNING", last_result={}) for i in ("a", "b"))
     trials = [kept, stopped]
     try:
         for trial in trials:
             progress.on_trial_start(0, trials, trial)
-        for trial, reports in ((kept, [(2, 3.58), (4, 3.58)]), (stopped, [(2, 3.7)])):
+        for trial, reports in ((kept, [(2, 3.58), (4, 3.58), (6, float("nan"))]), (stopped, [(2, 3.7)])):
             for iteration, rmse in reports:
                 trial.last_result = {"iteration": iteration, "val_rmse": rmse}
                 progress.on_trial_result(0, trials, trial, trial.last_result)
@@ -562,7 +562,7 @@ def test_a_trials_last_line_says_how_it_ended_and_names_the_checkpoint_kept(caps
     finally:
         progress._progress.stop()
     printed = " ".join(capsys.readouterr().out.split())
-    assert "trial a finished at iteration 4: val_rmse 3.580 (its best 3.580 at iteration 4, kept)" in printed
+    assert "trial a finished at iteration 6: val_rmse nan (its best 3.580 at iteration 4, kept)" in printed
     assert "trial b stopped early at iteration 2: val_rmse 3.700 (its best 3.700 at iteration 2, kept)" in printed
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from raybone.core.catalog import MODELS
 from raybone.core.inputs import sex_values
-from raybone.errors import WeightsError, one_line
+from raybone.errors import WeightsError, WeightsMismatchError, one_line
 
 FINETUNE = ("full", "head")
 
@@ -169,7 +169,7 @@ def _fetch_state(name: str, arch: _Arch, weights: str) -> tuple[dict, str]:
     except Exception as e:  # missing, unreadable or not a weights-only pickle: all mean "bad file"
         raise WeightsError(f"cannot read weights file {path}: {one_line(e)}") from e
     if not isinstance(state, dict):
-        raise WeightsError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+        raise WeightsMismatchError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
     return state, str(path)
 
 
@@ -182,7 +182,7 @@ def _load_pretrained(model: nn.Module, name: str, arch: _Arch, state: dict, sour
         adapted[stem] = adapted[stem].mean(dim=1, keepdim=True)
     problems = _mismatches(model, adapted, skip=head)
     if problems:
-        raise WeightsError(
+        raise WeightsMismatchError(
             f"weights from {source} do not fit {name}: {len(problems)} mismatches, e.g. {'; '.join(problems[:3])}"
         )
     model.load_state_dict(adapted, strict=False)  # strict apart from the new head, checked above

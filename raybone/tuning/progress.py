@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import ray.tune
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -54,13 +56,17 @@ class TrialProgress(ray.tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._advance(trial.trial_id, result.get("iteration", 0))
         value = result.get(self._spec.metric)
-        if value is not None and self._better(value, self._best):
-            self._best = value
-        held = self._trial_best.get(trial.trial_id, (None,))[0]
-        # The latest of equal scores: Train keeps the latest of equal checkpoints, and trials.parquet names it.
-        if value is not None and (held is None or not self._better(held, value)):
-            self._trial_best[trial.trial_id] = (value, result.get("iteration", 0))
+        if value is not None and not math.isnan(value):  # a diverged run scored nothing, as in trials.parquet
+            self._score(trial.trial_id, value, result.get("iteration", 0))
         self._describe(trials)
+
+    def _score(self, trial_id: str, value: float, iteration: int) -> None:
+        if self._better(value, self._best):
+            self._best = value
+        held = self._trial_best.get(trial_id, (None,))[0]
+        # The latest of equal scores: Train keeps the latest of equal checkpoints, and trials.parquet names it.
+        if self._better(value, held) or value == held:
+            self._trial_best[trial_id] = (value, iteration)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._unended.discard(trial.trial_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path, PurePath
@@ -136,7 +137,11 @@ def trial_trainable(spec: Spec, arrays: dict, train_storage: str, trial=run_tria
     # The images go into the object store once per search; each node pulls them once (see the README).
     return ray.tune.with_resources(
         ray.tune.with_parameters(
-            trial, spec_json=spec.model_dump_json(), data_ref=[ray.put(arrays)], train_storage=train_storage
+            trial,
+            spec_json=spec.model_dump_json(),
+            data_ref=[ray.put(arrays)],
+            train_storage=train_storage,
+            search_run=uuid.uuid4().hex,  # this run of the search, apart from a later resume of it
         ),
         {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY},
     )

@@ -16,6 +16,7 @@ report; a trial that exploits another starts a new Train run of its own whose wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -33,8 +34,8 @@ from ray.train.torch import TorchTrainer
 from ray.util.queue import Queue
 
 from raybone.data import PreparedData
-from raybone.errors import RayboneError
-from raybone.experiments.storage import as_location
+from raybone.errors import MismatchError, RayboneError
+from raybone.experiments.storage import as_location, exists, join, read_text, write_text
 from raybone.spec import Spec
 from raybone.tuning.pbt import within_space
 from raybone.tuning.worker import train_loop_per_worker
@@ -53,11 +54,11 @@ WORKER_START_RETRIES = 2
 # group's placement group held its CPUs until the search ended and later trials could not be placed. (A trial
 # stopped while its workers start could still retry the start; schedulers stop trials only after a report.)
 WORKER_RESTARTS = 0
-# A RayboneError is raybone's own verdict (weights that cannot be read, a checkpoint that no longer fits): trying
-# again meets it again. Tune's FailureConfig retries every error alike, and each retry cost a whole Train run, so a
-# retry within the same search raises the recorded error at once. A resumed search (another driver, another Ray job)
-# tries the trial again: the user may have fixed the cause.
-RAYBONE_ERROR = "raybone_error.json"
+# Weights or a checkpoint that do not fit (a MismatchError) fail every try alike, but Tune's FailureConfig retries
+# every error, and each retry trained a whole Train run until it met the error again. The error is written beside
+# the trial's Train runs (shared storage, which any node reaches), and a retry within the same search raises it at
+# once; `search_run` tells the searches apart, so a resume (a new search_run) tries again: the cause may be fixed.
+MISMATCH = "mismatch.json"
 
 
 def trial_seed(experiment_seed: int, trial_index: int) -> int:
@@ -65,12 +66,12 @@ def trial_seed(experiment_seed: int, trial_index: int) -> int:
     return int(np.random.SeedSequence([experiment_seed, trial_index]).generate_state(1)[0])
 
 
-def run_trial(config: dict, *, spec_json: str, data_ref: list, train_storage: str) -> None:
-    """One Tune trial (see the module docstring)."""
+def run_trial(config: dict, *, spec_json: str, data_ref: list, train_storage: str, search_run: str) -> None:
+    """One Tune trial (see the module docstring); `search_run` names this run of the search (see MISMATCH)."""
     spec = Spec.model_validate_json(spec_json)
     trial_id = ray.tune.get_context().get_trial_id()
-    record = Path(ray.tune.get_context().get_trial_dir()) / RAYBONE_ERROR
-    _raise_again_if_met_in_this_search(record)
+    mismatch = (join(train_storage, f"trial-{trial_id}", MISMATCH), search_run)
+    _raise_a_mismatch_met_before(*mismatch)
     if spec.resources.max_concurrent_trials is not None:  # an autoscaling cluster: wait for a new node
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(NODE_START_TIMEOUT_S))
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(CONTROLLER_POLL_S))
@@ -82,7 +83,7 @@ def run_trial(config: dict, *, spec_json: str, data_ref: list, train_storage: st
         run, donor = f"trial-{trial_id}-{uuid.uuid4().hex[:6]}", start
     reports = Queue(actor_options={"num_cpus": 0})
     trainer = _trainer(spec, config, data_ref, train_storage, run, [_Relay(reports)], donor)
-    _relay_to_tune(trainer, reports, {"trial_id": trial_id, "run": run} if pbt else None, record)
+    _relay_to_tune(trainer, reports, {"trial_id": trial_id, "run": run} if pbt else None, mismatch)
 
 
 def trial_arrays(data: PreparedData) -> dict:
@@ -158,9 +159,11 @@ class _Relay(ray.train.UserCallback):
         self._reports.put({**metrics[0], **({"checkpoint_path": checkpoint.path} if checkpoint else {})})
 
 
-def _relay_to_tune(trainer: TorchTrainer, reports: Queue, pointer: dict | None, record: Path | None = None) -> None:
+def _relay_to_tune(
+    trainer: TorchTrainer, reports: Queue, pointer: dict | None, mismatch: tuple[str, str] | None = None
+) -> None:
     """Train in a thread; report each of its results to Tune, under PBT with a `pointer` to its checkpoint. A
-    RayboneError the run ends with is written to `record` (see RAYBONE_ERROR)."""
+    MismatchError the run ends with is recorded at `mismatch` (where, and for which search run: see MISMATCH)."""
     failure = []
     thread = threading.Thread(target=lambda: _fit(trainer, failure), daemon=True)
     thread.start()
@@ -177,16 +180,18 @@ def _relay_to_tune(trainer: TorchTrainer, reports: Queue, pointer: dict | None, 
             ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
     if failure:
         error = _own_error(failure[0])
-        if record is not None and isinstance(error, RayboneError):
-            record.write_text(json.dumps({"job": ray.get_runtime_context().get_job_id(), "message": str(error)}))
+        if mismatch is not None and isinstance(error, MismatchError):
+            where, search_run = mismatch
+            with contextlib.suppress(OSError):  # the record only saves retries; the user must see the trial's error
+                write_text(json.dumps({"search_run": search_run, "message": str(error)}), where)
         raise error
 
 
-def _raise_again_if_met_in_this_search(record: Path) -> None:
-    if record.is_file():
-        met = json.loads(record.read_text())
-        if met["job"] == ray.get_runtime_context().get_job_id():
-            raise RayboneError(met["message"])
+def _raise_a_mismatch_met_before(where: str, search_run: str) -> None:
+    if exists(where):
+        met = json.loads(read_text(where))
+        if met["search_run"] == search_run:
+            raise MismatchError(met["message"])
 
 
 def _own_error(err: BaseException) -> BaseException:

@@ -24,7 +24,7 @@ from raybone.core.engine import predict_probs, resize, to_layout, train_step
 from raybone.core.loss import balanced_class_weights, create_loss
 from raybone.core.metrics import readout_metrics
 from raybone.core.model import create_model, parameter_groups, sex_feature
-from raybone.errors import RayboneError
+from raybone.errors import MismatchError
 from raybone.spec import TrainConfig
 
 
@@ -182,7 +182,7 @@ def _load_optimizer(optimizer, state: dict, path: str) -> None:
     try:
         optimizer.load_state_dict(state)
     except ValueError as err:  # PyTorch: the saved parameter groups differ from the model's, in number or size
-        raise RayboneError(
+        raise MismatchError(
             "cannot continue from a checkpoint whose optimizer state does not fit the model (a VGG16 search from "
             f"before 2026-12-06, when weight decay moved to the class layer alone): rerun it under a new --name; {path}"
         ) from err
