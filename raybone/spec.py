@@ -12,6 +12,7 @@ Every trial resolves the distributions to one `TrainConfig`, which is what the T
 
 from __future__ import annotations
 
+import difflib
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -369,6 +370,9 @@ def _apply_override(raw: dict, item: str, origin: str) -> None:
     keys = key.split(".")
     if keys[0] not in Spec.model_fields and keys[0] in TrainConfig.model_fields:
         keys.insert(0, "train")  # hyperparameters may be named bare: --set lr.high=1e-3
+    if keys[0] not in Spec.model_fields:  # a typo here, reported as the YAML's, sent users to a file they never wrote
+        near = difflib.get_close_matches(keys[0], [*Spec.model_fields, *TrainConfig.model_fields], n=1)
+        raise SpecError(f"--set {item!r}: no key {keys[0]!r}" + (f"; did you mean {near[0]}?" if near else ""))
     node = raw
     for part in keys[:-1]:
         node = node.setdefault(part, {})

@@ -121,3 +121,17 @@ def test_a_mode_that_contradicts_the_metric_is_refused(tmp_path):
     assert str(caught.value) == (
         f"{path}: mode: min contradicts metric val_top1, which is better when higher; drop mode or set it to max"
     )
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("num_sample=2", "--set 'num_sample=2': no key 'num_sample'; did you mean num_samples?"),
+        ("lrr.high=1e-3", "--set 'lrr.high=1e-3': no key 'lrr'; did you mean lr?"),
+        ("zzz=1", "--set 'zzz=1': no key 'zzz'"),
+    ],
+)
+def test_an_unknown_override_key_is_named_as_the_users_with_the_nearest_key(override, message):
+    with pytest.raises(SpecError) as raised:
+        load_spec(SPACES / "quick.yaml", [override])
+    assert str(raised.value) == message
