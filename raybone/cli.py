@@ -480,6 +480,7 @@ def results(
         title=f"{experiment.name}: {f'best {len(trials)} of ' if len(trials) < len(ranked) else ''}"
         f"{len(ranked)} trials by {spec.metric} ({spec.mode})",
     )
+    _print_failures(ranked, experiment.name)
     hidden = [c for c in METRICS if c not in metrics]
     _say(f"more metrics ({', '.join(hidden)}): --format csv or json")
     _print_importances(importances(experiment, importance_evaluator.value))
@@ -508,6 +509,16 @@ def _print_frame(df, format: OutputFormat, title: str | None = None) -> None:
             table.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
         wide = Console(file=console.file, width=10_000)  # squeezed columns are unreadable: let the terminal scroll
         (console if wide.measure(table).maximum <= console.width else wide).print(table)
+
+
+def _print_failures(trials, name: str) -> None:
+    """Each error once, with the trials that failed with it: a search whose trials all met one error says it once."""
+    failed = trials[trials["status"] == "error"]
+    if failed.empty:
+        return
+    _say(f"{len(failed)} of {len(trials)} trials failed (raybone search --resume {name} tries them again):")
+    for error, group in failed.groupby(failed["error"].fillna("no error recorded"), sort=False):
+        _say(f"  {', '.join(group['trial_id'])}: {error}")
 
 
 def _print_importances(result) -> None:

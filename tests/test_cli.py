@@ -44,8 +44,9 @@ def test_missing_data_source_is_named(tmp_path):
     assert "nowhere" in result.output and "Traceback" not in result.output
 
 
-def test_a_search_in_which_no_trial_reports_exits_1(tmp_path):
-    """A script or CI job running a search must not take one that found nothing for a success (it exited 0)."""
+def test_a_search_in_which_no_trial_reports_exits_1_and_names_the_error(tmp_path):
+    """A script or CI job running a search must not take one that found nothing for a success (it exited 0). Each
+    failed try is one line, not Ray's traceback (about 45 lines a try), and `raybone results` names the error."""
     weights = tmp_path / "missing.pt"
     settings = [*TINY, "num_samples=1", "scheduler.type=none", "resources.max_failures=0", f"weights={weights}"]
     result = subprocess.run(
@@ -59,8 +60,15 @@ def test_a_search_in_which_no_trial_reports_exits_1(tmp_path):
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert "error: no trial of broken reported a result; 1 of 1 failed (errors above)" in result.stderr.splitlines()
     assert f"failed: cannot read weights file {weights}" in result.stdout, result.stdout[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr
     (row,) = pd.read_parquet(tmp_path / "results" / "broken" / "trials.parquet").itertuples()
     assert row.status == "error" and row.error.startswith(f"cannot read weights file {weights}")
+    shown = runner.invoke(
+        app, ["results", "broken", "--results-dir", str(tmp_path / "results")], env={"COLUMNS": "1000"}
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "1 of 1 trials failed (raybone search --resume broken tries them again):" in shown.output
+    assert f"  {row.trial_id}: cannot read weights file {weights}" in shown.output
 
 
 def test_a_search_stopped_before_any_report_says_how_to_continue_it():

@@ -105,14 +105,18 @@ def _train_runs_started(dashboard_url: str) -> int:
     )
 
 
-def test_weights_that_do_not_fit_are_not_trained_again_when_tune_retries_the_trial(local_ray, tmp_path):
-    """They fail every try alike, and each of Tune's retries trained a whole Train run; a resume tries again."""
+def test_weights_that_do_not_fit_are_not_trained_again_when_tune_retries_the_trial(
+    local_ray, tmp_path, capfd, monkeypatch
+):
+    """They fail every try alike, and each of Tune's retries trained a whole Train run; a resume tries again. Each
+    try prints one line, not Ray's traceback (about 45 lines a try)."""
     weights = tmp_path / "other.pt"
     torch.save({"stem.weight": torch.zeros(1)}, weights)
     spec = load_spec(
         QUICK, TINY + ["num_samples=1", "scheduler.type=none", "resources.max_failures=2", f"weights={weights}"]
     )
     before = _train_runs_started(local_ray.dashboard_url)
+    monkeypatch.setenv("COLUMNS", "1000")  # a line per try, unwrapped
     outcome = run_search(spec, name="weights", results_dir=tmp_path)
 
     (row,) = outcome.trials.itertuples()
@@ -120,6 +124,10 @@ def test_weights_that_do_not_fit_are_not_trained_again_when_tune_retries_the_tri
     tries = (Path(row.trial_path) / "error.txt").read_text()
     assert "Failure # 3" in tries and tries.count(f"weights from {weights} do not fit googlenet") >= 3, tries
     assert _train_runs_started(local_ray.dashboard_url) - before == 1, "a retry trained again"
+    shown = capfd.readouterr()
+    tries = [line for line in shown.out.splitlines() if f"failed: weights from {weights} do not fit" in line]
+    assert [line.endswith("(Tune tries it again)") for line in tries] == [True, True, False], shown.out[-3000:]
+    assert "Traceback" not in shown.out + shown.err
     run_search(spec, name="weights", results_dir=tmp_path, resume=True)  # the user may have fixed the cause
     assert _train_runs_started(local_ray.dashboard_url) - before == 2, "the resume did not try again"
 

@@ -85,10 +85,18 @@ class TrialProgress(ray.tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._unended.discard(trial.trial_id)
         self._describe(trials, ending=trial)
+        self._print_failure(trial, "")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._print_failure(trial, " (Tune tries it again)")
+
+    def _print_failure(self, trial, then: str) -> None:
         last = self._seen.get(trial.trial_id)  # reported in this run: Tune's last_result may predate a resume
         at = f" at iteration {last}" if last else ""
-        failed = Text.assemble((f"trial {trial.trial_id} failed", "red"), f"{at}: {printable(trial_error(trial))}")
-        self._console.print(failed, highlight=False)
+        error = printable(trial_error(trial))
+        self._console.print(
+            Text.assemble((f"trial {trial.trial_id} failed", "red"), f"{at}: {error}{then}"), highlight=False
+        )
 
     def _describe(self, trials, ending=None, state: str | None = None) -> None:
         """'2 running, best val_rmse 3.120'. Tune calls on_trial_complete while the trial is still RUNNING, so the

@@ -114,6 +114,9 @@ def run_search(
     )
     if warning := population_warning(spec, max_concurrent):
         console.print(f"[yellow]warning:[/] {warning}")
+    # Tune logs each failed try of a trial with Ray's whole traceback (about 45 lines of its own frames); TrialProgress
+    # prints one line per try instead, and the traceback stays in the trial's error file. A user's setting wins.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     grid = tuner.fit()
     live_history, live_trials = (_read_if_there(results.join(path, table)) for table in (HISTORY, TRIALS))
     history = history_table(grid, root if remote else None, live_history)
