@@ -7,13 +7,17 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
+import ray
 import torch
 from conftest import QUICK, TINY, placement_groups_left
+from PIL import Image
 from rich.console import Console
 
-from raybone.errors import RayboneError, SpecError
+from raybone.data import prepare
+from raybone.errors import DataError, RayboneError, SpecError
 from raybone.spec import load_spec
 from raybone.tuning.cluster import concurrent_trials
 from raybone.tuning.progress import TrialProgress
@@ -621,3 +625,37 @@ def test_a_resume_with_another_spec_is_refused_and_the_experiment_kept(tiny_expe
     same = load_spec(QUICK, TINY + ["resources.cpus_per_worker=2"])
     run_search(same, name="tiny", results_dir=tmp_path, resume=True, console=output)
     assert "already finished (2 trials); nothing to resume" in output.file.getvalue()
+
+
+def _hands(root: Path, per_year: int) -> Path:
+    """An RSNA-layout folder with `per_year` radiographs in each of three bone-age years."""
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for i, months in enumerate([30, 90, 150] * per_year):
+        Image.fromarray(np.full((48, 40), 20 + 10 * i, np.uint8)).save(root / "images" / f"{i}.png")
+        rows.append(f"{i},{months},True\n")
+    (root / "boneage.csv").write_text("id,boneage,male\n" + "".join(rows))
+    return root
+
+
+def test_data_without_validation_images_is_refused_before_ray_starts(tmp_path, capsys):
+    """A trial scored nothing: every try failed deep in the worker with a traceback, and a resume was offered."""
+    prepared = prepare(_hands(tmp_path / "hands", per_year=1), out=tmp_path / "prepared", image_size=40)
+    assert "warning: " in capsys.readouterr().err
+    spec = load_spec(QUICK, TINY + [f"data.source={prepared.path}"])
+    with pytest.raises(DataError, match=r"prepared has no validation images \(3 train / 0 val\).*add radiographs"):
+        run_search(spec, name="noval", results_dir=tmp_path / "results")
+    assert not ray.is_initialized() and not (tmp_path / "results" / "noval").exists()
+
+
+def test_an_input_size_above_the_prepared_images_names_the_fix_that_works(tmp_path):
+    """A prepared folder keeps its image size: raising data.image_size (the advice given) changed nothing."""
+    source = _hands(tmp_path / "hands", per_year=2)
+    prepared = prepare(source, out=tmp_path / "prepared", image_size=32, progress=False)
+    given = load_spec(QUICK, TINY + [f"data.source={prepared.path}", "data.image_size=64", "input_size=48"])
+    with pytest.raises(SpecError, match=rf"\(32 px\); prepare it again: raybone data prepare {source} --image-size 48"):
+        run_search(given, name="small", results_dir=tmp_path / "results")
+    from_source = load_spec(QUICK, TINY + [f"data.source={source}", "input_size=48"])
+    with pytest.raises(SpecError, match=r"\(40 px\); raise data.image_size to 48 or more, or lower train.input_size"):
+        run_search(from_source, name="small", results_dir=tmp_path / "results")
+    assert not ray.is_initialized()

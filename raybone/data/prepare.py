@@ -80,6 +80,16 @@ class PreparedData:
     def fingerprint(self) -> str:
         return self.meta["fingerprint"]
 
+    def missing_validation(self) -> str | None:
+        """Why there are no validation images, if there are none: a search scores every trial on them."""
+        if not self.is_train.all():
+            return None
+        return (
+            f"{self.path} has no validation images ({len(self.images)} train / 0 val): the split keeps at least one "
+            "radiograph of each bone-age year for training, so a year needs 2 or more to give one to validation; "
+            "add radiographs"
+        )
+
 
 def cache_root() -> Path:
     return Path(os.environ.get("RAYBONE_CACHE") or Path.home() / ".cache" / "raybone")
@@ -489,6 +499,8 @@ def _print_summary(data: PreparedData, skipped: list) -> None:
         "train/val per bone-age year: "
         + "  ".join(f"{year}: {train}/{val}" for year, (train, val) in enumerate(per_class))
     )
+    if note := data.missing_validation():
+        _say(f"warning: {note} (a search refuses data without them)", style="yellow")
     if skipped:
         _say(f"Skipped {len(skipped)}: {_first_reasons(skipped, 3)}", style="yellow")
         _say(f"Full list: {data.path / 'skipped.csv'}")

@@ -20,7 +20,7 @@ from ray.tune.schedulers import ASHAScheduler
 from rich.console import Console
 
 from raybone.data import PreparedData
-from raybone.errors import RayboneError, SpecError
+from raybone.errors import DataError, RayboneError, SpecError
 from raybone.experiments import storage as results
 from raybone.experiments.experiment import best_row, data_changed
 from raybone.experiments.storage import ENVIRONMENT, HISTORY, SPEC, STUDY, TRIALS
@@ -90,7 +90,7 @@ def run_search(
     seeds = warm_start_trials(root, warm_start, spec, console) if warm_start and not resume else []
     callbacks = [TrialProgress(spec), LiveTables(spec, path, root if remote else None), *loggers(spec, name)]
     data = spec.prepare_data()
-    _check_input_size(spec, data)
+    _check_data(spec, data)
     saved = json.loads(results.read_text(results.join(path, ENVIRONMENT))) if resume else {}
     if resume:
         _check_same_data(path, saved, data)
@@ -295,14 +295,25 @@ def _run_config(spec: Spec, storage: str, name: str, callbacks: list) -> ray.tun
     )
 
 
+def _check_data(spec: Spec, data: PreparedData) -> None:
+    if note := data.missing_validation():
+        raise DataError(note)
+    _check_input_size(spec, data)
+
+
 def _check_input_size(spec: Spec, data: PreparedData) -> None:
     sizes = spec.train.get("input_size", 224)
     largest = max(sizes.choices) if isinstance(sizes, Choice) else sizes.high if isinstance(sizes, Range) else sizes
-    if largest > data.images.shape[1]:
-        raise SpecError(
-            f"train.input_size {largest} is larger than the prepared images "
-            f"({data.images.shape[1]} px); raise data.image_size"
-        )
+    if largest <= data.images.shape[1]:
+        return
+    if Path(str(spec.data.source)).resolve() == data.path.resolve():  # a prepared folder: data.image_size is its own
+        fix = f"prepare it again: raybone data prepare {data.meta['source']} --image-size {largest} (or more)"
+    else:
+        fix = f"raise data.image_size to {largest} or more"
+    raise SpecError(
+        f"train.input_size {largest} is larger than the prepared images in {data.path} ({data.images.shape[1]} px); "
+        f"{fix}, or lower train.input_size"
+    )
 
 
 def _save_provenance(spec: Spec, data: PreparedData, path: Path | str, study: Path, max_concurrent: int) -> None:
