@@ -69,6 +69,26 @@ def test_report_prepares_the_data_again_when_the_prepared_folder_is_gone(tiny_ex
     assert all((folder / name).stat().st_size > 0 for name in _figures((folder / PAGE).read_text()))
 
 
+def test_the_data_of_a_search_given_relative_paths_is_found_from_another_folder(tiny_experiment, tmp_path, monkeypatch):
+    """`--data prep` is recorded as given: a report run from another folder said 'prep: no such file or folder'."""
+    results, _ = tiny_experiment
+    copy = tmp_path / "results"
+    shutil.copytree(results / "tiny", copy / "tiny")
+    environment = json.loads((copy / "tiny" / "environment.json").read_text())
+    searched = tmp_path / "searched"  # where the search ran, given `--data prep` (an earlier raybone kept it so)
+    shutil.copytree(environment["data_path"], searched / "prep")
+    shutil.copytree(environment["data_meta"]["source"], searched / "atlas")
+    environment.update(cwd=str(searched), data_path="prep")
+    (copy / "tiny" / "environment.json").write_text(json.dumps(environment))
+    monkeypatch.chdir(tmp_path)
+
+    assert Experiment.open(copy, "tiny").best().prepared_data().path == searched / "prep"
+    shutil.rmtree(searched / "prep")  # gone: prepared again from the source, given as `--data atlas`
+    spec = copy / "tiny" / "spec.yaml"
+    spec.write_text(spec.read_text().replace("source: demo", "source: atlas"))
+    assert Experiment.open(copy, "tiny").best().prepared_data().meta["source"] == str(searched / "atlas")
+
+
 @pytest.mark.parametrize("recorded", ["with content_sha256", "before content_sha256"])
 def test_data_prepared_again_from_a_copied_source_is_still_the_experiments(tiny_experiment, recorded, tmp_path):
     """A copy of the source with new file dates changes the fingerprint, not what was prepared from it."""

@@ -285,7 +285,7 @@ class BestTrial:
         meta = environment.get("data_meta") or {}
         if not meta and environment.get("data_path"):
             try:
-                meta = json.loads((Path(environment["data_path"]) / META_FILE).read_text())
+                meta = json.loads((self._as_searched(environment["data_path"]) / META_FILE).read_text())
             except (OSError, ValueError):
                 meta = {}
         return meta
@@ -294,9 +294,9 @@ class BestTrial:
         """The data the search trained on: its prepared folder if still there, else prepared again from the
         source; refused if what it holds changed since the search (a copy with new file dates is accepted)."""
         environment = self.experiment.environment
-        folder = environment.get("data_path")
-        found = folder and (Path(folder) / META_FILE).is_file()
-        data = load_prepared(folder) if found else self.spec.prepare_data()
+        folder = environment.get("data_path") and self._as_searched(environment["data_path"])
+        found = folder and (folder / META_FILE).is_file()
+        data = load_prepared(folder) if found else self._source_as_searched().prepare_data()
         if data_changed(environment, data):
             raise RayboneError(
                 f"{data.path}: not the data experiment {self.experiment.name!r} was trained on: its images, "
@@ -304,6 +304,19 @@ class BestTrial:
                 f"trained on {environment['data_fingerprint'][:12]})"
             )
         return data
+
+    def _as_searched(self, path: str) -> Path:
+        """A path as the search read it. The spec keeps `--data` as given, and earlier searches recorded the
+        prepared folder so too: relative to the folder the search ran in (environment.json's cwd)."""
+        return Path(self.experiment.environment.get("cwd", ".")) / path
+
+    def _source_as_searched(self) -> Spec:
+        """The spec with its data source and labels found from any folder (`--data` is recorded as given)."""
+        data = self.spec.data
+        found = {"labels": data.labels and str(self._as_searched(data.labels))}
+        if data.source != "demo":
+            found["source"] = str(self._as_searched(data.source))
+        return self.spec.model_copy(update={"data": data.model_copy(update=found)})
 
     def image_size(self) -> int:
         """The side the search's prepared images were warped to."""

@@ -322,7 +322,7 @@ def _save_provenance(spec: Spec, data: PreparedData, path: Path | str, study: Pa
         {
             "packages": {p: version(p) for p in PACKAGES},
             "data_fingerprint": data.fingerprint,
-            "data_path": str(data.path),
+            "data_path": str(data.path.absolute()),  # the report and export read it from any folder
             "data_meta": data.meta,
             "cwd": os.getcwd(),
             "experiment": str(path),
