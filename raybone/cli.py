@@ -313,6 +313,8 @@ def evaluate(
     if json_file is not None:
         check_evaluation_file(json_file)  # before the work, not after it
     result = run_evaluation(model_dir, data, split, device.value, backend=backend.value)
+    if result["warning"]:
+        errors.print(f"warning: {result['warning']}", markup=False, highlight=False, soft_wrap=True)
     _print_evaluation(result)
     if json_file is not None:
         write_evaluation(result, json_file)

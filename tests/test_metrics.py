@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from raybone.core.metrics import classification_metrics, confusion_matrix, expected_age
+from raybone.core.metrics import classification_metrics, confusion_matrix, expected_age, median_predictor
 
 # Four samples, four classes (ages 0..3).
 PROBS = np.array(
@@ -57,3 +57,10 @@ def test_confusion_matrix_counts_true_rows_pred_columns():
 def test_confusion_matrix_rejects_out_of_range_classes():
     with pytest.raises(ValueError, match="pred"):
         confusion_matrix(np.array([4]), np.array([0]), num_classes=4)
+
+
+def test_the_median_predictor_always_says_the_training_splits_median_class():
+    train = np.array([1, 2, 3, 9])  # two middle classes: the lower, 2
+    scored = median_predictor(train, np.array([2, 2, 5, 0]))
+    assert scored["class"] == 2 and scored["top1"] == 0.5
+    assert scored["rmse"] == pytest.approx(math.sqrt((0 + 0 + 9 + 4) / 4)) and scored["mae"] == pytest.approx(5 / 4)

@@ -166,6 +166,7 @@ def test_evaluate_reproduces_the_trials_validation_metrics(tiny_experiment, mode
     assert "RMSE" in result.stdout and "confusion matrix" in result.stdout
     evaluation = json.loads(out.read_text())
     assert evaluation["split"] == "val" and evaluation["same_data_as_training"]
+    assert evaluation["warning"] is None and "warning" not in result.output  # the atlas, on the atlas
     assert evaluation["images"] == 160 and evaluation["trial_id"] == best_row.trial_id
     metrics = evaluation["metrics"]
     for name in (
@@ -221,6 +222,9 @@ def test_evaluate_on_other_data_takes_all_of_it_by_default(model, hand, tmp_path
     assert result.exit_code == 0, result.output
     everything = json.loads((tmp_path / "e.json").read_text())
     assert everything["split"] == "all" and not everything["same_data_as_training"] and everything["images"] == 8
+    # A model of the phantom atlas on radiographs: said on stderr and recorded, as predict says it.
+    assert "was trained on the synthetic phantom demo atlas" in everything["warning"]
+    assert f"\nwarning: {model} was trained on the synthetic phantom demo atlas" in result.stderr
     matrix = np.array(everything["confusion_matrix"])
     assert matrix.sum(axis=1)[[2, 7, 12, 16]].tolist() == [2, 2, 2, 2]  # rows are the true classes
     train = evaluate(model, str(source), split="train")

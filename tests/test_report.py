@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from raybone.cli import app
 from raybone.core.augment import test_crops
+from raybone.core.metrics import median_predictor
 from raybone.core.model import create_model
 from raybone.core.saliency import grad_cam
 from raybone.data.phantom import render_hand
@@ -31,6 +32,12 @@ def test_report_references_figures_that_exist(tiny_experiment, tmp_path):
     assert [(done, total) for done, total, _ in steps] == [(n, 10) for n in range(10)]
     assert [what for _, _, what in steps][-3:] == ["worst errors", "class probabilities", "Grad-CAM"]
     page = (folder / PAGE).read_text()
+    data = Experiment.open(results, "tiny").best().prepared_data()
+    median = median_predictor(data.labels[data.is_train], data.labels[~data.is_train])
+    assert f"always class {median['class']}, the training split's median" in page
+    assert f"<td>{median['rmse']:.3g}</td>" in page
+    # 4 iterations of the phantom atlas: the page says what it was trained on, and that it has not learned.
+    assert "synthetic phantom demo atlas" in page and "This model has not learned" in page
     names = _figures(page)
     assert {
         "confusion.png",

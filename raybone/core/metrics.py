@@ -55,6 +55,14 @@ def readout_metrics(probs: np.ndarray, labels: np.ndarray, readout: str) -> dict
     return metrics
 
 
+def median_predictor(train_labels: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """What a model that learned nothing scores: always the training split's median class (the lower of two).
+    Every figure is judged against it."""
+    median = int(np.percentile(train_labels, 50, method="lower"))
+    rmse, mae = _rmse_mae(median - np.asarray(labels))
+    return {"class": median, "top1": float(np.mean(np.asarray(labels) == median)), "rmse": rmse, "mae": mae}
+
+
 # Chen, Automated Bone Age Classification with Deep Neural Networks (validation set): top-1, top-2, RMSE (years).
 PAPER = {
     "VGG16 (paper)": (0.46, 0.70, 1.11),

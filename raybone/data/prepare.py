@@ -244,9 +244,15 @@ def _refuse_inside_source(out: Path, root: Path) -> None:
 # ---------------------------------------------------------------- demo atlas
 
 
+def from_demo_atlas(meta: dict) -> bool:
+    """Whether prepared data (its prepared.json, or a model's record of it) came from the synthetic phantom atlas:
+    a model of it says nothing true about real radiographs."""
+    return "demo-atlas" in Path(str(meta.get("source") or "")).name
+
+
 def _demo_atlas(seed: int, image_size: int) -> Path:
     """Generate (once) the phantom atlas for `demo` in the cache."""
-    atlas = cache_root() / f"demo-atlas-{seed}-{image_size}"
+    atlas = cache_root() / f"demo-atlas-{seed}-{image_size}"  # the name from_demo_atlas knows
     if (atlas / "boneage.csv").is_file():
         return atlas
     _say(f"Drawing {DEMO_ATLAS_SIZE} phantom radiographs into {atlas}")

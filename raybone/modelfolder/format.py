@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 
 from raybone.core.catalog import MODELS
 from raybone.core.metrics import PAPER
+from raybone.data.prepare import from_demo_atlas
 from raybone.errors import RayboneError, one_line
 from raybone.files import Legacy, read_regular_file
 
@@ -147,7 +148,7 @@ def model_card(meta: dict) -> str:
             paper=PAPER,
             rmse=rmse,
             mae=mae,
-            synthetic="demo-atlas" in str(meta["data"].get("source") or ""),
+            synthetic=from_demo_atlas(meta["data"]),
             onnx={"input": ONNX_INPUT, "sex": ONNX_SEX, "output": ONNX_OUTPUT},
         )
     )

@@ -26,6 +26,7 @@ from raybone.core.inputs import resize, sex_values, test_crops
 from raybone.core.metrics import confusion_matrix, readout_metrics
 from raybone.data import decode_image, prepare, same_data, warp_image
 from raybone.data.decode import IMAGE_SUFFIXES, UNSUPPORTED_SUFFIXES
+from raybone.data.prepare import from_demo_atlas
 from raybone.data.sources import MAX_LABELS_BYTES, SEX_CODES, parse_sex
 from raybone.errors import DataError, RayboneError, one_line, printable
 from raybone.files import read_regular_file, write_file_atomically
@@ -371,6 +372,7 @@ def evaluate(
         "metrics": metrics,
         "classes": list(range(predictor.num_classes)),
         "confusion_matrix": confusion_matrix(probs.argmax(1), labels, predictor.num_classes).tolist(),
+        "warning": None if trained_here or from_demo_atlas(prepared.meta) else demo_atlas_note(predictor),
     }
 
 
@@ -486,14 +488,17 @@ def predict_inputs(
 def _warn_if_trained_on_the_demo_atlas(predictor: Predictor, files: Sequence[Path], console: Console) -> None:
     """Once: a model of the synthetic phantom atlas says nothing true about real radiographs."""
     source = str((predictor.meta.get("data") or {}).get("source") or "")
-    if "demo-atlas" in source and any(not Path(f).resolve().is_relative_to(Path(source)) for f in files):
-        console.print(
-            f"warning: {printable(predictor.path)} was trained on the synthetic phantom demo atlas, not on "
-            "radiographs: its predictions on real radiographs are meaningless",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
+    if any(not Path(f).resolve().is_relative_to(Path(source)) for f in files) and (note := demo_atlas_note(predictor)):
+        console.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)
+
+
+def demo_atlas_note(predictor: Predictor) -> str | None:
+    if from_demo_atlas(predictor.meta.get("data") or {}):
+        return (
+            f"{printable(predictor.path)} was trained on the synthetic phantom demo atlas, not on radiographs: its "
+            "predictions on real radiographs are meaningless"
         )
+    return None
 
 
 def predictions_json(predictions: Sequence[Prediction]) -> str:
