@@ -17,7 +17,13 @@ from rich.text import Text
 
 from raybone.errors import RayboneError, printable
 
-app = typer.Typer(no_args_is_help=False, add_completion=False, help=__doc__)
+app = typer.Typer(
+    no_args_is_help=False,
+    add_completion=False,
+    help="Find the best fine-tuned CNN for bone age from hand radiographs: search hyperparameters on a Ray cluster "
+    "(search), compare the trials (results, report), export the winner (best --export) and use it (predict, "
+    "evaluate).",
+)
 data_app = typer.Typer(help="Prepare radiograph data sets.")
 app.add_typer(data_app, name="data")
 console = Console()
@@ -31,8 +37,20 @@ class Logger(str, Enum):
     wandb = "wandb"
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from raybone import __version__
+
+        _say(f"raybone {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _quiet_decoders() -> None:
+def _setup(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
     """Decoders warn about odd but readable files on stderr; raybone reports what it could not read itself."""
     import warnings
 
@@ -208,6 +226,10 @@ def best(
     from raybone.experiments import Experiment
 
     experiment = Experiment.open(results_dir, name)
+    if export is not None:
+        from raybone.modelfolder.export import check_export_folder
+
+        check_export_folder(export, force)  # a refusal after the table read like a success above it
     if top != 1 or from_top is not None:
         return _export_ensemble(experiment, metric, mode, top, from_top, export, force)
     trial = experiment.best(metric, mode, scope.value)
@@ -456,6 +478,8 @@ def results(
 
     if list_:
         table = summaries(results_dir)
+        if table.empty and format is OutputFormat.table:
+            return _say(f"no experiments in {results_dir} yet; run `raybone search` first")
         if not table["error"].notna().any():
             table = table.drop(columns="error")
         return _print_frame(table, format, title=f"experiments in {results_dir}")

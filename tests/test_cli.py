@@ -8,6 +8,7 @@ import pandas as pd
 from conftest import TINY
 from typer.testing import CliRunner
 
+import raybone
 from raybone.cli import app
 
 runner = CliRunner()
@@ -79,3 +80,19 @@ def test_a_search_stopped_before_any_report_says_how_to_continue_it():
         _unscored(trials, "x") == "1 of 3 failed (errors above), 2 unfinished: raybone search --resume x continues them"
     )
     assert _unscored(pd.DataFrame(), "x") == "0 of 0 failed (errors above)"
+
+
+def test_the_version_and_what_raybone_is_are_one_command_away():
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output == f"raybone {raybone.__version__}\n"
+    assert "Find the best fine-tuned CNN for bone age" in runner.invoke(app, ["--help"]).output
+
+
+def test_listing_no_experiments_says_so(tmp_path):
+    """An empty table, exit 0, read like a listing of experiments that had vanished."""
+    listed = runner.invoke(app, ["results", "--list", "--results-dir", str(tmp_path / "results")])
+    assert (
+        listed.exit_code == 0 and "no experiments in" in listed.output and "run `raybone search` first" in listed.output
+    )
+    as_json = runner.invoke(app, ["results", "--list", "--format", "json", "--results-dir", str(tmp_path / "results")])
+    assert as_json.exit_code == 0 and as_json.stdout.strip() == "[]"

@@ -199,6 +199,7 @@ def test_export_refuses_to_replace_a_folder_that_is_not_a_model(experiment, tmp_
     result = runner.invoke(app, ["best", "--results-dir", str(results), "--export", str(tmp_path)])
     assert result.exit_code == 2
     assert f"{tmp_path}: exists and was not written by raybone (it holds notes.txt)" in result.stderr
+    assert result.stdout == ""  # refused first: the best trial's table above the refusal read like a success
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 

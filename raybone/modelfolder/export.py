@@ -55,14 +55,20 @@ DATA_KEYS = (
 )
 
 
+def check_export_folder(out, force: bool = False) -> Path:
+    """`out`, resolved, if export_model may write there; else the refusal, before any work is shown or done."""
+    target = Path(out).resolve()
+    check_replaceable(target, KIND, force, LEGACY)
+    return target
+
+
 def export_model(best: BestTrial | list[BestTrial], out, force: bool = False) -> Path:
     """Write the model folder `out` for `best`, or for a list of trials an ensemble of them (each in a member
     folder; predictions average their probabilities). An earlier model folder there is replaced when the new one
     is complete; anything else is refused (see raybone.files), a model folder holding other files too unless
     `force`."""
     members = best if isinstance(best, list) else [best]
-    target = Path(out).resolve()
-    check_replaceable(target, KIND, force, LEGACY)
+    target = check_export_folder(out, force)
     image_size = members[0].image_size()
     with atomic_folder(target, KIND, force=force, legacy=LEGACY) as staging:
         metas = []
