@@ -363,6 +363,30 @@ def dump_spec(spec: Spec) -> str:
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
 
 
+def spec_changes(before: Spec, after: Spec, *, training_only: bool = False) -> list[str]:
+    """'train.ema: 0.0 -> 0.99' for each setting that differs, except where the trials run (resources) and what
+    they are logged to. `training_only`: the data and the fixed train settings, what a trial's score depends on
+    besides its hyperparameters."""
+    old, new = _flat_settings(before), _flat_settings(after)
+    changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    if training_only:  # a searched hyperparameter dumps as its range, no fixed setting
+        searched = {k for k in changed if isinstance(old.get(k), dict) or isinstance(new.get(k), dict)}
+        changed = [k for k in changed if k.startswith(("data.", "train.")) and k not in searched]
+    return [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}" for key in changed]
+
+
+def _flat_settings(spec: Spec) -> dict:
+    """The spec's settings by dotted key down to one hyperparameter (a searched one's range is one value), the
+    train section with its defaults filled in."""
+    settings = spec.model_dump(mode="json", exclude={"resources", "loggers"})
+    settings["train"] = TrainConfig().model_dump(mode="json") | settings["train"]
+    flat = {}
+    for key, value in settings.items():
+        inner = value.items() if isinstance(value, dict) else [(None, value)]
+        flat |= {key if name is None else f"{key}.{name}": setting for name, setting in inner}
+    return flat
+
+
 def _apply_override(raw: dict, item: str, origin: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key:

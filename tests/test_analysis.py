@@ -9,6 +9,7 @@ import optuna
 import pandas as pd
 import pytest
 from conftest import QUICK, TINY
+from rich.console import Console
 from typer.testing import CliRunner
 
 from raybone.cli import app
@@ -102,6 +103,41 @@ def test_importances_from_trials_parquet_when_the_study_is_gone(experiment, tmp_
     assert fallback.source.startswith("trials.parquet") and fallback.trials == 4
     assert set(fallback.values) == set(SEARCHED) and math.isclose(sum(fallback.values.values()), 1)
     assert set(importances(Experiment.open(tmp_path, NAME), "mdi").values) == set(SEARCHED)
+
+
+def test_importances_leave_out_the_trials_a_warm_start_put_in_the_study(experiment, tmp_path):
+    """They counted the earlier experiment's trials: '2 completed trials' beside a table of 1."""
+    import shutil
+
+    _, path = experiment
+    copy = shutil.copytree(path, tmp_path / NAME)
+    study = optuna.load_study(study_name=NAME, storage=f"sqlite:///{copy / 'optuna.db'}")
+    earlier = study.trials[0]
+    for n in range(3):  # as OptunaSearcher adds a warm start's trials, under the earlier experiment's ids
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=earlier.params,
+                distributions=earlier.distributions,
+                value=earlier.value + n + 1,
+                user_attrs={"ray_trial_id": f"earlier{n}"},
+            )
+        )
+    counted = importances(Experiment.open(tmp_path, NAME))
+    assert counted.source == "optuna.db" and counted.trials == 4
+
+
+def test_a_warm_start_says_what_the_earlier_search_trained_otherwise(experiment):
+    from raybone.tuning.searcher import warm_start_trials
+
+    results, _ = experiment
+    output = Console(file=io.StringIO(), width=1000)
+    other = load_spec(QUICK, TINY + ["num_samples=2", "iterations=8", "data.image_size=48", "lr.high=1e-2"])
+    assert len(warm_start_trials(results, NAME, other, output)) == 4
+    said = output.file.getvalue()
+    assert "note: ana trained its trials otherwise (data.image_size: 40 -> 48; train.iterations: 4 -> 8)" in said
+    output = Console(file=io.StringIO(), width=1000)
+    warm_start_trials(results, NAME, load_spec(QUICK, TINY + ["num_samples=3", "lr.high=1e-2"]), output)
+    assert "note:" not in output.file.getvalue()  # more trials, a wider range: the same training
 
 
 def test_list_shows_the_experiment(experiment):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from raybone.errors import RayboneError, one_line
 from raybone.experiments.experiment import Experiment
 from raybone.experiments.storage import STUDY, TRIALS
-from raybone.experiments.study import finished_trials
+from raybone.experiments.study import RAY_TRIAL_ID, finished_trials
 
 EVALUATORS = ("fanova", "mdi", "ped")
 
@@ -100,7 +100,7 @@ def _evaluator(name: str):
 
 
 def _study_trials(experiment: Experiment, names: list[str]) -> tuple[list, str | None]:
-    """The study's COMPLETE trials that carry a finite value and every searched parameter."""
+    """The study's COMPLETE trials of this experiment that carry a finite value and every searched parameter."""
     import optuna
 
     path = experiment.study()
@@ -111,7 +111,15 @@ def _study_trials(experiment: Experiment, names: list[str]) -> tuple[list, str |
         trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     except Exception as err:  # a study of another name, a corrupt or foreign database
         return [], f"{STUDY} unreadable: {one_line(err)}"
-    usable = [t for t in trials if t.value is not None and math.isfinite(t.value) and all(n in t.params for n in names)]
+    ours = set(experiment.trials().trial_id)  # not a warm start's trials: the study holds them too
+    usable = [
+        t
+        for t in trials
+        if t.user_attrs.get(RAY_TRIAL_ID) in ours
+        and t.value is not None
+        and math.isfinite(t.value)
+        and all(n in t.params for n in names)
+    ]
     return usable, None if usable else f"{STUDY} has no completed trials with values"
 
 

@@ -11,6 +11,8 @@ import pandas as pd
 
 from raybone.spec import Choice, Range, Spec
 
+RAY_TRIAL_ID = "ray_trial_id"  # the user attribute naming a study trial's Ray trial, as trials.parquet does
+
 
 def distributions(spec: Spec) -> dict:
     """Optuna's distribution of each searched hyperparameter, named as in the YAML."""
@@ -57,7 +59,7 @@ def finished_trials(trials: pd.DataFrame, spec: Spec, with_pruned: bool = False)
                     state=states[row.status],
                     value=None if pruned else float(value),
                     intermediate_values={int(row.get("iteration") or 0): float(value)} if pruned else None,
-                    user_attrs={"ray_trial_id": str(row.trial_id)},
+                    user_attrs={RAY_TRIAL_ID: str(row.trial_id)},
                 )
             )
         except ValueError:  # a value outside this spec's space

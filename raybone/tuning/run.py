@@ -24,7 +24,7 @@ from raybone.errors import DataError, RayboneError, SpecError
 from raybone.experiments import storage as results
 from raybone.experiments.experiment import best_row, data_changed
 from raybone.experiments.storage import ENVIRONMENT, HISTORY, SPEC, STUDY, TRIALS
-from raybone.spec import Choice, Range, Spec, TrainConfig, dump_spec, load_spec, parse_spec, search_space
+from raybone.spec import Choice, Range, Spec, dump_spec, load_spec, parse_spec, search_space, spec_changes
 from raybone.tuning.cluster import (
     check_storage_reaches_nodes,
     concurrent_trials,
@@ -175,7 +175,7 @@ def _check_resumable(path: Path | str, spec: Spec) -> pd.DataFrame | None:
     if not results.exists(results.join(path, ENVIRONMENT)) or not ray.tune.Tuner.can_restore(str(path)):
         raise RayboneError(f"cannot resume {name!r}: {path} is not a raybone experiment")
     saved = results.join(path, SPEC)
-    changed = _spec_changes(parse_spec(results.read_text(saved), results.location_text(saved)), spec)
+    changed = spec_changes(parse_spec(results.read_text(saved), results.location_text(saved)), spec)
     if changed:
         raise SpecError(
             f"cannot resume {name!r}: its trials started with another spec ({'; '.join(changed)}); only "
@@ -213,25 +213,6 @@ def _kept_concurrency(environment: dict, fits: int, console: Console) -> int:
 
 def _name(path: Path | str) -> str:
     return Path(results.location_text(path).partition("?")[0]).name
-
-
-def _spec_changes(saved: Spec, spec: Spec) -> list[str]:
-    """'train.ema: 0.0 -> 0.99' for each setting that differs, except where the trials run (resources) and what
-    they are logged to, which a resumed search may change."""
-    before, after = (_flat_settings(s) for s in (saved, spec))
-    return [
-        f"{key}: {before.get(key, '(unset)')} -> {after.get(key, '(unset)')}"
-        for key in sorted(set(before) | set(after))
-        if before.get(key) != after.get(key)
-    ]
-
-
-def _flat_settings(spec: Spec) -> dict:
-    """The spec's settings by dotted key down to one hyperparameter (a searched one's range is one value), the
-    train section with its defaults filled in."""
-    settings = spec.model_dump(mode="json", exclude={"resources", "loggers"})
-    settings["train"] = TrainConfig().model_dump(mode="json") | settings["train"]
-    return pd.json_normalize(settings, max_level=1).iloc[0].to_dict()
 
 
 def _start_cluster(spec: Spec, root, address: str | None, shared_storage: bool, console: Console) -> int:

@@ -25,10 +25,8 @@ from rich.console import Console
 from raybone.errors import SpecError
 from raybone.experiments import Experiment
 from raybone.experiments.storage import STUDY
-from raybone.experiments.study import distributions, finished_trials
-from raybone.spec import Spec
-
-RAY_TRIAL_ID = "ray_trial_id"
+from raybone.experiments.study import RAY_TRIAL_ID, distributions, finished_trials
+from raybone.spec import Spec, spec_changes
 
 
 def startup_trials(num_samples: int) -> int:
@@ -71,6 +69,12 @@ def warm_start_trials(storage, name: str, spec: Spec, console: Console | None = 
             + (f"; left out {len(skipped)}: {'; '.join(skipped[:3])}" if skipped else ""),
             highlight=False,
         )
+        if changed := spec_changes(earlier.spec, spec, training_only=True):
+            console.print(
+                f"[yellow]note:[/] {name} trained its trials otherwise ({'; '.join(changed)}); the sampler takes "
+                "their scores as if this search had made them",
+                highlight=False,
+            )
     return trials
 
 
