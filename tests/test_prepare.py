@@ -89,6 +89,18 @@ def test_skipped_csv_explains_every_problem(collection, tmp_path):
     assert len(skipped) == 7
 
 
+def test_a_sex_raybone_cannot_read_is_kept_as_unknown_and_named(collection, tmp_path, capsys):
+    """'maybe' and 'X' became unknown without a word: a model with sex input learned them so."""
+    csv = collection / "boneage.csv"
+    csv.write_text(csv.read_text().replace("1,0,True", "1,0,maybe").replace("2,11,False", "2,11,X"))
+    data = prepare(collection, out=tmp_path / "prepared", image_size=16, progress=False)
+    assert data.manifest.set_index("id").loc[["1", "2", "3"], "sex"].tolist() == ["", "", "M"]
+    said = " ".join(capsys.readouterr().err.split())
+    assert (
+        "warning: 2 rows give a sex raybone cannot read (boneage.csv line 2: 'maybe'; boneage.csv line 3: 'X')" in said
+    )
+
+
 def test_second_prepare_reuses_the_artifact_without_decoding(collection, tmp_path, monkeypatch):
     first = prepare(collection, out=tmp_path / "prepared", image_size=16, progress=False)
 

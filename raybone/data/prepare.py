@@ -294,7 +294,7 @@ def _build(
     manifest = _manifest(table.loc[usable], np.asarray(checksums, dtype=object)[usable], settings)
     meta = _meta(scan, manifest, len(skipped), settings, fingerprint)
     result = _write_artifact(out, images, manifest, skipped, meta, force)
-    _print_summary(result, skipped)
+    _print_summary(result, skipped, scan.unclear_sex)
     return result
 
 
@@ -494,7 +494,7 @@ def _announce_loaded(data: PreparedData, what: str) -> PreparedData:
     return data
 
 
-def _print_summary(data: PreparedData, skipped: list) -> None:
+def _print_summary(data: PreparedData, skipped: list, unclear_sex: list) -> None:
     counts = data.meta["counts"]
     _say(
         f"Prepared {counts['images']} usable radiographs ({counts['train']} train / {counts['val']} val) "
@@ -507,6 +507,13 @@ def _print_summary(data: PreparedData, skipped: list) -> None:
     )
     if note := data.missing_validation():
         _say(f"warning: {note} (a search refuses data without them)", style="yellow")
+    if unclear_sex:
+        shown = _first_reasons([(where, repr(value)) for where, value in unclear_sex], 3)
+        _say(
+            f"warning: {len(unclear_sex)} rows give a sex raybone cannot read ({shown}): kept with sex unknown; "
+            "write M/F, male/female, boy/girl, or male true/false",
+            style="yellow",
+        )
     if skipped:
         _say(f"Skipped {len(skipped)}: {_first_reasons(skipped, 3)}", style="yellow")
         _say(f"Full list: {data.path / 'skipped.csv'}")

@@ -42,6 +42,7 @@ class SourceScan:
     root: Path  # folder the images are found in; fingerprints use paths relative to it
     table: pd.DataFrame  # TABLE_COLUMNS, one row per usable radiograph
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file or CSV line, reason)
+    unclear_sex: list[tuple[str, str]] = field(default_factory=list)  # (CSV line, value): kept, sex unknown
 
 
 class _Skip(Exception):
@@ -64,7 +65,7 @@ def scan_source(source: Path, format: str = "auto", labels: Path | None = None) 
     else:
         table, skipped = read_manifest(labels_csv)
         root = labels_csv.parent
-    return SourceScan(format, labels_csv, root, table, skipped)
+    return SourceScan(format, labels_csv, root, table, skipped, _unclear_sex(labels_csv))
 
 
 def find_label_csv(source: Path) -> Path:
@@ -233,6 +234,16 @@ def _manifest_age_reader(frame: pd.DataFrame, labels_csv: Path) -> Callable[[dic
 
 
 SEX_CODES = {"M": 1, "F": 0, "": -1}  # parse_sex's letters as the codes PreparedData and predict carry
+
+
+def _unclear_sex(labels_csv: Path) -> list[tuple[str, str]]:
+    """The CSV lines whose sex parse_sex cannot read: a model with sex input would quietly learn them as unknown."""
+    unclear = []
+    for line, record in enumerate(_read_csv(labels_csv).to_dict("records"), start=2):
+        value = record.get("sex") or record.get("male") or ""
+        if value and not parse_sex(record):
+            unclear.append((f"{labels_csv.name} line {line}", value))
+    return unclear
 
 
 def parse_sex(record: dict) -> str:
