@@ -297,7 +297,9 @@ def predict(
     device: Annotated[Device, typer.Option(help="cpu | cuda")] = Device.cpu,
     batch_size: Annotated[int, typer.Option(help="images per batch")] = 32,
     sex: Annotated[str | None, typer.Option(help="the patients' sex, male|female, for models with sex input")] = None,
-    sex_csv: Annotated[Path | None, typer.Option(help="sidecar CSV: file, sex (M/F) per image")] = None,
+    sex_csv: Annotated[
+        Path | None, typer.Option(help="CSV with columns file and sex (M/F, male/female) or male (true/false)")
+    ] = None,
     backend: Annotated[Backend, typer.Option(help=BACKEND_HELP)] = Backend.auto,
 ):
     """Predict bone-age classes; unusable files are reported on stderr and skipped (exit 1)."""

@@ -126,6 +126,9 @@ def test_csv_and_table_output(model, hand, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a short path, so the table does not wrap it
     shown = runner.invoke(app, ["predict", str(model), "in/hand.png"])
     assert shown.exit_code == 0 and "in/hand.png" in shown.stdout and "expected age" in shown.stdout
+    assert "note:" not in shown.stderr
+    told = runner.invoke(app, ["predict", str(model), "in/hand.png", "--sex", "female"])  # taken silently before
+    assert told.exit_code == 0 and "takes no sex input; --sex and --sex-csv change nothing" in told.stderr
 
 
 def test_predictor_loads_without_unpickling_and_matches_the_checkpoint(model, best_row, monkeypatch):

@@ -448,6 +448,9 @@ def predict_inputs(
     _warn_if_trained_on_the_demo_atlas(predictor, files, console)
     failures = 0
     codes = sex_codes(files, sex, sex_csv)
+    if codes is not None and not predictor.sex_input:
+        note = f"note: {printable(model_dir)} takes no sex input; --sex and --sex-csv change nothing"
+        console.print(note, markup=False, highlight=False, soft_wrap=True)
     if predictor.sex_input and codes is None:
         raise RayboneError(
             f"{model_dir}: this model takes the patient's sex as an input; "
