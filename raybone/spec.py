@@ -367,7 +367,7 @@ def spec_changes(before: Spec, after: Spec, *, training_only: bool = False) -> l
     """'train.ema: 0.0 -> 0.99' for each setting that differs, except where the trials run (resources) and what
     they are logged to. `training_only`: the data and the fixed train settings, what a trial's score depends on
     besides its hyperparameters."""
-    old, new = _flat_settings(before), _flat_settings(after)
+    old, new = (flat_settings(s, exclude={"resources", "loggers"}) for s in (before, after))
     changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
     if training_only:  # a searched hyperparameter dumps as its range, no fixed setting
         searched = {k for k in changed if isinstance(old.get(k), dict) or isinstance(new.get(k), dict)}
@@ -375,10 +375,10 @@ def spec_changes(before: Spec, after: Spec, *, training_only: bool = False) -> l
     return [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}" for key in changed]
 
 
-def _flat_settings(spec: Spec) -> dict:
+def flat_settings(spec: Spec, exclude: set[str] = frozenset()) -> dict:
     """The spec's settings by dotted key down to one hyperparameter (a searched one's range is one value), the
     train section with its defaults filled in."""
-    settings = spec.model_dump(mode="json", exclude={"resources", "loggers"})
+    settings = spec.model_dump(mode="json", exclude=set(exclude))
     settings["train"] = TrainConfig().model_dump(mode="json") | settings["train"]
     flat = {}
     for key, value in settings.items():

@@ -153,6 +153,17 @@ def test_two_experiments_compare_side_by_side(tiny_experiment, tmp_path):
         runner.invoke(app, ["results", "tiny", "other", "--results-dir", str(tmp_path), "--format", "json"]).stdout
     )
     assert [r["experiment"] for r in rows] == ["tiny", "other"] and rows[0]["best"] == rows[1]["best"]
+    # One whose trials all failed is listed without a model (it aborted the comparison); a name given twice once.
+    failed = shutil.copytree(results / "tiny", tmp_path / "failed")
+    trials = pd.read_parquet(failed / "trials.parquet")
+    trials[[c for c in trials if c.startswith(("val_", "best_val_"))]] = float("nan")
+    trials.assign(status="error").to_parquet(failed / "trials.parquet")
+    pd.read_parquet(failed / "history.parquet").head(0).to_parquet(failed / "history.parquet")  # no report
+    both = runner.invoke(app, ["results", "tiny", "failed", "tiny", "--results-dir", str(tmp_path), "--format", "json"])
+    assert both.exit_code == 0, both.output
+    rows = json.loads(both.stdout)
+    assert [(r["experiment"], r["trial_id"] is None) for r in rows] == [("tiny", False), ("failed", True)]
+    assert rows[1]["best"] is None and rows[1]["trials"] == 2
 
 
 def test_predict_shows_whole_names_and_warns_about_a_demo_model(tiny_model, tmp_path):

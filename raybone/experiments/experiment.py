@@ -42,7 +42,7 @@ from raybone.experiments.storage import (
     storage,
     study_dir,
 )
-from raybone.spec import METRICS, Spec, TrainConfig, parse_spec
+from raybone.spec import METRICS, Spec, TrainConfig, flat_settings, parse_spec
 
 # Columns renamed since earlier experiments were written: read old tables under the new names.
 _RENAMED = {"training_iteration": "iteration", "lr_at_iteration": "current_lr"}
@@ -446,25 +446,11 @@ def plain(value):
 
 
 def compare(storage_location: str | PurePath, names: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(the best model of each experiment side by side, the settings in which their specs differ)."""
-    experiments = [Experiment.open(storage_location, name) for name in names]
-    rows = []
-    for experiment in experiments:
-        best, trials = experiment.best(), experiment.trials()
-        metrics = best.metrics()
-        rows.append(
-            {
-                "experiment": experiment.name,
-                "trials": len(trials),
-                "metric": best.metric,
-                "best": metrics.get(best.metric),
-                "trial_id": best.trial_id,
-                "iteration": best.iteration,
-                **{name: metrics.get(name) for name in ("val_top1", "val_top2", "val_rmse", "val_mae")},
-                "trial_iterations": plain(trials["iteration"].sum()) if "iteration" in trials else None,
-            }
-        )
-    settings = [_flat(e.spec.model_dump(mode="json")) for e in experiments]
+    """(the best model of each experiment side by side, the settings in which their specs differ). An experiment
+    none of whose trials reported is listed without a model."""
+    experiments = [Experiment.open(storage_location, name) for name in dict.fromkeys(names)]
+    rows = [_best_row(experiment) for experiment in experiments]
+    settings = [flat_settings(e.spec) for e in experiments]
     keys = sorted({key for flat in settings for key in flat})
     differ = [key for key in keys if len({repr(flat.get(key)) for flat in settings}) > 1]
     differences = pd.DataFrame(
@@ -474,11 +460,20 @@ def compare(storage_location: str | PurePath, names: list[str]) -> tuple[pd.Data
     return pd.DataFrame(rows), differences.rename_axis("setting").reset_index()
 
 
-def _flat(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and value and set(value) - {"distribution", "low", "high", "choices"}:
-            flat |= _flat(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+def _best_row(experiment: Experiment) -> dict:
+    trials = experiment.trials()
+    try:
+        best = experiment.best()
+    except RayboneError:  # no trial reported the metric
+        best = None
+    metrics = best.metrics() if best else {}
+    return {
+        "experiment": experiment.name,
+        "trials": len(trials),
+        "metric": experiment.spec.metric,
+        "best": metrics.get(experiment.spec.metric),
+        "trial_id": best and best.trial_id,
+        "iteration": best and best.iteration,
+        **{name: metrics.get(name) for name in ("val_top1", "val_top2", "val_rmse", "val_mae")},
+        "trial_iterations": plain(trials["iteration"].sum()) if "iteration" in trials else None,
+    }
