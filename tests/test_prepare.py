@@ -207,9 +207,12 @@ def test_a_corrupt_cached_artifact_is_rebuilt(collection, tmp_path):
 def test_nothing_usable_is_an_error(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "1.png").write_text("nope")
-    (tmp_path / "boneage.csv").write_text("id,boneage,male\n1,12,True\n")
-    with pytest.raises(DataError, match=r"boneage\.csv: no usable images"):
+    Image.new("L", (1, 1)).save(tmp_path / "images" / "2.png")
+    (tmp_path / "boneage.csv").write_text("id,boneage,male\n1,12,True\n2,12,True\n3,abc,True\n")
+    with pytest.raises(DataError, match=r"boneage\.csv: no usable images \(3 skipped; ") as refused:
         prepare(tmp_path, out=tmp_path.parent / "out", image_size=16, progress=False)
+    # no skipped.csv is written, so each reason is in the message (only the first was)
+    assert all(f"{where}: " in str(refused.value) for where in ("boneage.csv line 4", "1.png", "2.png"))
 
 
 def test_loaded_images_are_writable_arrays(collection, tmp_path):

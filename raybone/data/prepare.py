@@ -289,7 +289,8 @@ def _build(
     usable = np.array([not problem for problem in problems], dtype=bool)
     skipped = skipped + [(path, problem) for path, problem in zip(table["path"], problems) if problem]
     if not usable.any():
-        raise DataError(f"{scan.labels_csv}: no usable images ({len(skipped)} skipped; {_first_reasons(skipped, 1)})")
+        # No artifact, so no skipped.csv: the message is the only list the user gets.
+        raise DataError(f"{scan.labels_csv}: no usable images ({len(skipped)} skipped; {_first_reasons(skipped, 5)})")
     images = _compact(images, usable)
     manifest = _manifest(table.loc[usable], np.asarray(checksums, dtype=object)[usable], settings)
     meta = _meta(scan, manifest, len(skipped), settings, fingerprint)
