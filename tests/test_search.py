@@ -585,6 +585,12 @@ def test_a_failed_trials_error_is_read_from_the_files_tune_writes_beside_it(tmp_
     with open(trial.pickled_error_file, "wb") as file:
         ray.cloudpickle.dump(SimpleNamespace(cause=cause), file)  # a Ray task error carries it as its cause
     assert trial_error(trial) == "what the trial raised"
+    # Train's error leads with the workers' tracebacks (a one-line squash of them was shown): the worker's error.
+    traceback = 'Traceback (most recent call last):\n  File "engine.py", line 59\nValueError: torch.cat(): empty'
+    train = ray.train.WorkerGroupError(f"[Rank 0]\n{traceback}", {0: ValueError("torch.cat(): empty")})
+    with open(trial.pickled_error_file, "wb") as file:
+        ray.cloudpickle.dump(SimpleNamespace(cause=train), file)
+    assert trial_error(trial) == "ValueError on a Train worker: torch.cat(): empty"
 
 
 def test_only_trials_seen_to_end_without_an_error_count_as_ended():

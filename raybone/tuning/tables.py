@@ -13,6 +13,7 @@ from pathlib import Path, PurePath
 
 import pandas as pd
 import ray.cloudpickle
+import ray.train
 import ray.tune
 
 from raybone.errors import one_line
@@ -108,8 +109,13 @@ def trial_row(
 
 def error_message(error) -> str:
     """A failed trial's error on one line. A Ray task error's cause is what the trial raised: its message, without
-    the remote traceback before it."""
-    return one_line(getattr(error, "cause", None) or error)
+    the remote traceback before it. Train's error leads with each worker's traceback: the first worker's error is
+    named instead (the tracebacks stay in Tune's error file)."""
+    cause = getattr(error, "cause", None) or error
+    if isinstance(cause, ray.train.WorkerGroupError) and cause.worker_failures:
+        failure = next(iter(cause.worker_failures.values()))
+        return one_line(f"{type(failure).__name__} on a Train worker: {failure}")
+    return one_line(cause)
 
 
 def trial_error(trial) -> str:
