@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import shlex
 import sys
 from datetime import datetime
 from enum import Enum
@@ -39,9 +40,9 @@ class Logger(str, Enum):
 
 def _print_version(asked: bool) -> None:
     if asked:
-        from raybone import __version__
+        from importlib.metadata import version
 
-        _say(f"raybone {__version__}")
+        _say(f"raybone {version('raybone')}")
         raise typer.Exit()
 
 
@@ -179,6 +180,8 @@ def data_prepare(
         seed=seed,
         force=force,
     )
+    if note := prepared.missing_validation():
+        errors.print(f"warning: {note} (a search refuses data without them)", markup=False, soft_wrap=True)
     _say(f"prepared: {prepared.path}")
 
 
@@ -508,7 +511,8 @@ def results(
         title=f"{experiment.name}: {f'best {len(trials)} of ' if len(trials) < len(ranked) else ''}"
         f"{len(ranked)} trials by {spec.metric} ({spec.mode})",
     )
-    _print_failures(ranked, experiment.name)
+    elsewhere = "" if results_dir == str(RESULTS) else f" --storage {shlex.quote(results_dir)}"
+    _print_failures(ranked, experiment.name + elsewhere)
     hidden = [c for c in METRICS if c not in metrics]
     _say(f"more metrics ({', '.join(hidden)}): --format csv or json")
     _print_importances(importances(experiment, importance_evaluator.value))
@@ -539,12 +543,13 @@ def _print_frame(df, format: OutputFormat, title: str | None = None) -> None:
         (console if wide.measure(table).maximum <= console.width else wide).print(table)
 
 
-def _print_failures(trials, name: str) -> None:
-    """Each error once, with the trials that failed with it: a search whose trials all met one error says it once."""
+def _print_failures(trials, resume: str) -> None:
+    """Each error once, with the trials that failed with it: a search whose trials all met one error says it once.
+    `resume`: what follows `raybone search --resume`."""
     failed = trials[trials["status"] == "error"]
     if failed.empty:
         return
-    _say(f"{len(failed)} of {len(trials)} trials failed (raybone search --resume {name} tries them again):")
+    _say(f"{len(failed)} of {len(trials)} trials failed (raybone search --resume {resume} tries them again):")
     for error, group in failed.groupby(failed["error"].fillna("no error recorded"), sort=False):
         _say(f"  {', '.join(group['trial_id'])}: {error}")
 

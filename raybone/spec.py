@@ -365,13 +365,13 @@ def dump_spec(spec: Spec) -> str:
 
 def spec_changes(before: Spec, after: Spec, *, training_only: bool = False) -> list[str]:
     """'train.ema: 0.0 -> 0.99' for each setting that differs, except where the trials run (resources) and what
-    they are logged to. `training_only`: the data and the fixed train settings, what a trial's score depends on
-    besides its hyperparameters."""
+    they are logged to. `training_only`: the data, its split's seed and the fixed train settings, what a trial's
+    score depends on besides its hyperparameters."""
     old, new = (flat_settings(s, exclude={"resources", "loggers"}) for s in (before, after))
     changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
-    if training_only:  # a searched hyperparameter dumps as its range, no fixed setting
+    if training_only:  # a searched hyperparameter dumps as its range, no fixed setting; the seed splits the data
         searched = {k for k in changed if isinstance(old.get(k), dict) or isinstance(new.get(k), dict)}
-        changed = [k for k in changed if k.startswith(("data.", "train.")) and k not in searched]
+        changed = [k for k in changed if k.startswith(("data.", "train.", "seed")) and k not in searched]
     return [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}" for key in changed]
 
 

@@ -131,10 +131,13 @@ def test_a_warm_start_says_what_the_earlier_search_trained_otherwise(experiment)
 
     results, _ = experiment
     output = Console(file=io.StringIO(), width=1000)
-    other = load_spec(QUICK, TINY + ["num_samples=2", "iterations=8", "data.image_size=48", "lr.high=1e-2"])
+    other = load_spec(QUICK, TINY + ["num_samples=2", "iterations=8", "data.image_size=48", "lr.high=1e-2", "seed=3"])
     assert len(warm_start_trials(results, NAME, other, output)) == 4
     said = output.file.getvalue()
-    assert "note: ana trained its trials otherwise (data.image_size: 40 -> 48; train.iterations: 4 -> 8)" in said
+    assert (
+        "note: ana trained its trials otherwise (data.image_size: 40 -> 48; seed: 0 -> 3; train.iterations: 4 -> 8)"
+        in said
+    )
     output = Console(file=io.StringIO(), width=1000)
     warm_start_trials(results, NAME, load_spec(QUICK, TINY + ["num_samples=3", "lr.high=1e-2"]), output)
     assert "note:" not in output.file.getvalue()  # more trials, a wider range: the same training

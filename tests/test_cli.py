@@ -68,7 +68,8 @@ def test_a_search_in_which_no_trial_reports_exits_1_and_names_the_error(tmp_path
         app, ["results", "broken", "--results-dir", str(tmp_path / "results")], env={"COLUMNS": "1000"}
     )
     assert shown.exit_code == 0, shown.output
-    assert "1 of 1 trials failed (raybone search --resume broken tries them again):" in shown.output
+    resume = f"raybone search --resume broken --storage {tmp_path / 'results'} tries them again"
+    assert f"1 of 1 trials failed ({resume}):" in shown.output
     assert f"  {row.trial_id}: cannot read weights file {weights}" in shown.output
 
 

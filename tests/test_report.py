@@ -90,6 +90,10 @@ def test_the_data_of_a_search_given_relative_paths_is_found_from_another_folder(
     monkeypatch.chdir(tmp_path)
 
     assert Experiment.open(copy, "tiny").best().prepared_data().path == searched / "prep"
+    (copy / "tiny" / "environment.json").write_text(json.dumps({**environment, "cwd": str(tmp_path / "gone")}))
+    monkeypatch.chdir(searched)  # another machine with the same layout: the path as given, from here
+    assert Experiment.open(copy, "tiny").best().prepared_data().path.resolve() == searched / "prep"
+    (copy / "tiny" / "environment.json").write_text(json.dumps(environment))
     shutil.rmtree(searched / "prep")  # gone: prepared again from the source, given as `--data atlas`
     spec = copy / "tiny" / "spec.yaml"
     spec.write_text(spec.read_text().replace("source: demo", "source: atlas"))

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-import ray
 import torch
 from conftest import QUICK, TINY, placement_groups_left
 from PIL import Image
@@ -644,24 +643,47 @@ def _hands(root: Path, per_year: int) -> Path:
     return root
 
 
-def test_data_without_validation_images_is_refused_before_ray_starts(tmp_path, capsys):
+def _no_cluster(monkeypatch):
+    """Fail the test if the search gets as far as starting (or joining) a Ray cluster."""
+
+    def start(*args, **kwargs):
+        raise AssertionError("the search started a cluster before refusing")
+
+    monkeypatch.setattr("raybone.tuning.run._start_cluster", start)
+
+
+def test_data_without_validation_images_is_refused_before_ray_starts(tmp_path, monkeypatch):
     """A trial scored nothing: every try failed deep in the worker with a traceback, and a resume was offered."""
-    prepared = prepare(_hands(tmp_path / "hands", per_year=1), out=tmp_path / "prepared", image_size=40)
-    assert "warning: " in capsys.readouterr().err
-    spec = load_spec(QUICK, TINY + [f"data.source={prepared.path}"])
-    with pytest.raises(DataError, match=r"prepared has no validation images \(3 train / 0 val\).*add radiographs"):
+    from typer.testing import CliRunner
+
+    from raybone.cli import app
+
+    source = _hands(tmp_path / "hands", per_year=1)
+    said = CliRunner().invoke(app, ["data", "prepare", str(source), "--out", str(tmp_path / "prepared")])
+    assert said.exit_code == 0, said.output
+    warning = " ".join(said.stderr.split())
+    assert f"warning: {source}: no validation images (3 train / 0 val)" in warning
+    assert "a year needs 2 or more to give one; add radiographs (a search refuses data without them)" in warning
+    spec = load_spec(QUICK, TINY + [f"data.source={tmp_path / 'prepared'}"])
+    _no_cluster(monkeypatch)
+    with pytest.raises(DataError, match=r"hands: no validation images \(3 train / 0 val\).*add radiographs"):
         run_search(spec, name="noval", results_dir=tmp_path / "results")
-    assert not ray.is_initialized() and not (tmp_path / "results" / "noval").exists()
+    assert not (tmp_path / "results" / "noval").exists()
+    _hands(tmp_path / "pairs", per_year=2)  # at val_fraction 0.1 two a year give none
+    fewer = load_spec(QUICK, TINY + [f"data.source={tmp_path / 'pairs'}", "data.val_fraction=0.1"])
+    with pytest.raises(DataError, match=r"a year needs 5 or more to give one"):
+        run_search(fewer, name="fewer", results_dir=tmp_path / "results")
 
 
-def test_an_input_size_above_the_prepared_images_names_the_fix_that_works(tmp_path):
+def test_an_input_size_above_the_prepared_images_names_the_fix_that_works(tmp_path, monkeypatch):
     """A prepared folder keeps its image size: raising data.image_size (the advice given) changed nothing."""
+    _no_cluster(monkeypatch)
     source = _hands(tmp_path / "hands", per_year=2)
     prepared = prepare(source, out=tmp_path / "prepared", image_size=32, progress=False)
     given = load_spec(QUICK, TINY + [f"data.source={prepared.path}", "data.image_size=64", "input_size=48"])
-    with pytest.raises(SpecError, match=rf"\(32 px\); prepare it again: raybone data prepare {source} --image-size 48"):
+    again = rf"\(32 px\); a prepared folder keeps its size: raybone data prepare {source} --image-size 48 --out NEW"
+    with pytest.raises(SpecError, match=again):
         run_search(given, name="small", results_dir=tmp_path / "results")
     from_source = load_spec(QUICK, TINY + [f"data.source={source}", "input_size=48"])
     with pytest.raises(SpecError, match=r"\(40 px\); raise data.image_size to 48 or more, or lower train.input_size"):
         run_search(from_source, name="small", results_dir=tmp_path / "results")
-    assert not ray.is_initialized()

@@ -57,7 +57,7 @@ def readout_metrics(probs: np.ndarray, labels: np.ndarray, readout: str) -> dict
 
 def median_predictor(train_labels: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """What a model that learned nothing scores: always the training split's median class (the lower of two).
-    Every figure is judged against it."""
+    A model that learned beats it by far."""
     median = int(np.percentile(train_labels, 50, method="lower"))
     rmse, mae = _rmse_mae(median - np.asarray(labels))
     return {"class": median, "top1": float(np.mean(np.asarray(labels) == median)), "rmse": rmse, "mae": mae}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +50,7 @@ _LEGACY_CONTENT_KEYS = (
 )
 ARTIFACT_FILES = ("images.npy", "manifest.parquet", "skipped.csv", META_FILE)
 KIND = "prepared dataset"
+DEMO_ATLAS = "demo-atlas"  # the phantom atlas's folder names start so: from_demo_atlas knows it by them
 _LEGACY = Legacy(META_FILE, b'"fingerprint"', frozenset(ARTIFACT_FILES))
 
 _NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -84,10 +86,12 @@ class PreparedData:
         """Why there are no validation images, if there are none: a search scores every trial on them."""
         if not self.is_train.all():
             return None
+        share = self.meta.get("val_fraction", 0.25)
+        needed = max(2, math.ceil(0.5 / share))  # stratified_split rounds n * share and keeps one for training
         return (
-            f"{self.path} has no validation images ({len(self.images)} train / 0 val): the split keeps at least one "
-            "radiograph of each bone-age year for training, so a year needs 2 or more to give one to validation; "
-            "add radiographs"
+            f"{self.meta.get('source', self.path)}: no validation images ({len(self.images)} train / 0 val): the "
+            f"split gives each bone-age year {share:g} of its radiographs, rounded, and keeps one for training, so "
+            f"a year needs {needed} or more to give one; add radiographs"
         )
 
 
@@ -247,12 +251,12 @@ def _refuse_inside_source(out: Path, root: Path) -> None:
 def from_demo_atlas(meta: dict) -> bool:
     """Whether prepared data (its prepared.json, or a model's record of it) came from the synthetic phantom atlas:
     a model of it says nothing true about real radiographs."""
-    return "demo-atlas" in Path(str(meta.get("source") or "")).name
+    return Path(str(meta.get("source") or "")).name.startswith(DEMO_ATLAS)
 
 
 def _demo_atlas(seed: int, image_size: int) -> Path:
     """Generate (once) the phantom atlas for `demo` in the cache."""
-    atlas = cache_root() / f"demo-atlas-{seed}-{image_size}"  # the name from_demo_atlas knows
+    atlas = cache_root() / f"{DEMO_ATLAS}-{seed}-{image_size}"
     if (atlas / "boneage.csv").is_file():
         return atlas
     _say(f"Drawing {DEMO_ATLAS_SIZE} phantom radiographs into {atlas}")
@@ -295,7 +299,7 @@ def _build(
     manifest = _manifest(table.loc[usable], np.asarray(checksums, dtype=object)[usable], settings)
     meta = _meta(scan, manifest, len(skipped), settings, fingerprint)
     result = _write_artifact(out, images, manifest, skipped, meta, force)
-    _print_summary(result, skipped, scan.unclear_sex)
+    _print_summary(result, skipped, _unclear_sex(table.loc[usable]))
     return result
 
 
@@ -506,8 +510,6 @@ def _print_summary(data: PreparedData, skipped: list, unclear_sex: list) -> None
         "train/val per bone-age year: "
         + "  ".join(f"{year}: {train}/{val}" for year, (train, val) in enumerate(per_class))
     )
-    if note := data.missing_validation():
-        _say(f"warning: {note} (a search refuses data without them)", style="yellow")
     if unclear_sex:
         shown = _first_reasons([(where, repr(value)) for where, value in unclear_sex], 3)
         _say(
@@ -518,6 +520,12 @@ def _print_summary(data: PreparedData, skipped: list, unclear_sex: list) -> None
     if skipped:
         _say(f"Skipped {len(skipped)}: {_first_reasons(skipped, 3)}", style="yellow")
         _say(f"Full list: {data.path / 'skipped.csv'}")
+
+
+def _unclear_sex(table: pd.DataFrame) -> list[tuple[str, str]]:
+    """(id, the CSV's word) of each prepared radiograph whose sex parse_sex could not read: kept as unknown."""
+    unclear = table[(table["sex"] == "") & (table["sex_given"] != "")]
+    return [(f"id {image_id}", given) for image_id, given in zip(unclear["id"], unclear["sex_given"])]
 
 
 def _first_reasons(skipped: list, n: int) -> str:

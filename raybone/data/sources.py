@@ -27,7 +27,8 @@ FORMATS = ("rsna", "dha", "manifest")
 MAX_AGE_MONTHS = 240.0
 MAX_LABELS_BYTES = 256 * 2**20
 RSNA_CSV = "boneage.csv"
-TABLE_COLUMNS = ["id", "path", "age_months", "sex"]
+# sex_given: the CSV's own word ('' where it said nothing), so a sex parse_sex cannot read is named, not lost
+TABLE_COLUMNS = ["id", "path", "age_months", "sex", "sex_given"]
 
 _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f"}
@@ -42,7 +43,6 @@ class SourceScan:
     root: Path  # folder the images are found in; fingerprints use paths relative to it
     table: pd.DataFrame  # TABLE_COLUMNS, one row per usable radiograph
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file or CSV line, reason)
-    unclear_sex: list[tuple[str, str]] = field(default_factory=list)  # (CSV line, value): kept, sex unknown
 
 
 class _Skip(Exception):
@@ -65,7 +65,7 @@ def scan_source(source: Path, format: str = "auto", labels: Path | None = None) 
     else:
         table, skipped = read_manifest(labels_csv)
         root = labels_csv.parent
-    return SourceScan(format, labels_csv, root, table, skipped, _unclear_sex(labels_csv))
+    return SourceScan(format, labels_csv, root, table, skipped)
 
 
 def find_label_csv(source: Path) -> Path:
@@ -186,7 +186,7 @@ def _collect(frame: pd.DataFrame, labels_csv: Path, locate: Callable, age_of: Ca
         except _Skip as problem:
             skipped.append((f"{labels_csv.name} line {line}", f"id {image_id or '?'}: {problem}"))
             continue
-        rows.append((image_id, str(path), age_months, parse_sex(record)))
+        rows.append((image_id, str(path), age_months, parse_sex(record), record.get("sex") or record.get("male") or ""))
     return pd.DataFrame(rows, columns=TABLE_COLUMNS).astype({"age_months": float}), skipped
 
 
@@ -234,16 +234,6 @@ def _manifest_age_reader(frame: pd.DataFrame, labels_csv: Path) -> Callable[[dic
 
 
 SEX_CODES = {"M": 1, "F": 0, "": -1}  # parse_sex's letters as the codes PreparedData and predict carry
-
-
-def _unclear_sex(labels_csv: Path) -> list[tuple[str, str]]:
-    """The CSV lines whose sex parse_sex cannot read: a model with sex input would quietly learn them as unknown."""
-    unclear = []
-    for line, record in enumerate(_read_csv(labels_csv).to_dict("records"), start=2):
-        value = record.get("sex") or record.get("male") or ""
-        if value and not parse_sex(record):
-            unclear.append((f"{labels_csv.name} line {line}", value))
-    return unclear
 
 
 def parse_sex(record: dict) -> str:

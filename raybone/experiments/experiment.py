@@ -283,9 +283,9 @@ class BestTrial:
         """The prepared data's prepared.json, as the search recorded it (or read from the data folder)."""
         environment = self.experiment.environment
         meta = environment.get("data_meta") or {}
-        if not meta and environment.get("data_path"):
+        if not meta and self.data_folder():
             try:
-                meta = json.loads((self._as_searched(environment["data_path"]) / META_FILE).read_text())
+                meta = json.loads((self.data_folder() / META_FILE).read_text())
             except (OSError, ValueError):
                 meta = {}
         return meta
@@ -294,7 +294,7 @@ class BestTrial:
         """The data the search trained on: its prepared folder if still there, else prepared again from the
         source; refused if what it holds changed since the search (a copy with new file dates is accepted)."""
         environment = self.experiment.environment
-        folder = environment.get("data_path") and self._as_searched(environment["data_path"])
+        folder = self.data_folder()
         found = folder and (folder / META_FILE).is_file()
         data = load_prepared(folder) if found else self._source_as_searched().prepare_data()
         if data_changed(environment, data):
@@ -305,10 +305,17 @@ class BestTrial:
             )
         return data
 
+    def data_folder(self) -> Path | None:
+        """The prepared folder the search trained on, found from this folder (it may be gone since)."""
+        recorded = self.experiment.environment.get("data_path")
+        return recorded and self._as_searched(recorded)
+
     def _as_searched(self, path: str) -> Path:
         """A path as the search read it. The spec keeps `--data` as given, and earlier searches recorded the
-        prepared folder so too: relative to the folder the search ran in (environment.json's cwd)."""
-        return Path(self.experiment.environment.get("cwd", ".")) / path
+        prepared folder so too: relative to the folder the search ran in (environment.json's cwd), else (another
+        machine, a moved checkout) to this one."""
+        searched = Path(self.experiment.environment.get("cwd", ".")) / path
+        return searched if searched.exists() else Path(path)
 
     def _source_as_searched(self) -> Spec:
         """The spec with its data source and labels found from any folder (`--data` is recorded as given)."""

@@ -335,7 +335,7 @@ def model_meta(best: BestTrial, cfg: TrainConfig, num_classes: int, image_size: 
         "selected_by": {"metric": best.metric, "mode": best.mode, "scope": best.scope},
         "data": {
             "fingerprint": data.get("fingerprint") or environment.get("data_fingerprint"),
-            "path": environment.get("data_path"),
+            "path": str(folder.absolute()) if (folder := best.data_folder()) else None,
             **{key: data.get(key) for key in DATA_KEYS},  # null where older prepared data did not record it
         },
         "experiment": best.experiment.name,

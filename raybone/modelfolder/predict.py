@@ -447,10 +447,11 @@ def predict_inputs(
         )
     _warn_if_trained_on_the_demo_atlas(predictor, files, console)
     failures = 0
-    codes = sex_codes(files, sex, sex_csv)
-    if codes is not None and not predictor.sex_input:
+    if not predictor.sex_input and (sex is not None or sex_csv is not None):
         note = f"note: {printable(model_dir)} takes no sex input; --sex and --sex-csv change nothing"
         console.print(note, markup=False, highlight=False, soft_wrap=True)
+        sex = sex_csv = None  # not read: an option that changes nothing must not stop the prediction
+    codes = sex_codes(files, sex, sex_csv)
     if predictor.sex_input and codes is None:
         raise RayboneError(
             f"{model_dir}: this model takes the patient's sex as an input; "
@@ -491,7 +492,7 @@ def predict_inputs(
 def _warn_if_trained_on_the_demo_atlas(predictor: Predictor, files: Sequence[Path], console: Console) -> None:
     """Once: a model of the synthetic phantom atlas says nothing true about real radiographs."""
     source = str((predictor.meta.get("data") or {}).get("source") or "")
-    if any(not Path(f).resolve().is_relative_to(Path(source)) for f in files) and (note := demo_atlas_note(predictor)):
+    if (note := demo_atlas_note(predictor)) and any(not Path(f).resolve().is_relative_to(Path(source)) for f in files):
         console.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import uuid
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -20,6 +21,7 @@ from ray.tune.schedulers import ASHAScheduler
 from rich.console import Console
 
 from raybone.data import PreparedData
+from raybone.data.prepare import from_demo_atlas
 from raybone.errors import DataError, RayboneError, SpecError
 from raybone.experiments import storage as results
 from raybone.experiments.experiment import best_row, data_changed
@@ -114,10 +116,7 @@ def run_search(
     )
     if warning := population_warning(spec, max_concurrent):
         console.print(f"[yellow]warning:[/] {warning}")
-    # Tune logs each failed try of a trial with Ray's whole traceback (about 45 lines of its own frames); TrialProgress
-    # prints one line per try instead, and the traceback stays in the trial's error file. A user's setting wins.
-    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
-    grid = tuner.fit()
+    grid = _fit_quietly(tuner)
     live_history, live_trials = (_read_if_there(results.join(path, table)) for table in (HISTORY, TRIALS))
     history = history_table(grid, root if remote else None, live_history)
     trials = trials_table(grid, spec, history, ended_trials(live_trials), storage_location=root if remote else None)
@@ -128,6 +127,20 @@ def run_search(
     if "mlflow" in spec.loggers and not remote:
         log_best_checkpoint(spec, name, _best(trials, spec))
     return SearchOutcome(path, trials, _best(trials, spec))
+
+
+def _fit_quietly(tuner: ray.tune.Tuner) -> ray.tune.ResultGrid:
+    """Tune logs each failed try of a trial with Ray's whole traceback (about 45 lines of its own frames);
+    TrialProgress prints one line per try instead, and the traceback stays in the trial's error file. A user's
+    setting wins, and the process's other Tune runs keep theirs."""
+    quiet = "TUNE_PRINT_ALL_TRIAL_ERRORS" not in os.environ
+    if quiet:
+        os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "0"
+    try:
+        return tuner.fit()
+    finally:
+        if quiet:
+            del os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"]
 
 
 def _read_if_there(table) -> pd.DataFrame | None:
@@ -288,7 +301,11 @@ def _check_input_size(spec: Spec, data: PreparedData) -> None:
     if largest <= data.images.shape[1]:
         return
     if Path(str(spec.data.source)).resolve() == data.path.resolve():  # a prepared folder: data.image_size is its own
-        fix = f"prepare it again: raybone data prepare {data.meta['source']} --image-size {largest} (or more)"
+        source = "demo" if from_demo_atlas(data.meta) else shlex.quote(str(data.meta.get("source", "SOURCE")))
+        fix = (
+            f"a prepared folder keeps its size: raybone data prepare {source} --image-size {largest} --out NEW "
+            "(or larger), then search --data NEW"
+        )
     else:
         fix = f"raise data.image_size to {largest} or more"
     raise SpecError(

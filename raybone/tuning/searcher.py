@@ -21,6 +21,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from rich.console import Console
+from rich.text import Text
 
 from raybone.errors import SpecError
 from raybone.experiments import Experiment
@@ -70,11 +71,8 @@ def warm_start_trials(storage, name: str, spec: Spec, console: Console | None = 
             highlight=False,
         )
         if changed := spec_changes(earlier.spec, spec, training_only=True):
-            console.print(
-                f"[yellow]note:[/] {name} trained its trials otherwise ({'; '.join(changed)}); the sampler takes "
-                "their scores as if this search had made them",
-                highlight=False,
-            )
+            said = f" {name} trained its trials otherwise ({'; '.join(changed)}); the sampler takes their scores as if "
+            console.print(Text.assemble(("note:", "yellow"), said + "this search had made them"), highlight=False)
     return trials
 
 

@@ -112,10 +112,16 @@ def error_message(error) -> str:
     the remote traceback before it. Train's error leads with each worker's traceback: the first worker's error is
     named instead (the tracebacks stay in Tune's error file)."""
     cause = getattr(error, "cause", None) or error
-    if isinstance(cause, ray.train.WorkerGroupError) and cause.worker_failures:
-        failure = next(iter(cause.worker_failures.values()))
-        return one_line(f"{type(failure).__name__} on a Train worker: {failure}")
+    if failures := worker_errors(cause):
+        return one_line(f"{type(failures[0]).__name__} on a Train worker: {failures[0]}")
     return one_line(cause)
+
+
+def worker_errors(error: BaseException) -> list[BaseException]:
+    """What each Train worker raised, by rank, when `error` is Train's report of them; else none."""
+    if not isinstance(error, ray.train.WorkerGroupError):
+        return []
+    return [error.worker_failures[rank] for rank in sorted(error.worker_failures)]
 
 
 def trial_error(trial) -> str:

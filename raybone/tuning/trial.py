@@ -38,6 +38,7 @@ from raybone.errors import MismatchError, RayboneError
 from raybone.experiments.storage import as_location, exists, join, read_text, write_text
 from raybone.spec import Spec
 from raybone.tuning.pbt import within_space
+from raybone.tuning.tables import worker_errors
 from raybone.tuning.worker import train_loop_per_worker
 
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # the trial function only waits on its Train run
@@ -197,8 +198,7 @@ def _raise_a_mismatch_met_before(where: str, search_run: str) -> None:
 def _own_error(err: BaseException) -> BaseException:
     """The message raybone raised on a worker (a checkpoint it cannot continue) over Train's wrapper, which leads
     with the worker's traceback; any other failure as it is."""
-    failures = err.worker_failures.values() if isinstance(err, ray.train.WorkerGroupError) else ()
-    return next((failure for failure in failures if isinstance(failure, RayboneError)), err)
+    return next((failure for failure in worker_errors(err) if isinstance(failure, RayboneError)), err)
 
 
 def _fit(trainer: TorchTrainer, failure: list) -> None:
