@@ -447,11 +447,10 @@ def predict_inputs(
         )
     _warn_if_trained_on_the_demo_atlas(predictor, files, console)
     failures = 0
-    if not predictor.sex_input and (sex is not None or sex_csv is not None):
+    codes = sex_codes(files, sex, sex_csv)  # read even where unused: a bad value or file is still the user's mistake
+    if codes is not None and not predictor.sex_input:
         note = f"note: {printable(model_dir)} takes no sex input; --sex and --sex-csv change nothing"
         console.print(note, markup=False, highlight=False, soft_wrap=True)
-        sex = sex_csv = None  # not read: an option that changes nothing must not stop the prediction
-    codes = sex_codes(files, sex, sex_csv)
     if predictor.sex_input and codes is None:
         raise RayboneError(
             f"{model_dir}: this model takes the patient's sex as an input; "
