@@ -283,9 +283,10 @@ class BestTrial:
         """The prepared data's prepared.json, as the search recorded it (or read from the data folder)."""
         environment = self.experiment.environment
         meta = environment.get("data_meta") or {}
-        if not meta and self.data_folder():
+        folder = None if meta else self.data_folder()
+        if folder:
             try:
-                meta = json.loads((self.data_folder() / META_FILE).read_text())
+                meta = json.loads((folder / META_FILE).read_text())
             except (OSError, ValueError):
                 meta = {}
         return meta
