@@ -1,4 +1,9 @@
-"""Resume after a real interruption: SIGKILL the driver of a running search, then --resume it."""
+"""Resume after a real interruption: SIGKILL (or Ctrl-C) the driver of a running search, then --resume it.
+
+The interrupted search is a process of its own, with its own Ray cluster, killed for real. The resume runs the
+same `raybone search --resume` in this process, on the module's cluster: a process of its own would only add the
+start of another cluster (about 10 s a resume), and the resume reads nothing but what the killed run saved.
+"""
 
 import os
 import signal
@@ -9,7 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
+from raybone.cli import app
 from raybone.spec import load_spec
 from raybone.tuning.pbt import pbt_members
 
@@ -31,6 +38,14 @@ ARGS = [
     "--set",
     "resources.cpus_per_worker=2",
 ]  # one trial at a time on 2 cores: the kill lands between trials, before Tune creates the second
+
+
+def _resume(name: str, results: Path, *more: str) -> str:
+    """`raybone search --resume NAME`, in this process; its output, and its exit status checked."""
+    args = ["search", "--resume", name, "--results-dir", str(results), *more]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "1000"})  # a line per trial, unwrapped
+    assert result.exit_code == 0, result.output
+    return result.stdout
 
 
 def _raybone(*args, **kwargs):
@@ -55,8 +70,9 @@ def _raybone(*args, **kwargs):
     ],
     ids=["searcher", "pbt"],
 )
-def test_search_resumes_after_sigkill(tmp_path, scheduler):
-    env = {**os.environ, "RAYBONE_CACHE": str(tmp_path / "cache")}
+def test_search_resumes_after_sigkill(local_ray, tmp_path, scheduler, monkeypatch):
+    monkeypatch.setenv("RAYBONE_CACHE", str(tmp_path / "cache"))  # the killed run's prepared data, found again
+    env = dict(os.environ)
     args = [*ARGS, *(arg for setting in scheduler for arg in ("--set", setting))]
     driver = _raybone("search", "--name", "killed", "--results-dir", str(tmp_path), *args, env=env)
     experiment = tmp_path / "killed"
@@ -74,10 +90,7 @@ def test_search_resumes_after_sigkill(tmp_path, scheduler):
     done_before = _completed_checkpoints(experiment)
 
     # resources may change on resume, but Tune keeps the concurrency limit the search started with: raybone says so
-    more = ("--set", "resources.max_concurrent_trials=2")
-    resumed = _raybone("search", "--resume", "killed", "--results-dir", str(tmp_path), *more, env=env)
-    output, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, output
+    output = _resume("killed", tmp_path, "--set", "resources.max_concurrent_trials=2")
     assert "up to 1 at a time" in output and "would give 2" in output, output
     trials = pd.read_parquet(experiment / "trials.parquet")
     assert len(trials) == 2 and trials.trial_id.is_unique
@@ -95,17 +108,12 @@ def test_search_resumes_after_sigkill(tmp_path, scheduler):
     for path, mtime in done_before.items():
         assert path.stat().st_mtime == mtime, f"finished trial {path} was trained again"
 
-    again = subprocess.run(
-        [sys.executable, "-m", "raybone", "search", "--resume", "killed", "--results-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert again.returncode == 0 and "already finished (2 trials); nothing to resume" in again.stdout
+    assert "already finished (2 trials); nothing to resume" in _resume("killed", tmp_path)
 
 
-def test_a_search_interrupted_during_its_last_trial_continues_it_and_names_a_checkpoint_it_cannot(tmp_path):
+def test_a_search_interrupted_during_its_last_trial_continues_it_and_names_a_checkpoint_it_cannot(
+    local_ray, tmp_path, monkeypatch
+):
     """Ctrl-C during the search's last trial: the trials table lists every trial, the interrupted one `running`, and
     the resume continues it (Tune stops it without telling raybone, which once wrote it `stopped_early`, and the
     resume answered 'already finished'). A checkpoint whose optimizer state no longer fits the model (a VGG16 search
@@ -113,7 +121,8 @@ def test_a_search_interrupted_during_its_last_trial_continues_it_and_names_a_che
     the checkpoint fits again, the trial resumes."""
     import torch
 
-    env = {**os.environ, "RAYBONE_CACHE": str(tmp_path / "cache"), "COLUMNS": "1000"}
+    monkeypatch.setenv("RAYBONE_CACHE", str(tmp_path / "cache"))
+    env = {**os.environ, "COLUMNS": "1000"}
     settings = ["data.image_size=40", "input_size=32", "batch_size=8", "iterations=120", "eval_every=10"]
     settings += ["num_samples=1", "scheduler.type=none", "resources.max_failures=0"]
     args = [arg for setting in settings for arg in ("--set", setting)]
@@ -136,18 +145,16 @@ def test_a_search_interrupted_during_its_last_trial_continues_it_and_names_a_che
         groups = state["optimizer"]["param_groups"]
         state["optimizer"]["param_groups"] = [{**groups[0], "params": groups[0]["params"] + groups[1]["params"]}]
         torch.save(state, path)
-    resume = [sys.executable, "-m", "raybone", "search", "--resume", "killed", "--results-dir", str(tmp_path)]
-    failed = subprocess.run(resume, capture_output=True, text=True, env=env, timeout=300)
-    assert failed.returncode == 0 and "already finished" not in failed.stdout, failed.stdout
+    failed = _resume("killed", tmp_path)
+    assert "already finished" not in failed, failed
     (row,) = pd.read_parquet(experiment / "trials.parquet").itertuples()
     assert row.status == "error" and row.error.startswith("cannot continue from a checkpoint whose optimizer state")
     assert any(row.error.endswith(str(path.parent)) for path in saved), row.error
-    assert f"trial {row.trial_id} failed: {row.error}" in " ".join(failed.stdout.split()), failed.stdout
+    assert f"trial {row.trial_id} failed: {row.error}" in " ".join(failed.split()), failed
 
     for path, data in originals.items():
         path.write_bytes(data)
-    resumed = subprocess.run(resume, capture_output=True, text=True, env=env, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout
+    _resume("killed", tmp_path)
     (row,) = pd.read_parquet(experiment / "trials.parquet").itertuples()
     assert row.status == "completed" and row.iteration == 120, row
     history = pd.read_parquet(experiment / "history.parquet")
