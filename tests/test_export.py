@@ -365,7 +365,9 @@ def test_every_reading_command_works_on_a_file_uri(experiment, tmp_path, monkeyp
 def test_best_takes_the_best_checkpoint_any_trial_kept_and_scope_last_the_old_choice(experiment):
     results, outcome = experiment
     history = pd.read_parquet(outcome.path / "history.parquet")
-    best_report = history.sort_values(["val_rmse", "iteration"], ascending=[True, False]).iloc[0]
+    history["trial_index"] = history.trial_id.map(outcome.trials.set_index("trial_id").trial_index)
+    # equal scores: the trial started first, and of its equal reports the latest
+    best_report = history.sort_values(["val_rmse", "trial_index", "iteration"], ascending=[True, True, False]).iloc[0]
     best = Experiment.open(results, "tiny").best()
     assert best.scope == "best" and best.trial_id == best_report.trial_id
     assert best.iteration == best_report.iteration and best.metrics()["val_rmse"] == best_report.val_rmse
@@ -373,10 +375,39 @@ def test_best_takes_the_best_checkpoint_any_trial_kept_and_scope_last_the_old_ch
     shown = runner.invoke(app, ["best", "tiny", "--results-dir", str(results)])
     assert f"its best checkpoint, iteration {best_report.iteration}" in shown.stdout, shown.output
     last = Experiment.open(results, "tiny").best(scope="last")
-    final = outcome.trials.loc[outcome.trials.val_rmse.idxmin()]
+    final = outcome.trials.sort_values(["val_rmse", "trial_index"]).iloc[0]
     assert last.trial_id == final.trial_id and last.iteration == final.iteration
     shown = runner.invoke(app, ["best", "tiny", "--scope", "last", "--results-dir", str(results)])
     assert f"its last checkpoint, iteration {final.iteration}" in shown.stdout, shown.output
+
+
+def test_trials_with_equal_scores_are_ranked_alike_by_results_best_and_the_search(experiment, tmp_path):
+    """Early in a search several models predict one class and score alike: `results` ranked the trial Tune started
+    first on top, while `best --export` and the search's summary took whichever came first in a table."""
+    from raybone.experiments.experiment import best_row
+
+    _, outcome = experiment
+    copy = shutil.copytree(outcome.path, tmp_path / "tiny")
+    trials = pd.read_parquet(copy / "trials.parquet")
+    trials = trials.assign(val_rmse=3.0, best_val_rmse=3.0).sort_values("trial_index", ascending=False)  # last first
+    trials.to_parquet(copy / "trials.parquet")
+    first = trials.sort_values("trial_index").trial_id.tolist()
+    # The trial started first reached 3.0 at its first report, the others at their last (then it got worse).
+    history = pd.read_parquet(copy / "history.parquet").iloc[::-1]
+    early = (history.trial_id == first[0]) & (history.iteration == history.iteration.min())
+    late = (history.trial_id != first[0]) & (history.iteration == history.iteration.max())
+    history["val_rmse"] = 4.0
+    history.loc[early | late, "val_rmse"] = 3.0
+    history.to_parquet(copy / "history.parquet")
+
+    tied = Experiment.open(tmp_path, "tiny")
+    assert tied.ranked().trial_id.tolist() == first
+    assert tied.best().trial_id == first[0] and tied.best().iteration == history.iteration.min()
+    assert tied.best(scope="last").trial_id == first[0]
+    assert [member.trial_id for member in tied.top(2)] == first[:2]
+    assert best_row(trials, "best_val_rmse", "min").trial_id == first[0]  # what `raybone search` prints as best
+    shown = runner.invoke(app, ["best", "tiny", "--results-dir", str(tmp_path)])
+    assert shown.exit_code == 0 and [t for t in first if t in shown.stdout] == first[:1], shown.output
 
 
 @pytest.fixture(scope="module")

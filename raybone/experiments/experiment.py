@@ -111,14 +111,7 @@ class Experiment:
         key = f"best_{metric}" if f"best_{metric}" in trials.columns else metric
         if key not in trials.columns:
             trials[key] = float("nan")
-        order = ["trial_index", "trial_id"] if "trial_index" in trials.columns else ["trial_id"]
-        ranked = trials.sort_values(
-            [key, *order],
-            ascending=[mode == "min", *[True] * len(order)],
-            na_position="last",
-            kind="stable",
-            ignore_index=True,
-        )
+        ranked = _best_first(trials, key, mode).reset_index(drop=True)
         ranked.insert(0, "rank", range(1, len(ranked) + 1))
         return ranked
 
@@ -132,9 +125,9 @@ class Experiment:
         metric, mode = self._objective(metric, mode)
         if scope not in SCOPES:
             raise RayboneError(f"unknown scope {scope!r}; choose {' or '.join(SCOPES)}")
-        if scope == "best" and (kept := self._kept_reports(metric, mode, 1)):
-            return self._chosen(kept[0], metric, mode)
         trials = self.trials()
+        if scope == "best" and (kept := self._kept_reports(trials, metric, mode, 1)):
+            return self._chosen(trials, kept[0], metric, mode)
         row = best_row(trials, metric, mode) if metric in trials.columns else None
         if row is None:
             raise RayboneError(f"no trial of {self.name!r} reported {metric} ({len(trials)} trials)")
@@ -145,16 +138,16 @@ class Experiment:
         metric, mode = self._objective(metric, mode)
         if k < 1:
             raise RayboneError(f"--top {k}: name at least one trial")
-        kept = self._kept_reports(metric, mode, k)
+        trials = self.trials()
+        kept = self._kept_reports(trials, metric, mode, k)
         if len(kept) < k:
             raise RayboneError(f"--top {k}: only {len(kept)} trials of {self.name!r} kept a checkpoint with {metric}")
-        return [self._chosen(report, metric, mode) for report in kept]
+        return [self._chosen(trials, report, metric, mode) for report in kept]
 
-    def _chosen(self, report: pd.Series, metric: str, mode: str) -> BestTrial:
-        trials = self.trials()
+    def _chosen(self, trials: pd.DataFrame, report: pd.Series, metric: str, mode: str) -> BestTrial:
         return BestTrial(self, trials.loc[trials.trial_id == report.trial_id].iloc[0], metric, mode, report)
 
-    def _kept_reports(self, metric: str, mode: str, limit: int) -> list[pd.Series]:
+    def _kept_reports(self, trials: pd.DataFrame, metric: str, mode: str, limit: int) -> list[pd.Series]:
         """Up to `limit` validation reports, best first by `metric`, each the best of its trial whose checkpoint
         still exists (a trial keeps only its best few by the search's metric). Empty for experiments whose
         history records no checkpoints (raybone before 0.2)."""
@@ -162,13 +155,15 @@ class Experiment:
         if metric not in history or "checkpoint_path" not in history:
             return []
         reports = history.dropna(subset=[metric, "checkpoint_path"])
-        # Of equal reports the latest: Train keeps the latest of equal checkpoints.
-        reports = reports.sort_values([metric, "iteration"], ascending=[mode == "min", False], kind="stable")
-        kept, trials = [], set()
+        if "trial_index" in trials.columns:
+            reports = reports.assign(trial_index=reports.trial_id.map(trials.set_index("trial_id").trial_index))
+        # Of a trial's equal reports the latest: Train keeps the latest of equal checkpoints.
+        reports = _best_first(reports.sort_values("iteration", ascending=False, kind="stable"), metric, mode)
+        kept, seen = [], set()
         for _, report in reports.iterrows():
-            if report.trial_id not in trials and self._kept(report.checkpoint_path):
+            if report.trial_id not in seen and self._kept(report.checkpoint_path):
                 kept.append(report)
-                trials.add(report.trial_id)
+                seen.add(report.trial_id)
                 if len(kept) == limit:
                     break
         return kept
@@ -374,9 +369,17 @@ def data_changed(environment: dict, data: PreparedData) -> bool:
 
 def best_row(trials: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
     scored = trials.dropna(subset=[metric])
-    if scored.empty:
-        return None
-    return scored.loc[scored[metric].idxmin() if mode == "min" else scored[metric].idxmax()]
+    return None if scored.empty else _best_first(scored, metric, mode).iloc[0]
+
+
+def _best_first(frame: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
+    """Rows best-first by `metric`, those without it last. Equal scores (common while models still predict one
+    class) go by the trial the search created first (trial_index), then by id, so that `results`, `best` and the
+    search's own summary name the same trial; rows of one trial keep their order."""
+    order = ["trial_index", "trial_id"] if "trial_index" in frame.columns else ["trial_id"]
+    return frame.sort_values(
+        [metric, *order], ascending=[mode == "min", *[True] * len(order)], na_position="last", kind="stable"
+    )
 
 
 def list_experiments(storage_location: str | PurePath) -> list[str]:
