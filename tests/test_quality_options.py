@@ -129,22 +129,3 @@ def test_weight_averaging_follows_the_ema_formula_and_is_what_is_evaluated():
     assert torch.allclose(evaluated[0].weight, torch.full((2, 2), expected))
     assert torch.allclose(evaluated[1].running_mean, torch.full((2,), expected))
     assert set(evaluated.state_dict()) == set(model.state_dict())  # loads into a fresh model, as export does
-
-
-def test_a_search_with_ema_checkpoints_the_average_as_its_model(local_ray, tmp_path):
-    from conftest import QUICK, TINY
-
-    from raybone.core.checkpoint import read_checkpoint
-    from raybone.spec import load_spec
-    from raybone.tuning.run import run_search
-
-    spec = load_spec(QUICK, TINY + ["num_samples=1", "scheduler.type=none", "ema=0.5", "lr=0.003"])
-    outcome = run_search(spec, name="ema", results_dir=tmp_path)
-    state = read_checkpoint(outcome.trials.checkpoint_path.iloc[0])
-    assert state["config"]["ema"] == 0.5 and {"training_model", "average"} <= set(state)
-    averaged = {k: v for k, v in state["average"].items() if k.startswith("module.")}
-    assert all(torch.equal(state["model"][k.removeprefix("module.")], v) for k, v in averaged.items())
-    differs = [
-        k for k, v in state["model"].items() if v.is_floating_point() and not torch.equal(v, state["training_model"][k])
-    ]
-    assert differs  # the average is not the last weights

@@ -1,4 +1,4 @@
-"""A real search on a real local Ray cluster: Tune + Optuna + ASHA driving Ray Train runs."""
+"""Real searches on a real local Ray cluster: Tune + Optuna (+ ASHA, PBT) driving Ray Train runs."""
 
 import io
 import json
@@ -315,11 +315,23 @@ def test_a_spec_that_searches_nothing_repeats_its_fixed_configuration(tmp_path):
     assert configs == [{"trial_index": 0}, {"trial_index": 1}, {"trial_index": 2}]
 
 
-def test_a_search_of_one_fixed_configuration_runs(local_ray, tmp_path):
-    fixed = ["lr=1.0e-3", "decay_steps=100", "l2_weight=0.1", "weight_decay=0.01", "num_samples=1"]
+def test_a_search_of_one_fixed_configuration_runs_and_checkpoints_its_weight_average(local_ray, tmp_path):
+    """Nothing searched: the searcher suggests the fixed configuration. With `ema`, the checkpoint's model is the
+    average of the weights, the last weights kept beside it (one search for both: each costs a trial's start)."""
+    from raybone.core.checkpoint import read_checkpoint
+
+    fixed = ["lr=3.0e-3", "decay_steps=100", "l2_weight=0.1", "weight_decay=0.01", "num_samples=1", "ema=0.5"]
     outcome = run_search(load_spec(QUICK, TINY + fixed), name="fixed", results_dir=tmp_path)
     assert outcome.trials.status.tolist() == ["completed"] and outcome.best is not None
     assert outcome.trials.val_rmse.notna().all()
+    state = read_checkpoint(outcome.trials.checkpoint_path.iloc[0])
+    assert state["config"]["ema"] == 0.5 and {"training_model", "average"} <= set(state)
+    averaged = {k: v for k, v in state["average"].items() if k.startswith("module.")}
+    assert all(torch.equal(state["model"][k.removeprefix("module.")], v) for k, v in averaged.items())
+    differs = [
+        k for k, v in state["model"].items() if v.is_floating_point() and not torch.equal(v, state["training_model"][k])
+    ]
+    assert differs  # the average is not the last weights
 
 
 def test_asha_stops_weak_trials_early(local_ray, tmp_path):
