@@ -1,8 +1,15 @@
+import json
 import socket
+import subprocess
+import sys
+import threading
 import time
+from importlib.util import find_spec
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
 import pytest
 import ray
 from pydicom.dataset import FileDataset, FileMetaDataset
@@ -21,6 +28,10 @@ TINY = [
     "scheduler.grace_period=2",
     "num_samples=2",
 ]
+# The session's shared experiment (conftest's watched search): four full-budget TINY trials, with the loggers
+# installed here.
+LOGGERS = [name for name in ("mlflow", "wandb") if find_spec(name)]
+TINY_SEARCH = [*TINY, "num_samples=4", "scheduler.type=none", f"loggers=[{', '.join(LOGGERS)}]"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -119,24 +130,85 @@ def _cluster_state(dashboard_url: str) -> str:
     return "\n".join([f"available {ray.available_resources()}", *groups, *actors])
 
 
+class WatchedSearch(NamedTuple):
+    results: Path  # the results folder, holding only this experiment
+    path: Path  # results / name
+    workdir: Path  # the folder the search ran in: MLflow's ./mlruns
+    mlflow_db: Path
+    wandb_dir: Path
+    seen: list  # what `raybone results` showed while the search ran: (statuses of the trials, reports in history)
+    outcome: object = None  # run_search's SearchOutcome
+
+
+WATCHED = "tiny"
+
+
 @pytest.fixture(scope="session")
-def tiny_experiment(tmp_path_factory):
-    """(results folder, SearchOutcome) of one TINY search, shared by the modules that only read it."""
+def watched_search(tmp_path_factory):
+    """The session's one shared experiment, tiny: a TINY search of four full-budget trials, logged to MLflow and W&B
+    (offline) where they are installed, and read by `raybone results` in a second process, as a user's second
+    terminal, while it runs. The modules that only read an experiment share it (each trial costs about 20
+    CPU-seconds of Ray's start-up); a test that changes it works on a copy."""
     from raybone.spec import load_spec
     from raybone.tuning.cluster import start_local_ray
     from raybone.tuning.run import run_search
 
+    root = tmp_path_factory.mktemp("watched")
+    results, workdir = root / "results", root / "workdir"
+    workdir.mkdir()
+    spec = load_spec(QUICK, TINY_SEARCH)
+    watched = WatchedSearch(results, results / WATCHED, workdir, root / "mlflow.db", root, [])
     own_ray = not ray.is_initialized()  # a module's local_ray may already be up
     if own_ray:
         start_local_ray(num_cpus=2)
-    try:
-        results = tmp_path_factory.mktemp("results")
-        outcome = run_search(load_spec(QUICK, TINY), name="tiny", results_dir=results)
-    finally:
-        if own_ray:
-            ray.shutdown()
-    assert outcome.best is not None, outcome.trials[["trial_id", "status", "error"]].to_string()
-    return results, outcome
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)  # MLflow keeps a database store's artifacts under ./mlruns
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{watched.mlflow_db}")
+        patch.setenv("WANDB_MODE", "offline")
+        patch.setenv("WANDB_DIR", str(watched.wandb_dir))
+        outcome = {}
+
+        def search_in_background():
+            try:
+                outcome["run"] = run_search(spec, name=WATCHED, results_dir=results)
+            except BaseException as err:  # raised below, in the test that asked for the search
+                outcome["error"] = err
+
+        search = threading.Thread(target=search_in_background, daemon=True)
+        search.start()
+        try:
+            deadline = time.monotonic() + 600
+            while search.is_alive() and time.monotonic() < deadline:
+                if len({reports for statuses, reports in watched.seen if "running" in statuses}) < 2:
+                    _watch(watched)  # each look starts a process: none once the tables were seen to grow
+                time.sleep(1)
+            search.join(timeout=60)
+        finally:
+            if own_ray:
+                ray.shutdown()
+    assert not search.is_alive(), "the shared search did not end within 10 minutes"
+    if "error" in outcome:
+        raise outcome["error"]
+    assert outcome["run"].best is not None, outcome["run"].trials[["trial_id", "status", "error"]].to_string()
+    return watched._replace(outcome=outcome["run"])
+
+
+def _watch(watched: WatchedSearch) -> None:
+    """What `raybone results` in its own process shows now (in-process, the search's progress bar would print
+    into it)."""
+    if not (watched.path / "trials.parquet").is_file():
+        return
+    command = [sys.executable, "-m", "raybone", "results", WATCHED, "--results-dir", str(watched.results)]
+    shown = subprocess.run([*command, "--format", "json"], capture_output=True, text=True)
+    if shown.returncode == 0:
+        history = pd.read_parquet(watched.path / "history.parquet")
+        watched.seen.append(({row["status"] for row in json.loads(shown.stdout)}, len(history)))
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment(watched_search):
+    """(results folder, SearchOutcome) of the shared experiment."""
+    return watched_search.results, watched_search.outcome
 
 
 @pytest.fixture(scope="session")
@@ -149,7 +221,7 @@ def tiny_model(tiny_experiment, tmp_path_factory):
     return export_model(Experiment.open(results, "tiny").best(), tmp_path_factory.mktemp("export") / "model")
 
 
-def chosen_row(results, name: str = "tiny"):
+def chosen_row(results, name: str = WATCHED):
     """The exported checkpoint as one row: the best trial's trials.parquet row with the metrics, iteration and
     checkpoint of the report `raybone best` chose."""
     from raybone.experiments import Experiment

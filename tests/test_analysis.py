@@ -8,27 +8,24 @@ import re
 import optuna
 import pandas as pd
 import pytest
-from conftest import QUICK, TINY
+from conftest import QUICK, TINY, WATCHED
 from rich.console import Console
 from typer.testing import CliRunner
 
 from raybone.cli import app
 from raybone.experiments import Experiment, importances
 from raybone.spec import load_spec
-from raybone.tuning.run import run_search
 
 SEARCHED = ("lr", "decay_steps", "l2_weight", "weight_decay")
-NAME = "ana"
+NAME = WATCHED
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def experiment(local_ray, tmp_path_factory):
-    results = tmp_path_factory.mktemp("results")
-    spec = load_spec(QUICK, TINY + ["num_samples=4", "scheduler.type=none"])  # four full-budget trials
-    outcome = run_search(spec, name=NAME, results_dir=results)
-    return results, outcome.path
+def experiment(watched_search):
+    """Four full-budget trials (conftest's watched search, which other modules read too)."""
+    return watched_search.results, watched_search.path
 
 
 def _results(results_dir, *args):
@@ -135,7 +132,7 @@ def test_a_warm_start_says_what_the_earlier_search_trained_otherwise(experiment)
     assert len(warm_start_trials(results, NAME, other, output)) == 4
     said = output.file.getvalue()
     assert (
-        "note: ana trained its trials otherwise (data.image_size: 40 -> 48; seed: 0 -> 3; train.iterations: 4 -> 8)"
+        f"note: {NAME} trained its trials otherwise (data.image_size: 40 -> 48; seed: 0 -> 3; train.iterations: 4 -> 8)"
         in said
     )
     output = Console(file=io.StringIO(), width=1000)

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import QUICK, TINY, placement_groups_left
+from conftest import QUICK, TINY, TINY_SEARCH, placement_groups_left
 from PIL import Image
 from rich.console import Console
 
@@ -26,14 +26,14 @@ from raybone.tuning.trial import trial_seed
 
 @pytest.fixture(scope="module")
 def tiny_search(tiny_experiment):
-    return load_spec(QUICK, TINY), tiny_experiment[1]
+    return load_spec(QUICK, TINY_SEARCH), tiny_experiment[1]
 
 
 def test_search_writes_one_row_per_trial(tiny_search):
     spec, outcome = tiny_search
     trials = pd.read_parquet(outcome.path / "trials.parquet")
-    assert len(trials) == 2 and trials.trial_id.is_unique
-    assert sorted(trials.trial_index) == [0, 1]
+    assert len(trials) == 4 and trials.trial_id.is_unique
+    assert sorted(trials.trial_index) == [0, 1, 2, 3]
     for name in ("lr", "decay_steps", "l2_weight", "weight_decay"):
         low, high = spec.train[name].low, spec.train[name].high
         assert trials[name].between(low, high).all(), name
@@ -73,7 +73,7 @@ def test_search_saves_its_provenance(tiny_search):
     assert load_spec(outcome.path / "spec.yaml") == spec
     environment = (outcome.path / "environment.json").read_text()
     assert '"torch"' in environment and "data_fingerprint" in environment
-    assert outcome.best is not None and outcome.best.val_rmse == outcome.trials.val_rmse.min()
+    assert outcome.best is not None and outcome.best.best_val_rmse == outcome.trials.best_val_rmse.min()
 
 
 @pytest.mark.parametrize("folder", ["rsna-full", "rsna-raw"])
@@ -624,7 +624,7 @@ def test_a_resume_on_other_data_is_refused_and_the_experiment_kept(tiny_experime
     environment["data_meta"].update(images_sha256="0" * 64, content_sha256="0" * 64)
     environment_file.write_text(json.dumps(environment))
     with pytest.raises(RayboneError, match=r"cannot resume 'tiny': its trials started on other data"):
-        run_search(load_spec(QUICK, TINY), name="tiny", results_dir=tmp_path, resume=True)
+        run_search(load_spec(QUICK, TINY_SEARCH), name="tiny", results_dir=tmp_path, resume=True)
     assert json.loads(environment_file.read_text()) == environment
 
 
@@ -633,15 +633,15 @@ def test_a_resume_with_another_spec_is_refused_and_the_experiment_kept(tiny_expe
     # two trainings in one experiment under the new one's name.
     shutil.copytree(tiny_experiment[1].path, tmp_path / "tiny")
     saved = (tmp_path / "tiny" / "spec.yaml").read_text()
-    changed = load_spec(QUICK, TINY + ["ema=0.99", "resources.cpus_per_worker=2"])
+    changed = load_spec(QUICK, TINY_SEARCH + ["ema=0.99", "resources.cpus_per_worker=2"])
     with pytest.raises(SpecError, match=r"cannot resume 'tiny'.*\(train\.ema: 0\.0 -> 0\.99\); only") as refused:
         run_search(changed, name="tiny", results_dir=tmp_path, resume=True)
     assert "cpus_per_worker" not in str(refused.value)  # where trials run may change on resume
     assert (tmp_path / "tiny" / "spec.yaml").read_text() == saved
     output = Console(file=io.StringIO())
-    same = load_spec(QUICK, TINY + ["resources.cpus_per_worker=2"])
+    same = load_spec(QUICK, TINY_SEARCH + ["resources.cpus_per_worker=2"])
     run_search(same, name="tiny", results_dir=tmp_path, resume=True, console=output)
-    assert "already finished (2 trials); nothing to resume" in output.file.getvalue()
+    assert "already finished (4 trials); nothing to resume" in output.file.getvalue()
 
 
 def _hands(root: Path, per_year: int) -> Path:

@@ -3,89 +3,50 @@
 import json
 import re
 import shlex
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import typer
-from conftest import QUICK, TINY
+from conftest import WATCHED
 from PIL import Image
 from typer.core import TyperGroup
 from typer.testing import CliRunner
 
 import raybone
 from raybone.cli import app
-from raybone.spec import load_spec
-from raybone.tuning.run import run_search
 
 runner = CliRunner()
 
 
-def test_the_tables_grow_while_a_search_runs(local_ray, tmp_path):
-    spec = load_spec(QUICK, TINY + ["iterations=12", "scheduler.type=none"])
-    search = threading.Thread(target=run_search, args=(spec,), kwargs={"name": "live", "results_dir": tmp_path})
-    search.start()
-    seen, deadline = [], time.time() + 600
-    while search.is_alive() and time.time() < deadline:
-        if (tmp_path / "live" / "trials.parquet").is_file():
-            # Its own process, as a user's second terminal: in-process, the search's progress bar would print into it.
-            shown = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "raybone",
-                    "results",
-                    "live",
-                    "--results-dir",
-                    str(tmp_path),
-                    "--format",
-                    "json",
-                ],
-                capture_output=True,
-                text=True,
-            )
-            if shown.returncode == 0:
-                rows = json.loads(shown.stdout)
-                history = pd.read_parquet(tmp_path / "live" / "history.parquet")
-                seen.append(({r["status"] for r in rows}, len(history)))
-        time.sleep(1)
-    search.join(timeout=60)
-    running = [reports for statuses, reports in seen if "running" in statuses]
-    assert running, f"never saw a running trial in the tables: {seen}"
+def test_the_tables_grow_while_a_search_runs(watched_search):
+    running = [reports for statuses, reports in watched_search.seen if "running" in statuses]
+    assert running, f"never saw a running trial in the tables: {watched_search.seen}"
     assert len(set(running)) >= 2  # the history grew between two reads
-    final = pd.read_parquet(tmp_path / "live" / "trials.parquet")
-    assert set(final.status) == {"completed"} and len(pd.read_parquet(tmp_path / "live" / "history.parquet")) == 12
+    final = pd.read_parquet(watched_search.path / "trials.parquet")
+    assert set(final.status) == {"completed"} and len(pd.read_parquet(watched_search.path / "history.parquet")) == 8
 
 
-def test_a_search_logs_to_mlflow_and_wandb(local_ray, tmp_path, monkeypatch):
+def test_a_search_logs_to_mlflow_and_wandb(watched_search, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
-    monkeypatch.chdir(tmp_path)  # MLflow keeps a database store's artifacts under ./mlruns
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    spec = load_spec(QUICK, [*TINY, "scheduler.type=none", "loggers=[mlflow, wandb]"])
-    outcome = run_search(spec, name="logged", results_dir=tmp_path / "results")
-    runs = mlflow.search_runs(experiment_names=["logged"], output_format="list")
-    assert sorted(run.data.tags["trial_name"] for run in runs) == sorted(
-        f"run_trial_{t}" for t in outcome.trials.trial_id
-    )
+    monkeypatch.chdir(watched_search.workdir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{watched_search.mlflow_db}")
+    trials = pd.read_parquet(watched_search.path / "trials.parquet")
+    runs = mlflow.search_runs(experiment_names=[WATCHED], output_format="list")
+    assert sorted(run.data.tags["trial_name"] for run in runs) == sorted(f"run_trial_{t}" for t in trials.trial_id)
     client = mlflow.MlflowClient()
     for run in runs:
         assert {"lr", "decay_steps", "l2_weight", "weight_decay"} <= set(run.data.params)
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_rmse")]
         assert steps == [2, 4]  # SGD iterations, not report counts
-    best = next(r for r in runs if r.data.tags["trial_name"] == f"run_trial_{outcome.best.trial_id}")
+    best = next(r for r in runs if r.data.tags["trial_name"] == f"run_trial_{watched_search.outcome.best.trial_id}")
     assert [a.path for a in client.list_artifacts(best.info.run_id, "best_checkpoint")] == [
         "best_checkpoint/checkpoint.pt"
     ]
-    offline = [p for p in (tmp_path / "wandb").iterdir() if p.name.startswith("offline-run-")]
-    assert len(offline) == 2
+    offline = [p for p in (watched_search.wandb_dir / "wandb").iterdir() if p.name.startswith("offline-run-")]
+    assert len(offline) == 4
 
 
 def test_an_unavailable_logger_is_refused_before_ray_starts(monkeypatch, tmp_path):
@@ -163,7 +124,7 @@ def test_two_experiments_compare_side_by_side(tiny_experiment, tmp_path):
     assert both.exit_code == 0, both.output
     rows = json.loads(both.stdout)
     assert [(r["experiment"], r["trial_id"] is None) for r in rows] == [("tiny", False), ("failed", True)]
-    assert rows[1]["best"] is None and rows[1]["trials"] == 2
+    assert rows[1]["best"] is None and rows[1]["trials"] == 4
 
 
 def test_predict_shows_whole_names_and_warns_about_a_demo_model(tiny_model, tmp_path):
